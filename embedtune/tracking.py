@@ -1,0 +1,131 @@
+"""What a run leaves behind: W&B (through Accelerate's trackers) and files in the output folder.
+
+Every side effect happens on the main process only. Besides the tracker, the output folder gets
+``config.yaml``, ``training_metrics.jsonl``, ``training_progress.json``, ``logs/train.log``,
+``rejected.jsonl`` (when records are skipped) and ``final_model/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from accelerate import Accelerator
+
+from embedtune.config import Config, dump_yaml
+
+logger = logging.getLogger("embedtune")
+
+
+def setup_logging(output_dir: str, is_main: bool) -> None:
+    """Console on every process (warnings only off the main one); the log file on the main one."""
+    root = logging.getLogger("embedtune")
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    root.propagate = False
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root.addHandler(console)
+    if is_main:
+        os.makedirs(os.path.join(output_dir, "logs"), exist_ok=True)
+        file = logging.FileHandler(os.path.join(output_dir, "logs", "train.log"), encoding="utf-8")
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(file)
+
+
+def wandb_mode() -> str:
+    """WANDB_MODE when set; otherwise online with a configured API key, offline without one."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    import wandb
+
+    try:
+        # Looks at WANDB_API_KEY, wandb's settings and ~/.netrc; no network, no prompt.
+        return "online" if wandb.login(verify=False, prompt=False) else "offline"
+    except Exception:  # a malformed key: run offline rather than fail the training
+        return "offline"
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class RunLog:
+    """The run's outputs. Methods are no-ops off the main process (Accelerate's log is too)."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator) -> None:
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.out = cfg.output_dir
+        self.wandb_run: Any = None
+        if self.main:
+            os.makedirs(self.out, exist_ok=True)
+            write_atomic(os.path.join(self.out, "config.yaml"), dump_yaml(cfg))
+            self.metrics_file = open(os.path.join(self.out, "training_metrics.jsonl"), "a", encoding="utf-8")
+        if cfg.tracking.report_to == "wandb":
+            tracking = cfg.tracking
+            init = {"name": tracking.run_name, "tags": tracking.tags or None, "entity": tracking.entity,
+                    "dir": self.out, "mode": wandb_mode() if self.main else "disabled"}
+            accelerator.init_trackers(tracking.project, config=cfg.to_dict(),
+                                      init_kwargs={"wandb": {k: v for k, v in init.items() if v is not None}})
+            if self.main:
+                self.wandb_run = accelerator.get_tracker("wandb", unwrap=True)
+                logger.info("W&B run %s (%s)", self.wandb_run.id, init["mode"])
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.accelerator.log(metrics, step=step)
+        if self.main:
+            row = {"step": step, **{k.split("/", 1)[-1] if k.startswith("train/") else k: v
+                                    for k, v in metrics.items()}}
+            self.metrics_file.write(json.dumps(row) + "\n")
+            self.metrics_file.flush()
+
+    def progress(self, **fields: Any) -> None:
+        if self.main:
+            if self.wandb_run is not None:
+                run = self.wandb_run
+                fields["wandb"] = {"id": run.id, "offline": run.offline, "dir": str(run.settings.sync_dir),
+                                   "url": None if run.offline else run.url}
+            write_atomic(os.path.join(self.out, "training_progress.json"), json.dumps(fields, indent=2) + "\n")
+
+    def reject(self, rejects: list[Any], first_epoch: bool) -> None:
+        """Skipped records go to rejected.jsonl once (the first epoch) and to the log."""
+        if not (self.main and first_epoch):
+            return
+        with open(os.path.join(self.out, "rejected.jsonl"), "a", encoding="utf-8") as f:
+            for r in rejects:
+                logger.warning("skipped %s", r.message())
+                f.write(json.dumps({"file": r.file, "line": r.line, "reason": r.reason, "record": r.raw},
+                                   ensure_ascii=False) + "\n")
+
+    def save_model(self, model: Any, tokenizer: Any) -> str:
+        """Export ``final_model/`` in sentence-transformers format (main process)."""
+        path = os.path.join(self.out, "final_model")
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            data = self.cfg.data
+            prompts = ({"query": data.query_prefix, "document": data.document_prefix}
+                       if data.query_prefix or data.document_prefix else None)
+            model.save_sentence_transformer(path, tokenizer, max(data.query_max_length, data.document_max_length),
+                                            prompts)
+            logger.info("saved %s", path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def finish(self) -> None:
+        run = self.wandb_run
+        self.accelerator.end_training()
+        if not self.main:
+            return
+        self.metrics_file.close()
+        if run is not None and run.offline:
+            print(f"W&B ran offline; to upload this run: wandb sync {run.settings.sync_dir}", file=sys.stderr)

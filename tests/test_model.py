@@ -1,0 +1,61 @@
+"""Pooling, sentence-transformers settings, and an export that reproduces our embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from embedtune.collate import PairCollator
+from embedtune.model import EmbeddingModel, pool
+
+TEXTS = ["how do I read a file?", "open() returns a file object; call read() on it for the whole text.",
+         "a", "sorting a list in place with a key function and reverse order"]
+
+
+def test_pooling_ignores_padding_on_either_side() -> None:
+    hidden = torch.arange(24, dtype=torch.float).reshape(2, 4, 3)
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    torch.testing.assert_close(pool(hidden, right, "mean")[0], hidden[0, :2].mean(0))
+    torch.testing.assert_close(pool(hidden, right, "last")[0], hidden[0, 1])
+    torch.testing.assert_close(pool(hidden, left, "last")[0], hidden[0, 3])
+    torch.testing.assert_close(pool(hidden, right, "cls")[1], hidden[1, 0])
+
+
+def test_a_text_embeds_the_same_alone_or_in_a_padded_batch(tiny_model: Path) -> None:
+    model, tokenizer = EmbeddingModel.from_pretrained(str(tiny_model))
+    model.eval()
+    collate = PairCollator(tokenizer, 64, 64)
+    with torch.no_grad():
+        batch = model(**collate.documents(TEXTS))
+        alone = model(**collate.documents(TEXTS[2:3]))
+    torch.testing.assert_close(batch[2:3], alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling, normalize", [("mean", True), ("cls", False), ("last", True)])
+def test_export_loads_in_sentence_transformers_with_our_embeddings(tiny_model: Path, tmp_path: Path,
+                                                                   pooling: str, normalize: bool) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    model, tokenizer = EmbeddingModel.from_pretrained(str(tiny_model), pooling=pooling, normalize=normalize)
+    model.eval()
+    collate = PairCollator(tokenizer, 64, 64, query_prefix="query: ", document_prefix="passage: ")
+    with torch.no_grad():
+        ours_q = model(**collate.queries(TEXTS))
+        ours_d = model(**collate.documents(TEXTS))
+    path = tmp_path / "exported"
+    model.save_sentence_transformer(str(path), tokenizer, 64, prompts={"query": "query: ", "document": "passage: "})
+    assert (path / "model.safetensors").exists() and not list(path.rglob("*.bin"))
+
+    st = SentenceTransformer(str(path), device="cpu")
+    theirs_q = st.encode(TEXTS, prompt_name="query", convert_to_tensor=True)
+    theirs_d = st.encode(TEXTS, prompt_name="document", convert_to_tensor=True)
+    for ours, theirs in ((ours_q, theirs_q), (ours_d, theirs_d)):
+        assert torch.nn.functional.cosine_similarity(ours, theirs).min().item() >= 0.9999
+    assert st.similarity(theirs_q, theirs_d).shape == (4, 4)
+
+    # Loading the export back into the trainer keeps its pooling and normalization.
+    again, _ = EmbeddingModel.from_pretrained(str(path))
+    assert (again.pooling, again.normalize) == (pooling, normalize)

@@ -1,0 +1,12 @@
+"""Entry point for `accelerate launch train.py --config ...` and `python train.py --config ...`.
+
+The program lives in embedtune/train.py, so the installed `embedtune train` command runs the
+very same loop; read it there.
+"""
+
+import sys
+
+from embedtune.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())
