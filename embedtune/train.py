@@ -127,10 +127,12 @@ def train(cfg: Config) -> dict[str, Any]:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
-                    # A non-finite gradient never reaches the weights: the step is skipped.
-                    if torch.isfinite(grad_norm):
+                    finite = bool(torch.isfinite(grad_norm))
+                    # A non-finite gradient never reaches the weights. Under fp16 the loss scaler
+                    # skips that update itself and must see it to lower the scale.
+                    if finite or accelerator.scaler is not None:
                         optimizer.step()
-                    else:
+                    if not finite:
                         skipped += 1
                         logger.warning("step %d: non-finite gradient norm, update skipped", step + 1)
                 optimizer.zero_grad(set_to_none=True)
