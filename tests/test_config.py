@@ -89,3 +89,18 @@ def test_shipped_config_is_found_by_name_from_any_directory(tmp_path: Path, monk
     monkeypatch.chdir(tmp_path)
     cfg = parse_args(["--config", "quickstart"])
     assert cfg.data.train_files == ["embedtune:resources/python_docs_qa.jsonl.gz"]
+
+
+def test_the_readme_documents_every_config_key() -> None:
+    from pydantic import BaseModel
+
+    from embedtune.config import Config
+
+    readme = (ROOT / "README.md").read_text()
+    missing = []
+    for section, field in Config.model_fields.items():
+        sub = field.annotation
+        keys = ([f"{section}.{k}" for k in sub.model_fields] if isinstance(sub, type) and issubclass(sub, BaseModel)
+                else [section])
+        missing += [k for k in keys if f"| `{k}` |" not in readme]
+    assert not missing, f"README config reference lacks: {missing}"
