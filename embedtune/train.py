@@ -31,7 +31,7 @@ from embedtune.data import (
 )
 from embedtune.evaluate import RetrievalSet, encode_texts, evaluate, format_table
 from embedtune.losses import build_loss
-from embedtune.model import EmbeddingModel
+from embedtune.model import EmbeddingModel, ModelLoadError
 from embedtune.tracking import RunLog, setup_logging
 
 logger = logging.getLogger("embedtune")
@@ -70,11 +70,11 @@ def train(cfg: Config) -> dict[str, Any]:
     setup_logging(cfg.output_dir, accelerator.is_main_process)
     set_seed(cfg.train.seed)
     rejected_early = preflight(cfg.data)  # a broken file stops here, before any heavy work
-    run = RunLog(cfg, accelerator)
     if rejected_early:
         logger.warning("%d bad record(s) in the first records; they will be skipped", len(rejected_early))
-
     model, tokenizer = EmbeddingModel.from_pretrained(cfg.model.base_model, cfg.model.pooling, cfg.model.normalize)
+    run = RunLog(cfg, accelerator)  # the W&B run starts once the data and the model are known to load
+
     collate = PairCollator(tokenizer, cfg.data.query_max_length, cfg.data.document_max_length,
                            cfg.data.query_prefix, cfg.data.document_prefix)
     held_out = RetrievalSet.from_pairs(eval_pairs(cfg.data))
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
         return 2
     try:
         train(cfg)
-    except (DataError, ConfigError) as exc:
+    except (DataError, ConfigError, ModelLoadError) as exc:
         logger.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         return 1

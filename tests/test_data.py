@@ -124,3 +124,11 @@ def test_hard_negatives_list_or_single_string_capped(tmp_path: Path) -> None:
         {"question": "q3", "answer": "a3"}])
     cfg = DataConfig(train_files=[str(path)], negatives_field="neg", max_negatives=2, shuffle=False, eval_fraction=0)
     assert [p.negatives for p in ordered_pairs(cfg, 0, 0)] == [("n1", "n2"), ("n4",), ()]
+
+
+def test_an_eval_file_is_used_as_is_and_nothing_is_carved_from_training(tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", make_pairs(30))
+    held = write_jsonl(tmp_path / "eval.jsonl", make_pairs(7, seed=5))
+    cfg = DataConfig(train_files=[str(train)], eval_files=[str(held)], eval_fraction=0.5)
+    assert [p.query for p in eval_pairs(cfg)] == [r["question"] for r in make_pairs(7, seed=5)]
+    assert len(list(ordered_pairs(cfg, 0, 0))) == 30

@@ -142,3 +142,42 @@ def test_the_three_doors_run_the_same_program(train_args: list[str], door: str) 
     assert done.returncode == 0, done.stderr[-3000:]
     progress = json.loads((out_dir(train_args) / "training_progress.json").read_text())
     assert progress["completed"] and progress["step"] == 2
+
+
+def test_an_unloadable_model_is_explained(train_args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = train_args + ["--base_model", "someone/not-on-this-machine", "tracking.report_to=wandb"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "cannot load model.base_model='someone/not-on-this-machine'" in err and "HF_HUB_OFFLINE" in err
+    assert not (out_dir(train_args) / "wandb").exists()
+
+
+def test_accumulation_and_periodic_eval_keep_the_step_accounting(train_args: list[str]) -> None:
+    args = train_args + ["train.gradient_accumulation_steps=2", "eval.every_n_steps=2", "tracking.report_to=none"]
+    assert main(args) == 0
+    out = out_dir(train_args)
+    rows = [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "eval/ndcg@10" in r] == [0, 2, 4]
+    progress = json.loads((out / "training_progress.json").read_text())
+    assert progress["examples_seen"] == 4 * 16
+
+
+def test_a_non_finite_loss_never_reaches_the_weights(train_args: list[str], monkeypatch: pytest.MonkeyPatch,
+                                                     tiny_model: Path) -> None:
+    from safetensors.torch import load_file
+
+    import embedtune.train as program
+
+    class Poisoned(torch.nn.Module):
+        def forward(self, queries: torch.Tensor, positives: torch.Tensor, negatives=None) -> torch.Tensor:
+            return (queries * positives).sum() * float("nan")
+
+    monkeypatch.setattr(program, "build_loss", lambda *a, **k: Poisoned())
+    assert main(train_args + ["tracking.report_to=none"]) == 0
+    progress = json.loads((out_dir(train_args) / "training_progress.json").read_text())
+    assert progress["skipped_steps"] == 4
+    before = load_file(str(tiny_model / "model.safetensors"))
+    after = load_file(str(out_dir(train_args) / "final_model" / "model.safetensors"))
+    for name, tensor in before.items():
+        torch.testing.assert_close(after[name], tensor, rtol=0, atol=0)
