@@ -97,6 +97,9 @@ class LossConfig(_Section):
     )
     scale: float = Field(20.0, gt=0, description="Inverse temperature applied to cosine similarities.")
     symmetric: bool = Field(False, description="Also rank queries for each document.")
+    gather_across_processes: bool = Field(
+        True, description="Score each query against the documents of every process (false: local only)."
+    )
 
 
 class TrainConfig(_Section):
@@ -113,6 +116,12 @@ class TrainConfig(_Section):
         None, description="None: whatever `accelerate launch` or its config says."
     )
     seed: int = 42
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as false; that is what the user meant.
+        return "no" if value is False else value
 
     @model_validator(mode="after")
     def _divisible(self) -> TrainConfig:

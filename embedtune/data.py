@@ -66,6 +66,7 @@ class Batch:
     index: int  # micro-batch number in the epoch
     pairs: list[Pair]
     global_size: int  # pairs in the whole micro-batch across processes
+    step_size: int  # pairs in the whole global batch (all micro-batches, all processes)
     rejects: list[Reject] = field(default_factory=list)
 
 
@@ -343,7 +344,7 @@ class PairBatches(IterableDataset):
             nonlocal index, rejects
             start = 0
             for size in micro_batch_sizes(len(pairs), self.accumulation):
-                yield Batch(index, pairs[start:start + size], size, rejects)
+                yield Batch(index, pairs[start:start + size], size, len(pairs), rejects)
                 rejects = []
                 index += 1
                 start += size
@@ -362,7 +363,7 @@ class PairBatches(IterableDataset):
         elif pending:
             logger.info("dropped the last %d pairs of epoch %d (a partial global batch)", len(pending), self.epoch)
             if rejects:
-                yield Batch(index, [], 0, rejects)
+                yield Batch(index, [], 0, 0, rejects)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -374,6 +375,7 @@ class PairBatches(IterableDataset):
             out = self.collate(mine) if mine else {}
             out["index"] = batch.index
             out["global_size"] = batch.global_size
+            out["step_size"] = batch.step_size
             out["ids"] = [p.id for p in mine]
             # Every process sees the rejects (so all stop together under on_bad_record=error);
             # only the main process writes them.

@@ -54,26 +54,39 @@ def metrics_from_scores(scores: torch.Tensor, relevant: list[set[int]], k: int =
 
 def encode_texts(model: torch.nn.Module, tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
                  texts: list[str], batch_size: int, accelerator: Any) -> torch.Tensor:
-    """Embed texts in eval mode, longest first so padding stays small; returns fp32 on the CPU."""
+    """Embed texts in eval mode, split across processes; every process gets all rows (fp32, CPU).
+
+    Texts are sorted by length so batches carry little padding, and dealt out in turn so every
+    process gets a similar share of long and short ones.
+    """
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    out: torch.Tensor | None = None
+    mine = order[accelerator.process_index::accelerator.num_processes]
+    dim = accelerator.unwrap_model(model).dim
+    local = torch.empty(len(mine), dim, device=accelerator.device)
     was_training = model.training
     model.eval()
     with torch.no_grad(), accelerator.autocast():
-        for start in range(0, len(texts), batch_size):
-            rows = order[start:start + batch_size]
+        for start in range(0, len(mine), batch_size):
+            rows = mine[start:start + batch_size]
             inputs = {k: v.to(accelerator.device) for k, v in tokenize([texts[i] for i in rows]).items()}
-            embeddings = model(**inputs).float().cpu()
-            if out is None:
-                out = torch.empty(len(texts), embeddings.shape[1])
-            out[rows] = embeddings
+            local[start:start + len(rows)] = model(**inputs).float()
     model.train(was_training)
-    return out if out is not None else torch.empty(0, 0)
+    rows = torch.tensor(mine, dtype=torch.long, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        local = accelerator.gather(accelerator.pad_across_processes(local, dim=0))
+        rows = accelerator.gather(accelerator.pad_across_processes(rows, dim=0, pad_index=-1))
+    out = torch.empty(len(texts), dim)
+    kept = rows >= 0
+    out[rows[kept].cpu()] = local[kept].cpu()
+    return out
 
 
-def evaluate(encode: Encoder, data: RetrievalSet, k: int = 10) -> dict[str, float]:
-    queries = encode(data.queries, "query").float()
-    corpus = encode(data.corpus, "document").float()
+def evaluate(encode: Encoder, data: RetrievalSet, k: int = 10, compute: bool = True) -> dict[str, float]:
+    """Encoding is collective (every process calls this); the metrics are computed where ``compute``."""
+    queries = encode(data.queries, "query")
+    corpus = encode(data.corpus, "document")
+    if not compute:
+        return {}
     scores = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(corpus, dim=-1).T
     return metrics_from_scores(scores, data.relevant, k)
 

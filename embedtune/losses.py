@@ -46,9 +46,9 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
 
 
-def build_loss(name: str, scale: float, symmetric: bool) -> nn.Module:
+def build_loss(name: str, scale: float, symmetric: bool, gather: bool = True) -> nn.Module:
     if name == "MultipleNegativesSymmetricRankingLoss":
         symmetric = True
     if name in ("MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss"):
-        return MultipleNegativesRankingLoss(scale=scale, symmetric=symmetric)
+        return MultipleNegativesRankingLoss(scale=scale, symmetric=symmetric, gather=gather)
     raise ValueError(f"unknown loss {name!r}")

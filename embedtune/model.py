@@ -115,7 +115,27 @@ class EmbeddingModel(nn.Module):
                                  f"loadable from the Hugging Face Hub{offline}. Give a local folder with "
                                  f"config.json and weights, or a Hub name with network access.\n  ({exc})") from exc
         logger.info("model %s: pooling=%s normalize=%s", path, chosen_pooling, chosen_normalize)
-        return cls(encoder, chosen_pooling, chosen_normalize), tokenizer
+        model = cls(encoder, chosen_pooling, chosen_normalize)
+        model.freeze_unused(tokenizer)
+        return model, tokenizer
+
+    def freeze_unused(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """Freeze weights that never reach the embedding (e.g. BERT's pooler head).
+
+        They would get no gradient, and DDP waits for every trainable parameter; freezing them
+        keeps them in the saved model unchanged, so the export still loads without warnings.
+        """
+        inputs = tokenizer(["a short probe sentence"], return_tensors="pt")
+        self.zero_grad(set_to_none=True)
+        self(inputs["input_ids"], inputs["attention_mask"]).sum().backward()
+        unused = [name for name, p in self.named_parameters() if p.requires_grad and p.grad is None]
+        for name, param in self.named_parameters():
+            param.grad = None
+            if name in unused:
+                param.requires_grad_(False)
+        if unused:
+            logger.info("frozen (not used by the embedding): %s", ", ".join(unused))
+        return unused
 
     @property
     def dim(self) -> int:
@@ -127,13 +147,17 @@ class EmbeddingModel(nn.Module):
         return F.normalize(embeddings, dim=-1) if self.normalize else embeddings
 
     def save_sentence_transformer(self, path: str, tokenizer: PreTrainedTokenizerBase, max_seq_length: int,
-                                  prompts: dict[str, str] | None = None) -> None:
-        """Write a folder that ``SentenceTransformer(path)`` loads, with safetensors weights."""
+                                  prompts: dict[str, str] | None = None,
+                                  state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write a folder that ``SentenceTransformer(path)`` loads, with safetensors weights.
+
+        ``state_dict`` is the encoder's full state when it was sharded (FSDP, DeepSpeed).
+        """
         from sentence_transformers import SentenceTransformer
         from sentence_transformers import models as st_models
 
         os.makedirs(path, exist_ok=True)
-        self.encoder.save_pretrained(path, safe_serialization=True)
+        self.encoder.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(path)
         modules: list[nn.Module] = [
             st_models.Transformer(path, max_seq_length=max_seq_length),

@@ -111,12 +111,15 @@ class RunLog:
         """Export ``final_model/`` in sentence-transformers format (main process)."""
         path = os.path.join(self.out, "final_model")
         self.accelerator.wait_for_everyone()
+        # Collective: under FSDP or DeepSpeed the full weights are assembled on the main process.
+        state = self.accelerator.get_state_dict(model)
         if self.main:
             data = self.cfg.data
             prompts = ({"query": data.query_prefix, "document": data.document_prefix}
                        if data.query_prefix or data.document_prefix else None)
-            model.save_sentence_transformer(path, tokenizer, max(data.query_max_length, data.document_max_length),
-                                            prompts)
+            encoder_state = {k.removeprefix("encoder."): v for k, v in state.items()}
+            self.accelerator.unwrap_model(model).save_sentence_transformer(
+                path, tokenizer, max(data.query_max_length, data.document_max_length), prompts, encoder_state)
             logger.info("saved %s", path)
         self.accelerator.wait_for_everyone()
         return path

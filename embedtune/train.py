@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -37,6 +38,13 @@ from embedtune.tracking import RunLog, setup_logging
 logger = logging.getLogger("embedtune")
 
 
+def cpu_processes() -> bool:
+    """Several processes but no GPU (torchrun, or accelerate launch's multi-process launcher):
+    Accelerate only sets up gloo when told it runs on the CPU, and would otherwise run each
+    process as if it were alone."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def planned_steps(cfg: Config, num_processes: int) -> int:
     """Optimizer steps in the run; without max_steps this counts the data once (no parsing)."""
     if cfg.train.max_steps:
@@ -62,6 +70,7 @@ def to_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 def train(cfg: Config) -> dict[str, Any]:
     accelerator = Accelerator(
+        cpu=cpu_processes(),
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with="wandb" if cfg.tracking.report_to == "wandb" else None,
@@ -89,13 +98,13 @@ def train(cfg: Config) -> dict[str, Any]:
                               optimizer, num_warmup_steps=math.ceil(cfg.train.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    loss_fn = build_loss(cfg.loss.name, cfg.loss.scale, cfg.loss.symmetric)
+    loss_fn = build_loss(cfg.loss.name, cfg.loss.scale, cfg.loss.symmetric, cfg.loss.gather_across_processes)
 
     def run_eval() -> dict[str, float]:
         def encode(texts: list[str], kind: str) -> torch.Tensor:
             tokenize = collate.queries if kind == "query" else collate.documents
             return encode_texts(model, tokenize, texts, cfg.eval.batch_size, accelerator)
-        return evaluate(encode, held_out, cfg.eval.k) if len(held_out) else {}
+        return evaluate(encode, held_out, cfg.eval.k, compute=accelerator.is_main_process) if len(held_out) else {}
 
     before = run_eval() if cfg.eval.before else None
     if before:
@@ -123,11 +132,17 @@ def train(cfg: Config) -> dict[str, Any]:
                 queries = model(**to_device(batch["query"], accelerator.device))
                 documents = model(**to_device(batch["document"], accelerator.device))
                 n = batch["num_positives"]
-                loss = loss_fn(queries, documents[:n], documents[n:])
+                # Each process's loss is the mean over its own queries. Weighting it by its share
+                # of the global batch makes the gradient, after Accelerate divides by the
+                # accumulation steps and DDP averages over processes, that of the mean over the
+                # whole global batch, even when slices differ in size (a last partial batch).
+                share = n * accelerator.num_processes * cfg.train.gradient_accumulation_steps / batch["step_size"]
+                loss = loss_fn(queries, documents[:n], documents[n:]) * share
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
-                    finite = bool(torch.isfinite(grad_norm))
+                    # DeepSpeed clips inside its engine and may report no norm.
+                    finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)))
                     # A non-finite gradient never reaches the weights. Under fp16 the loss scaler
                     # skips that update itself and must see it to lower the scale.
                     if finite or accelerator.scaler is not None:
@@ -142,14 +157,15 @@ def train(cfg: Config) -> dict[str, Any]:
             examples += batch["global_size"]
             if not accelerator.sync_gradients:
                 continue
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
             step += 1
             bar.update(1)
             if step % cfg.tracking.log_every_n_steps == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
                 mean_loss = accelerator.reduce(window_loss, "mean").item() / window_micro
-                metrics = {"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
-                           "train/grad_norm": float(grad_norm), "train/pairs_per_s": window_pairs / elapsed,
+                metrics = {"train/loss": mean_loss, "train/lr": lr,
+                           "train/grad_norm": float("nan") if grad_norm is None else float(grad_norm), "train/pairs_per_s": window_pairs / elapsed,
                            "train/epoch": epoch, "train/skipped_steps": skipped}
                 run.log(metrics, step=step)
                 run.progress(completed=False, step=step, epoch=epoch, examples_seen=examples,
@@ -169,8 +185,9 @@ def train(cfg: Config) -> dict[str, Any]:
         run.log({f"eval/{k}": v for k, v in after.items()}, step=step)
         logger.info("held-out metrics (%d queries, %d documents):\n%s", len(held_out), len(held_out.corpus),
                     format_table(before, after))
-    final_dir = run.save_model(accelerator.unwrap_model(model), tokenizer)
-    summary = {"completed": True, "step": step, "epoch": epoch, "examples_seen": examples,
+    final_dir = run.save_model(model, tokenizer)
+    summary = {"completed": True, "processes": accelerator.num_processes, "step": step, "epoch": epoch,
+               "examples_seen": examples,
                "duration_s": time.perf_counter() - started, "skipped_steps": skipped,
                "eval_before": before, "eval_after": after, "final_model": final_dir}
     run.progress(**summary)

@@ -104,3 +104,10 @@ def test_the_readme_documents_every_config_key() -> None:
                 else [section])
         missing += [k for k in keys if f"| `{k}` |" not in readme]
     assert not missing, f"README config reference lacks: {missing}"
+
+
+def test_mixed_precision_no_survives_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  train_files: [a.jsonl]\ntrain:\n  mixed_precision: no\n")
+    assert parse_args(["--config", str(path)]).train.mixed_precision == "no"
+    assert parse_args(["--config", str(path), "train.mixed_precision=bf16"]).train.mixed_precision == "bf16"

@@ -13,3 +13,10 @@ from conftest import ROOT
 def test_launch_config_parses_with_accelerate(path: Path) -> None:
     config = load_config_from_file(str(path))
     assert config.num_processes >= 1 and config.mixed_precision in ("no", "fp16", "bf16")
+
+
+def test_slurm_script_is_valid_bash() -> None:
+    import subprocess
+
+    done = subprocess.run(["bash", "-n", str(ROOT / "launch" / "slurm_multinode.sbatch")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -1,0 +1,133 @@
+"""N processes train exactly like one process with the same global batch (gloo, CPU, fp32)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, make_pairs, write_jsonl
+from embedtune.config import DataConfig
+from embedtune.data import PairBatches, make_loader
+from wandb_reader import read_run, run_files
+
+
+@pytest.fixture(scope="module")
+def tiny_model_no_dropout(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """Without dropout the forward pass is deterministic, so any split of the batch must agree."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(1)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    path = tmp_path_factory.mktemp("tiny_bert_no_dropout")
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_training(processes: int, args: list[str], out: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if processes == 1:
+        command = [sys.executable, str(ROOT / "train.py")]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(ROOT / "launch" / "cpu_2proc.yaml"), "--num_processes", str(processes),
+                   "--main_process_port", str(free_port()), str(ROOT / "train.py")]
+    done = subprocess.run(command + args + ["--output_dir", str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
+    return {"losses": [r["loss"] for r in rows if "loss" in r], "grad_norms": [r["grad_norm"] for r in rows if "loss" in r],
+            "progress": json.loads((out / "training_progress.json").read_text()),
+            "weights": load_file(str(out / "final_model" / "model.safetensors"))}
+
+
+def test_two_processes_give_the_losses_and_weights_of_one(tiny_model_no_dropout: Path, tmp_path: Path) -> None:
+    # 27 pairs with hard negatives at batch 8: three full steps, then a partial step of 3 pairs
+    # that the two processes split 2 + 1 (the share weighting must keep the gradient exact).
+    records = make_pairs(27)
+    for i, record in enumerate(records):
+        record["negatives"] = [f"an unrelated note about item {i}", f"story {i + 1} without a link"][: 1 + i % 2]
+    train = write_jsonl(tmp_path / "train.jsonl", records)
+    held = write_jsonl(tmp_path / "eval.jsonl", make_pairs(12, seed=7))
+    args = ["--input_jsonl", str(train), "--base_model", str(tiny_model_no_dropout), "--batch_size", "8",
+            "--learning_rate", "5e-3", "data.eval_files=" + str(held), "data.negatives_field=negatives",
+            "data.num_workers=2", "data.query_max_length=24", "data.document_max_length=32",
+            "train.warmup_ratio=0", "tracking.log_every_n_steps=1", "train.mixed_precision=no"]
+    one = run_training(1, args + ["tracking.report_to=none"], tmp_path / "one")
+    two = run_training(2, args, tmp_path / "two")
+
+    assert (one["progress"]["processes"], two["progress"]["processes"]) == (1, 2)
+    assert len(one["losses"]) == 4 and one["progress"]["examples_seen"] == two["progress"]["examples_seen"] == 27
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(two["grad_norms"]), torch.tensor(one["grad_norms"]), rtol=1e-4, atol=1e-6)
+    assert one["losses"][-1] < one["losses"][0]
+    # fp32 sums in another order differ in the last bits, and Adam's g/sqrt(v) magnifies that for
+    # weights with tiny gradients: allow 5e-5 on weights that 4 steps at lr 5e-3 moved by up to 2e-2.
+    for name, tensor in one["weights"].items():
+        torch.testing.assert_close(two["weights"][name], tensor, rtol=1e-4, atol=5e-5, msg=name)
+    # Evaluation is split across the processes and gives the one-process numbers.
+    for when in ("eval_before", "eval_after"):
+        for metric, value in one["progress"][when].items():
+            assert two["progress"][when][metric] == pytest.approx(value, abs=1e-6)
+
+    # One output folder, one W&B run, written by the main process.
+    [run_file] = run_files(str(tmp_path / "two"))
+    run = read_run(run_file)
+    assert [row["_step"] for row in run["history"] if "train/loss" in row] == [1, 2, 3, 4]
+    assert len(list((tmp_path / "two").glob("final_model"))) == 1
+
+
+def test_local_negatives_switch_changes_the_objective(tiny_model_no_dropout: Path, tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", make_pairs(16))
+    args = ["--input_jsonl", str(train), "--base_model", str(tiny_model_no_dropout), "--batch_size", "8",
+            "data.eval_fraction=0", "data.num_workers=0", "train.max_steps=1", "tracking.report_to=none",
+            "tracking.log_every_n_steps=1", "eval.before=false", "train.mixed_precision=no"]
+    gathered = run_training(2, args, tmp_path / "gathered")
+    assert gathered["progress"]["processes"] == 2
+    local = run_training(2, args + ["loss.gather_across_processes=false"], tmp_path / "local")
+    # Against 8 candidates the first loss is larger than against the 4 of each process alone.
+    assert gathered["losses"][0] > local["losses"][0] + 0.1
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_processes_and_workers_see_disjoint_slices_that_cover_the_epoch(qa_file: Path, processes: int) -> None:
+    cfg = DataConfig(train_files=[str(qa_file)], shuffle_buffer=16, eval_fraction=0)
+    reference = PairBatches(cfg, 10, 1, seed=4, collate=lambda pairs: {})
+    global_batches = [b["ids"] for b in make_loader(reference, 0, pin_memory=False)]
+    per_process = []
+    for rank in range(processes):
+        dataset = PairBatches(cfg, 10, 1, seed=4, collate=lambda pairs: {}, num_processes=processes, rank=rank)
+        per_process.append([b["ids"] for b in make_loader(dataset, 2, pin_memory=False)])
+    seen = [i for batches in per_process for batch in batches for i in batch]
+    assert len(seen) == len(set(seen)) == 120
+    # Step by step, the slices of the processes put back together are the one-process batch.
+    for step, batch in enumerate(global_batches):
+        assert sum((per_process[r][step] for r in range(processes)), []) == batch
+
+
+def test_bf16_autocast_trains_on_the_cpu(train_args: list[str]) -> None:
+    from embedtune.train import main
+
+    assert main(train_args + ["train.mixed_precision=bf16", "tracking.report_to=none"]) == 0
+    out = Path(train_args[train_args.index("--output_dir") + 1])
+    rows = [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 4 and all(0 < x < 10 for x in losses)
