@@ -75,3 +75,12 @@ def train_args(tiny_model: Path, qa_file: Path, tmp_path: Path) -> list[str]:
             "--batch_size", "16", "--learning_rate", "1e-3", "data.num_workers=0", "data.query_max_length=24",
             "data.document_max_length=32", "train.max_steps=4", "tracking.log_every_n_steps=1",
             "data.eval_fraction=0.2", "train.warmup_ratio=0"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one global state per process; runs in one test process each get a new one."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, make_pairs, write_jsonl
+from safetensors.torch import load_file
+from wandb_reader import read_run, run_files
+
 from embedtune.config import DataConfig
 from embedtune.data import PairBatches, make_loader
-from wandb_reader import read_run, run_files
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +123,11 @@ def test_processes_and_workers_see_disjoint_slices_that_cover_the_epoch(qa_file:
         assert sum((per_process[r][step] for r in range(processes)), []) == batch
 
 
-def test_bf16_autocast_trains_on_the_cpu(train_args: list[str]) -> None:
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_the_cpu(train_args: list[str], precision: str) -> None:
     from embedtune.train import main
 
-    assert main(train_args + ["train.mixed_precision=bf16", "tracking.report_to=none"]) == 0
+    assert main(train_args + [f"train.mixed_precision={precision}", "tracking.report_to=none"]) == 0
     out = Path(train_args[train_args.index("--output_dir") + 1])
     rows = [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
