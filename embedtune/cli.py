@@ -7,7 +7,10 @@ import sys
 
 from embedtune import __version__
 
-COMMANDS = {"train": "fine-tune a model (same options as train.py; see `embedtune train --help`)"}
+COMMANDS = {
+    "train": "fine-tune a model (same options as train.py; see `embedtune train --help`)",
+    "bench": "benchmarks that print figures (`embedtune bench resume`)",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         from embedtune.train import main as train_main
 
         return train_main(argv[1:], prog="embedtune train")
+    if args.command == "bench":
+        from embedtune.bench import main as bench_main
+
+        return bench_main(argv[1:])
     return 2
 
 

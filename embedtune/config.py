@@ -116,6 +116,9 @@ class TrainConfig(_Section):
         None, description="None: whatever `accelerate launch` or its config says."
     )
     seed: int = 42
+    max_nonfinite_steps: int = Field(
+        10, ge=1, description="Stop (with a checkpoint) after this many non-finite gradients in a row."
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -133,6 +136,18 @@ class TrainConfig(_Section):
         return self
 
 
+class CheckpointConfig(_Section):
+    every_n_steps: int | None = Field(500, ge=1, description="Save every N optimizer steps; null: never.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept, newest first (plus the best one).")
+    best_metric: str | None = Field(
+        None, description="Also keep the checkpoint with the best held-out value of this metric (e.g. ndcg@10)."
+    )
+    on_save_error: Literal["stop", "continue"] = Field(
+        "stop", description="A failed save (full disk...) stops the run, or is logged and training goes on."
+    )
+    resume_from: str | None = Field(None, description="latest, or a checkpoint folder, to continue a run.")
+
+
 class EvalConfig(_Section):
     before: bool = Field(True, description="Evaluate the base model before training.")
     every_n_steps: int | None = Field(None, ge=1)
@@ -147,6 +162,7 @@ class TrackingConfig(_Section):
     entity: str | None = None
     tags: list[str] = Field(default_factory=list)
     log_every_n_steps: int = Field(10, ge=1)
+    log_batch_ids: bool = Field(False, description="Write the example ids of every batch to batches.jsonl.")
 
 
 class Config(_Section):
@@ -156,6 +172,7 @@ class Config(_Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("output_dir")
@@ -202,6 +219,7 @@ FLAT_ALIASES: dict[str, Any] = {
     "seed": "train.seed",
     "max_seq_length": _max_seq_length,
     "loss_function": _loss_function,
+    "resume_from_checkpoint": "checkpoint.resume_from",
 }
 LIST_KEYS = {"data.train_files", "data.eval_files", "tracking.tags"}
 
@@ -322,6 +340,7 @@ FLAG_HELP = {
     "learning_rate": "peak learning rate",
     "max_seq_length": "max tokens for queries and documents alike",
     "loss_function": f"one of {', '.join(LOSS_NAMES)}",
+    "resume_from_checkpoint": "latest (the newest complete checkpoint in output_dir) or a checkpoint folder",
 }
 
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -318,10 +319,14 @@ def process_slice(size: int, num_processes: int, rank: int) -> slice:
 
 
 class PairBatches(IterableDataset):
-    """Yields this process's slice of each micro-batch, tokenized by ``collate`` in the worker."""
+    """Yields this process's slice of each micro-batch, tokenized by ``collate`` in the worker.
+
+    ``set_position(epoch, done)`` starts the epoch after its first ``done`` global batches: the
+    records before are read again (the order must be rebuilt) but not tokenized.
+    """
 
     def __init__(self, cfg: DataConfig, batch_size: int, accumulation: int, seed: int,
-                 collate: Any, num_processes: int = 1, rank: int = 0) -> None:
+                 collate: Any, num_processes: int = 1, rank: int = 0, all_ids: bool = False) -> None:
         self.cfg = cfg
         self.batch_size = batch_size
         self.accumulation = accumulation
@@ -329,41 +334,48 @@ class PairBatches(IterableDataset):
         self.collate = collate
         self.num_processes = num_processes
         self.rank = rank
+        self.all_ids = all_ids
         self.epoch = 0
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.set_position(epoch, 0)
 
-    def micro_batches(self) -> Iterator[Batch]:
-        """Every micro-batch of the epoch (all processes), text only, in order."""
-        index = 0
+    def set_position(self, epoch: int, done: int) -> None:
+        self.epoch, self.skip = epoch, done
+
+    def global_batches(self) -> Iterator[tuple[list[Pair], list[Reject]]]:
+        """The epoch's global batches with the bad records met while filling each."""
         pending: list[Pair] = []
         rejects: list[Reject] = []
-
-        def emit(pairs: list[Pair]) -> Iterator[Batch]:
-            nonlocal index, rejects
-            start = 0
-            for size in micro_batch_sizes(len(pairs), self.accumulation):
-                yield Batch(index, pairs[start:start + size], size, len(pairs), rejects)
-                rejects = []
-                index += 1
-                start += size
-
         for item in ordered_pairs(self.cfg, self.seed, self.epoch):
             if isinstance(item, Reject):
                 rejects.append(item)
                 continue
             pending.append(item)
             if len(pending) == self.batch_size:
-                yield from emit(pending)
-                pending = []
+                yield pending, rejects
+                pending, rejects = [], []
         # The last global batch is kept only if every micro-batch on every process gets pairs.
         if pending and not self.cfg.drop_last and len(pending) >= self.accumulation * self.num_processes:
-            yield from emit(pending)
-        elif pending:
+            yield pending, rejects
+            return
+        if pending:
             logger.info("dropped the last %d pairs of epoch %d (a partial global batch)", len(pending), self.epoch)
-            if rejects:
-                yield Batch(index, [], 0, 0, rejects)
+        if rejects:
+            yield [], rejects
+
+    def micro_batches(self) -> Iterator[Batch]:
+        """Every micro-batch of the epoch from the start position (all processes), as text."""
+        index = 0
+        for number, (pairs, rejects) in enumerate(self.global_batches()):
+            if number < self.skip:
+                continue
+            start = 0
+            for part, size in enumerate(micro_batch_sizes(len(pairs), self.accumulation) if pairs else [0]):
+                yield Batch(index, pairs[start:start + size], size, len(pairs), rejects if part == 0 else [])
+                index += 1
+                start += size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -377,6 +389,8 @@ class PairBatches(IterableDataset):
             out["global_size"] = batch.global_size
             out["step_size"] = batch.step_size
             out["ids"] = [p.id for p in mine]
+            if self.all_ids:
+                out["all_ids"] = [p.id for p in batch.pairs]
             # Every process sees the rejects (so all stop together under on_bad_record=error);
             # only the main process writes them.
             out["rejects"] = list(batch.rejects)
@@ -388,6 +402,13 @@ def format_stream_reject(reject: Reject) -> str:
             "bad records (they are then kept in output_dir/rejected.jsonl).")
 
 
+def _worker_init(worker_id: int) -> None:
+    # A preemption signal goes to every process of the job; the workers leave it to the main
+    # process, which finishes its step, saves and then shuts them down.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset: PairBatches, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         dataset,
@@ -395,4 +416,8 @@ def make_loader(dataset: PairBatches, num_workers: int, pin_memory: bool) -> tor
         num_workers=num_workers,
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers else None,
+        # Its own generator: starting an iterator would otherwise draw from the global torch RNG,
+        # and a resumed run (which starts one mid-epoch) would get other dropout masks.
+        generator=torch.Generator().manual_seed(0),
+        worker_init_fn=_worker_init,
     )

@@ -51,6 +51,26 @@ def wandb_mode() -> str:
         return "offline"
 
 
+METRICS, BATCHES, REJECTED = "training_metrics.jsonl", "batches.jsonl", "rejected.jsonl"
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+    """Keep the rows up to ``last_step`` (a row without a step is kept)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        rows = [line for line in f if line.strip()]
+    kept = []
+    for line in rows:
+        try:
+            step = json.loads(line).get("step")
+        except json.JSONDecodeError:
+            continue  # a row cut short by the kill
+        if step is None or step <= last_step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    write_atomic(path, "".join(kept))
+
+
 def write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -61,20 +81,36 @@ def write_atomic(path: str, text: str) -> None:
 class RunLog:
     """The run's outputs. Methods are no-ops off the main process (Accelerate's log is too)."""
 
-    def __init__(self, cfg: Config, accelerator: Accelerator) -> None:
+    def __init__(self, cfg: Config, accelerator: Accelerator, resume_step: int | None = None,
+                 wandb_id: str | None = None) -> None:
+        """``resume_step``: continuing from a checkpoint at that step; rows logged after it by
+        the interrupted run are dropped, since the resumed run logs those steps again."""
         self.cfg = cfg
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.out = cfg.output_dir
         self.wandb_run: Any = None
+        self.step = 0  # the step being trained, for the rows of rejected.jsonl
         if self.main:
             os.makedirs(self.out, exist_ok=True)
             write_atomic(os.path.join(self.out, "config.yaml"), dump_yaml(cfg))
-            self.metrics_file = open(os.path.join(self.out, "training_metrics.jsonl"), "a", encoding="utf-8")
+            for name in (METRICS, BATCHES, REJECTED):
+                path = os.path.join(self.out, name)
+                if resume_step is None:
+                    if os.path.exists(path):
+                        os.remove(path)
+                else:
+                    truncate_jsonl(path, resume_step)
+            self.metrics_file = open(os.path.join(self.out, METRICS), "a", encoding="utf-8")
+            self.batches_file = (open(os.path.join(self.out, BATCHES), "a", encoding="utf-8")
+                                 if cfg.tracking.log_batch_ids else None)
         if cfg.tracking.report_to == "wandb":
             tracking = cfg.tracking
+            # The same id with resume="allow" continues the run (online) or writes a new segment
+            # of it (offline; `wandb sync` joins them). Steps are always passed explicitly.
             init = {"name": tracking.run_name, "tags": tracking.tags or None, "entity": tracking.entity,
-                    "dir": self.out, "mode": wandb_mode() if self.main else "disabled"}
+                    "dir": self.out, "mode": wandb_mode() if self.main else "disabled",
+                    "id": wandb_id, "resume": "allow" if wandb_id else None}
             accelerator.init_trackers(tracking.project, config=cfg.to_dict(),
                                       init_kwargs={"wandb": {k: v for k, v in init.items() if v is not None}})
             if self.main:
@@ -89,6 +125,15 @@ class RunLog:
             self.metrics_file.write(json.dumps(row) + "\n")
             self.metrics_file.flush()
 
+    @property
+    def wandb_id(self) -> str | None:
+        return self.wandb_run.id if self.wandb_run is not None else None
+
+    def batch_ids(self, step: int, ids: list[str]) -> None:
+        if self.main and self.batches_file is not None:
+            self.batches_file.write(json.dumps({"step": step, "ids": ids}) + "\n")
+            self.batches_file.flush()
+
     def progress(self, **fields: Any) -> None:
         if self.main:
             if self.wandb_run is not None:
@@ -101,11 +146,11 @@ class RunLog:
         """Skipped records go to rejected.jsonl once (the first epoch) and to the log."""
         if not (self.main and first_epoch):
             return
-        with open(os.path.join(self.out, "rejected.jsonl"), "a", encoding="utf-8") as f:
+        with open(os.path.join(self.out, REJECTED), "a", encoding="utf-8") as f:
             for r in rejects:
                 logger.warning("skipped %s", r.message())
-                f.write(json.dumps({"file": r.file, "line": r.line, "reason": r.reason, "record": r.raw},
-                                   ensure_ascii=False) + "\n")
+                f.write(json.dumps({"file": r.file, "line": r.line, "reason": r.reason, "record": r.raw,
+                                    "step": self.step}, ensure_ascii=False) + "\n")
 
     def save_model(self, model: Any, tokenizer: Any) -> str:
         """Export ``final_model/`` in sentence-transformers format (main process)."""
@@ -130,5 +175,7 @@ class RunLog:
         if not self.main:
             return
         self.metrics_file.close()
+        if self.batches_file is not None:
+            self.batches_file.close()
         if run is not None and run.offline:
             print(f"W&B ran offline; to upload this run: wandb sync {run.settings.sync_dir}", file=sys.stderr)

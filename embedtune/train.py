@@ -9,8 +9,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -19,6 +22,8 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from embedtune import checkpoint
+from embedtune.checkpoint import CheckpointError, TrainerState
 from embedtune.collate import PairCollator
 from embedtune.config import Config, ConfigError, parse_args
 from embedtune.data import (
@@ -36,6 +41,10 @@ from embedtune.model import EmbeddingModel, ModelLoadError
 from embedtune.tracking import RunLog, setup_logging
 
 logger = logging.getLogger("embedtune")
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. gradients keep blowing up); a checkpoint was saved."""
 
 
 def cpu_processes() -> bool:
@@ -68,6 +77,39 @@ def to_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 
+@contextmanager
+def stop_signals() -> Iterator[dict[str, bool]]:
+    """SIGTERM / SIGINT ask the loop to finish its step, save and exit; a second one kills."""
+    flag = {"stop": False}
+
+    def ask(signum: int, frame: Any) -> None:
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        logger.warning("%s received: finishing this step, saving a checkpoint, then exiting",
+                       signal.Signals(signum).name)
+
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, ask)
+    except ValueError:  # not the main thread: leave the signals alone
+        pass
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def agreed(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process if it is true on any (a signal may reach only some)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(value, "max").item())
+
+
 def train(cfg: Config) -> dict[str, Any]:
     accelerator = Accelerator(
         cpu=cpu_processes(),
@@ -78,17 +120,27 @@ def train(cfg: Config) -> dict[str, Any]:
     )
     setup_logging(cfg.output_dir, accelerator.is_main_process)
     set_seed(cfg.train.seed)
+    state = TrainerState(config=cfg.to_dict())
+    resume_dir = None
+    if cfg.checkpoint.resume_from:
+        resume_dir = checkpoint.find_checkpoint(cfg.output_dir, cfg.checkpoint.resume_from)
+        state = TrainerState.load(resume_dir)
+        for change in checkpoint.check_resume(state.config, cfg):
+            logger.info("changed since the checkpoint: %s", change)
+        state.config = cfg.to_dict()
     rejected_early = preflight(cfg.data)  # a broken file stops here, before any heavy work
     if rejected_early:
         logger.warning("%d bad record(s) in the first records; they will be skipped", len(rejected_early))
     model, tokenizer = EmbeddingModel.from_pretrained(cfg.model.base_model, cfg.model.pooling, cfg.model.normalize)
-    run = RunLog(cfg, accelerator)  # the W&B run starts once the data and the model are known to load
+    # The W&B run starts once the data and the model are known to load.
+    run = RunLog(cfg, accelerator, resume_step=state.step if resume_dir else None, wandb_id=state.wandb_run_id)
 
     collate = PairCollator(tokenizer, cfg.data.query_max_length, cfg.data.document_max_length,
                            cfg.data.query_prefix, cfg.data.document_prefix)
     held_out = RetrievalSet.from_pairs(eval_pairs(cfg.data))
     dataset = PairBatches(cfg.data, cfg.train.batch_size, cfg.train.gradient_accumulation_steps, cfg.train.seed,
-                          collate, accelerator.num_processes, accelerator.process_index)
+                          collate, accelerator.num_processes, accelerator.process_index,
+                          all_ids=cfg.tracking.log_batch_ids)
     loader = make_loader(dataset, cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda")
     total_steps = planned_steps(cfg, accelerator.num_processes)
     optimizer = build_optimizer(model, cfg, accelerator.device)
@@ -97,7 +149,12 @@ def train(cfg: Config) -> dict[str, Any]:
     scheduler = get_scheduler(cfg.train.scheduler if cfg.train.scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=math.ceil(cfg.train.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
+    accelerator.register_for_checkpointing(scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if resume_dir:
+        accelerator.load_state(resume_dir)  # weights, optimizer, schedule, scaler, RNG
+        logger.info("resumed from %s: step %d, epoch %d, %d batches into it", resume_dir, state.step,
+                    state.epoch, state.batches_in_epoch)
     loss_fn = build_loss(cfg.loss.name, cfg.loss.scale, cfg.loss.symmetric, cfg.loss.gather_across_processes)
 
     def run_eval() -> dict[str, float]:
@@ -106,90 +163,153 @@ def train(cfg: Config) -> dict[str, Any]:
             return encode_texts(model, tokenize, texts, cfg.eval.batch_size, accelerator)
         return evaluate(encode, held_out, cfg.eval.k, compute=accelerator.is_main_process) if len(held_out) else {}
 
-    before = run_eval() if cfg.eval.before else None
-    if before:
-        run.log({f"eval/{k}": v for k, v in before.items()}, step=0)
-        logger.info("held-out before training (%d queries): %s", len(held_out), before)
+    def save_checkpoint() -> None:
+        score = None
+        if cfg.checkpoint.best_metric:
+            metrics = run_eval()
+            run.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
+            score = metrics.get(cfg.checkpoint.best_metric)
+        state.wandb_run_id = run.wandb_id
+        state.duration_s = duration()
+        try:
+            path = checkpoint.save(accelerator, cfg.output_dir, state, cfg.checkpoint.keep_last,
+                                   cfg.checkpoint.best_metric, score)
+            logger.info("checkpoint %s", path)
+        except CheckpointError as exc:
+            if cfg.checkpoint.on_save_error == "stop":
+                raise
+            logger.error("%s Training goes on (checkpoint.on_save_error=continue).", exc)
+
+    if not resume_dir and cfg.eval.before:
+        state.eval_before = run_eval() or None
+        if state.eval_before:
+            run.log({f"eval/{k}": v for k, v in state.eval_before.items()}, step=0)
+            logger.info("held-out before training (%d queries): %s", len(held_out), state.eval_before)
 
     logger.info("training %d steps of %d pairs (%d per process per micro-batch)", total_steps,
                 cfg.train.batch_size, cfg.train.batch_size // cfg.train.gradient_accumulation_steps
                 // accelerator.num_processes)
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not accelerator.is_main_process)
-    step = epoch = examples = skipped = 0
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step",
+               disable=not accelerator.is_main_process)
     window_loss = torch.zeros((), device=accelerator.device)
     window_pairs, window_micro, window_start, grad_norm = 0, 0, time.perf_counter(), None
-    started = time.perf_counter()
-    while step < total_steps and (cfg.train.max_steps or epoch < cfg.train.epochs):
-        dataset.set_epoch(epoch)
-        for batch in loader:
-            if batch["rejects"]:
-                if cfg.data.on_bad_record == "error":
-                    raise DataError(format_stream_reject(batch["rejects"][0]))
-                run.reject(batch["rejects"], first_epoch=epoch == 0)
-            if not batch["global_size"]:
+    started, duration_before = time.perf_counter(), state.duration_s
+
+    def duration() -> float:
+        return duration_before + time.perf_counter() - started
+
+    stopped_early = False
+    with stop_signals() as signals:
+        while state.step < total_steps and (cfg.train.max_steps or state.epoch < cfg.train.epochs):
+            dataset.set_position(state.epoch, state.batches_in_epoch)
+            steps_before = state.step
+            for batch in loader:
+                run.step = state.step + 1
+                if batch["rejects"]:
+                    if cfg.data.on_bad_record == "error":
+                        raise DataError(format_stream_reject(batch["rejects"][0]))
+                    run.reject(batch["rejects"], first_epoch=state.epoch == 0)
+                if not batch["global_size"]:
+                    continue
+                if "all_ids" in batch:
+                    run.batch_ids(state.step + 1, batch["all_ids"])
+                with accelerator.accumulate(model):
+                    queries = model(**to_device(batch["query"], accelerator.device))
+                    documents = model(**to_device(batch["document"], accelerator.device))
+                    n = batch["num_positives"]
+                    # Each process's loss is the mean over its own queries. Weighting it by its
+                    # share of the global batch makes the gradient, after Accelerate divides by
+                    # the accumulation steps and DDP averages over processes, that of the mean
+                    # over the whole global batch, even when slices differ (a last partial batch).
+                    share = n * accelerator.num_processes * cfg.train.gradient_accumulation_steps / batch["step_size"]
+                    loss = loss_fn(queries, documents[:n], documents[n:]) * share
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
+                        # DeepSpeed clips inside its engine and may report no norm.
+                        finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)))
+                        # A non-finite gradient never reaches the weights. Under fp16 the loss
+                        # scaler skips that update itself and must see it to lower the scale.
+                        if finite or accelerator.scaler is not None:
+                            optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                window_loss += loss.detach()
+                window_micro += 1
+                window_pairs += batch["global_size"]
+                state.examples_seen += batch["global_size"]
+                if not accelerator.sync_gradients:
+                    continue
+                lr = scheduler.get_last_lr()[0]  # the rate this step used
+                scheduler.step()
+                state.step += 1
+                state.batches_in_epoch += 1
+                bar.update(1)
+                if finite:
+                    state.nonfinite_in_a_row = 0
+                else:
+                    state.skipped_steps += 1
+                    state.nonfinite_in_a_row += 1
+                    logger.warning("step %d: non-finite gradient norm, update skipped", state.step)
+                    if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                        save_checkpoint()
+                        raise TrainingStopped(
+                            f"{state.nonfinite_in_a_row} steps in a row had a non-finite gradient (up to step "
+                            f"{state.step}); stopped with a checkpoint. Lower train.learning_rate, check the "
+                            "data, or use bf16 rather than fp16, then resume with --resume_from_checkpoint latest.")
+                if state.step % cfg.tracking.log_every_n_steps == 0 or state.step == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    mean_loss = accelerator.reduce(window_loss, "mean").item() / window_micro
+                    metrics = {"train/loss": mean_loss, "train/lr": lr,
+                               "train/grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+                               "train/pairs_per_s": window_pairs / elapsed, "train/epoch": state.epoch,
+                               "train/skipped_steps": state.skipped_steps}
+                    run.log(metrics, step=state.step)
+                    run.progress(completed=False, step=state.step, epoch=state.epoch,
+                                 examples_seen=state.examples_seen, duration_s=duration(),
+                                 eval_before=state.eval_before)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", pairs_s=f"{window_pairs / elapsed:.1f}")
+                    window_loss.zero_()
+                    window_pairs, window_micro, window_start = 0, 0, time.perf_counter()
+                if cfg.eval.every_n_steps and state.step % cfg.eval.every_n_steps == 0 and state.step < total_steps:
+                    run.log({f"eval/{k}": v for k, v in run_eval().items()}, step=state.step)
+                stop = agreed(accelerator, signals["stop"])
+                every = cfg.checkpoint.every_n_steps
+                if stop or (every and state.step % every == 0 and state.step < total_steps):
+                    save_checkpoint()
+                if stop:
+                    stopped_early = True
+                    break
+                if state.step >= total_steps:
+                    break
+            else:  # the epoch's data ran out
+                if state.step == steps_before and state.batches_in_epoch == 0:
+                    raise DataError("an epoch produced no training batch: every record was held out, bad, or "
+                                    "in a dropped partial batch; check data.eval_fraction and train.batch_size")
+                state.epoch += 1
+                state.batches_in_epoch = 0
                 continue
-            with accelerator.accumulate(model):
-                queries = model(**to_device(batch["query"], accelerator.device))
-                documents = model(**to_device(batch["document"], accelerator.device))
-                n = batch["num_positives"]
-                # Each process's loss is the mean over its own queries. Weighting it by its share
-                # of the global batch makes the gradient, after Accelerate divides by the
-                # accumulation steps and DDP averages over processes, that of the mean over the
-                # whole global batch, even when slices differ in size (a last partial batch).
-                share = n * accelerator.num_processes * cfg.train.gradient_accumulation_steps / batch["step_size"]
-                loss = loss_fn(queries, documents[:n], documents[n:]) * share
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
-                    # DeepSpeed clips inside its engine and may report no norm.
-                    finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)))
-                    # A non-finite gradient never reaches the weights. Under fp16 the loss scaler
-                    # skips that update itself and must see it to lower the scale.
-                    if finite or accelerator.scaler is not None:
-                        optimizer.step()
-                    if not finite:
-                        skipped += 1
-                        logger.warning("step %d: non-finite gradient norm, update skipped", step + 1)
-                optimizer.zero_grad(set_to_none=True)
-            window_loss += loss.detach()
-            window_micro += 1
-            window_pairs += batch["global_size"]
-            examples += batch["global_size"]
-            if not accelerator.sync_gradients:
-                continue
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            if step % cfg.tracking.log_every_n_steps == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                mean_loss = accelerator.reduce(window_loss, "mean").item() / window_micro
-                metrics = {"train/loss": mean_loss, "train/lr": lr,
-                           "train/grad_norm": float("nan") if grad_norm is None else float(grad_norm), "train/pairs_per_s": window_pairs / elapsed,
-                           "train/epoch": epoch, "train/skipped_steps": skipped}
-                run.log(metrics, step=step)
-                run.progress(completed=False, step=step, epoch=epoch, examples_seen=examples,
-                             duration_s=time.perf_counter() - started, eval_before=before)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", pairs_s=f"{window_pairs / elapsed:.1f}")
-                window_loss.zero_()
-                window_pairs, window_micro, window_start = 0, 0, time.perf_counter()
-            if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step < total_steps:
-                run.log({f"eval/{k}": v for k, v in run_eval().items()}, step=step)
-            if step >= total_steps:
-                break
-        epoch += 1
+            break
     bar.close()
+    if stopped_early:
+        logger.warning("stopped at step %d; continue with --resume_from_checkpoint latest", state.step)
+        summary = {"completed": False, "processes": accelerator.num_processes, "step": state.step,
+                   "epochs_completed": state.epoch, "examples_seen": state.examples_seen, "duration_s": duration(),
+                   "skipped_steps": state.skipped_steps, "eval_before": state.eval_before}
+        run.progress(**summary)
+        run.finish()
+        return summary
 
     after = run_eval()
     if after:
-        run.log({f"eval/{k}": v for k, v in after.items()}, step=step)
+        run.log({f"eval/{k}": v for k, v in after.items()}, step=state.step)
         logger.info("held-out metrics (%d queries, %d documents):\n%s", len(held_out), len(held_out.corpus),
-                    format_table(before, after))
+                    format_table(state.eval_before, after))
     final_dir = run.save_model(model, tokenizer)
-    summary = {"completed": True, "processes": accelerator.num_processes, "step": step, "epoch": epoch,
-               "examples_seen": examples,
-               "duration_s": time.perf_counter() - started, "skipped_steps": skipped,
-               "eval_before": before, "eval_after": after, "final_model": final_dir}
+    epochs_done = state.epoch if cfg.train.max_steps else cfg.train.epochs
+    summary = {"completed": True, "processes": accelerator.num_processes, "step": state.step,
+               "epochs_completed": epochs_done,
+               "examples_seen": state.examples_seen, "duration_s": duration(), "skipped_steps": state.skipped_steps,
+               "eval_before": state.eval_before, "eval_after": after, "final_model": final_dir}
     run.progress(**summary)
     run.finish()
     return summary
@@ -203,7 +323,7 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
         return 2
     try:
         train(cfg)
-    except (DataError, ConfigError, ModelLoadError) as exc:
+    except (DataError, ConfigError, ModelLoadError, CheckpointError, TrainingStopped) as exc:
         logger.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -71,7 +71,7 @@ def test_training_improves_held_out_retrieval_and_export_matches_the_trainer(
     progress = json.loads((out / "training_progress.json").read_text())
     before, after = progress["eval_before"], progress["eval_after"]
     assert after["ndcg@10"] > before["ndcg@10"] + 0.1, (before, after)
-    assert progress["epoch"] == 2 and progress["examples_seen"] == 2 * (400 - len_held_out(data))
+    assert progress["epochs_completed"] == 2 and progress["examples_seen"] == 2 * (400 - len_held_out(data))
 
     path = out / "final_model"
     model, tokenizer = EmbeddingModel.from_pretrained(str(path))

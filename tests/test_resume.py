@@ -1,0 +1,318 @@
+"""Checkpoints and exact resume: real subprocesses, SIGKILL, shuffling and 2 workers, on the CPU.
+
+A resumed run must train on exactly the global batches (by example id) of the run that was never
+stopped, end with the same weights, and continue the same W&B run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, make_pairs, write_jsonl
+from safetensors.torch import load_file
+from wandb_reader import read_run, run_files
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
+    """With dropout (resuming must restore the RNG) and without (for a change of process count,
+    where every process draws its own dropout masks and no run can match another exactly)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    paths = {}
+    for name, dropout in (("dropout", 0.1), ("plain", 0.0)):
+        torch.manual_seed(2)
+        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                            hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+        paths[name] = tmp_path_factory.mktemp(f"tiny_{name}")
+        BertModel(config).save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    records = make_pairs(150, seed=3)
+    for i, record in enumerate(records):
+        record["negatives"] = [f"a note on item {(i * 7) % 150} with nothing shared"]
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", records)
+
+
+def args_for(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--input_jsonl", str(data), "--base_model", str(model), "--output_dir", str(out), "--batch_size", "8",
+            "--learning_rate", "2e-3", "--epochs", "2", "data.negatives_field=negatives", "data.num_workers=2",
+            "data.shuffle_buffer=16", "data.eval_fraction=0.1", "data.query_max_length=24",
+            "data.document_max_length=32", "checkpoint.every_n_steps=4", "checkpoint.keep_last=2",
+            "tracking.log_every_n_steps=1", "tracking.log_batch_ids=true", "eval.before=false",
+            "train.mixed_precision=no", *extra]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str], processes: int = 1, **env: str) -> subprocess.Popen:
+    command = [sys.executable, str(ROOT / "train.py")]
+    if processes > 1:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(ROOT / "launch" / "cpu_2proc.yaml"), "--num_processes", str(processes),
+                   "--main_process_port", str(free_port()), str(ROOT / "train.py")]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    # Its own session, so a kill reaches the launcher and every training process, as when a
+    # machine is preempted.
+    return subprocess.Popen(command + args, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> None:
+    _, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-4000:]
+
+
+def logged_steps(out: Path) -> int:
+    path = out / "training_metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.endswith("}")]
+    return max(steps, default=0)
+
+
+def kill_when(proc: subprocess.Popen, ready, sig: int = signal.SIGKILL, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stderr.read()[-3000:]
+        assert time.time() < deadline, "timed out waiting to interrupt the run"
+        time.sleep(0.005)
+    os.killpg(proc.pid, sig)
+
+
+def batches(out: Path) -> list[tuple[int, list[str]]]:
+    return [(row["step"], row["ids"]) for row in map(json.loads, (out / "batches.jsonl").read_text().splitlines())]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final_model" / "model.safetensors"))
+
+
+def assert_same_run(resumed: Path, reference: Path, atol: float = 0.0) -> None:
+    assert batches(resumed) == batches(reference)
+    ref = weights(reference)
+    for name, tensor in weights(resumed).items():
+        torch.testing.assert_close(tensor, ref[name], rtol=0 if atol == 0 else 1e-4, atol=atol, msg=name)
+    progress = json.loads((resumed / "training_progress.json").read_text())
+    assert progress["completed"] and progress["examples_seen"] == json.loads(
+        (reference / "training_progress.json").read_text())["examples_seen"]
+
+
+@pytest.fixture(scope="module")
+def reference(models: dict[str, Path], data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Uninterrupted runs, one per model."""
+    runs = {}
+    for name, model in models.items():
+        out = tmp_path_factory.mktemp(f"reference_{name}") / "out"
+        finish(start(args_for(model, data, out, "tracking.report_to=none")))
+        runs[name] = out
+    return runs
+
+
+def test_killed_at_a_random_step_resumes_into_the_same_run(models, data, reference, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = args_for(models["dropout"], data, out)
+    total = len(batches(reference["dropout"]))
+    kill_at = random.Random().randint(5, total - 6)
+    run = start(args)
+    kill_when(run, lambda: logged_steps(out) >= kill_at)
+    run.wait()
+    assert not (out / "final_model").exists()
+    finish(start(args + ["--resume_from_checkpoint", "latest"]))
+    assert_same_run(out, reference["dropout"])
+
+    # The resumed run continued the same W&B run: same id, and its steps carry on from the
+    # checkpoint. (What the killed segment had not flushed is lost with it; the folder names
+    # carry the run id either way.)
+    files = run_files(str(out))
+    assert len(files) == 2 and len({Path(f).parent.name.rsplit("-", 1)[1] for f in files}) == 1
+    resumed = read_run(files[1])
+    assert resumed["meta"]["id"] == Path(files[0]).parent.name.rsplit("-", 1)[1]
+    steps = [row["_step"] for row in resumed["history"] if "train/loss" in row]
+    assert steps == list(range(steps[0], total + 1)) and (steps[0] - 1) % 4 == 0 and steps[0] > 1
+    # Retention: the last two checkpoints survive.
+    assert len(list((out / "checkpoints").iterdir())) == 2
+
+
+def test_killed_twice_still_gives_the_same_run(models, data, reference, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = args_for(models["dropout"], data, out, "tracking.report_to=none")
+    run = start(args)
+    kill_when(run, lambda: logged_steps(out) >= 6)
+    run.wait()
+    run = start(args + ["--resume_from_checkpoint", "latest"])
+    kill_when(run, lambda: logged_steps(out) >= 15)
+    run.wait()
+    finish(start(args + ["--resume_from_checkpoint", "latest"]))
+    assert_same_run(out, reference["dropout"])
+
+
+def test_killed_during_a_checkpoint_save_resumes_from_the_previous_one(models, data, reference,
+                                                                       tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = args_for(models["dropout"], data, out, "tracking.report_to=none")
+    run = start(args, EMBEDTUNE_FAULT_SAVE_DELAY_S="1.5")
+    half_written = out / "checkpoints" / "step-00000008.tmp"
+    kill_when(run, lambda: (half_written / "model.safetensors").exists())
+    run.wait()
+    assert half_written.exists() and not (out / "checkpoints" / "step-00000008").exists()
+    finish(start(args + ["--resume_from_checkpoint", "latest"]))
+    assert_same_run(out, reference["dropout"])
+    assert not half_written.exists()
+
+
+@pytest.mark.parametrize("before, after", [(1, 2), (2, 1)])
+def test_resuming_on_another_number_of_processes(models, data, reference, tmp_path: Path,
+                                                 before: int, after: int) -> None:
+    out = tmp_path / "out"
+    args = args_for(models["plain"], data, out, "tracking.report_to=none")
+    run = start(args, processes=before)
+    kill_when(run, lambda: logged_steps(out) >= 9)
+    run.wait()
+    finish(start(args + ["--resume_from_checkpoint", "latest"], processes=after))
+    assert json.loads((out / "training_progress.json").read_text())["processes"] == after
+    # Another process count sums in another order: equal up to float rounding (see test_distributed).
+    assert_same_run(out, reference["plain"], atol=5e-5)
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_cleanly(models, data, reference, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = args_for(models["dropout"], data, out, "tracking.report_to=none", "checkpoint.every_n_steps=1000")
+    run = start(args)
+    kill_when(run, lambda: logged_steps(out) >= 7, sig=signal.SIGTERM)
+    signalled = time.time()
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err[-3000:]
+    assert time.time() - signalled < 60
+    progress = json.loads((out / "training_progress.json").read_text())
+    assert progress["completed"] is False
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{progress['step']:08d}"]
+    assert "--resume_from_checkpoint latest" in err
+    finish(start(args + ["--resume_from_checkpoint", "latest"]))
+    assert_same_run(out, reference["dropout"])
+
+
+def test_a_change_that_breaks_resume_is_refused_and_a_safe_one_is_not(models, data, tmp_path: Path) -> None:
+    from embedtune.train import main
+
+    out = tmp_path / "out"
+    args = args_for(models["plain"], data, out, "tracking.report_to=none", "data.num_workers=0", "train.max_steps=5")
+    assert main(args) == 0
+    refused = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--batch_size", "16", "train.seed=7",
+                              "--resume_from_checkpoint", "latest"], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert refused.returncode == 1
+    assert "train.batch_size: 8 -> 16" in refused.stderr and "train.seed: 42 -> 7" in refused.stderr
+    assert main(args + ["tracking.log_every_n_steps=2", "train.max_steps=6", "--resume_from_checkpoint",
+                        "latest"]) == 0
+    assert json.loads((out / "training_progress.json").read_text())["step"] == 6
+
+
+def test_latest_without_checkpoints_is_explained(models, data, tmp_path: Path, capsys) -> None:
+    from embedtune.train import main
+
+    args = args_for(models["plain"], data, tmp_path / "out", "tracking.report_to=none")
+    assert main(args + ["--resume_from_checkpoint", "latest"]) == 1
+    assert "no complete checkpoint in" in capsys.readouterr().err
+
+
+def test_a_failed_save_never_harms_the_previous_checkpoint(models, data, tmp_path: Path, monkeypatch, capsys) -> None:
+    from accelerate import Accelerator
+
+    from embedtune.checkpoint import complete_checkpoints
+    from embedtune.train import main
+
+    real_save = Accelerator.save_state
+    calls = {"n": 0}
+
+    def disk_full_on_second_save(self, output_dir=None, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            Path(output_dir, "model.safetensors").write_bytes(b"half a file")
+            raise OSError(28, "No space left on device")
+        return real_save(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", disk_full_on_second_save)
+    out = tmp_path / "out"
+    args = args_for(models["plain"], data, out, "tracking.report_to=none", "data.num_workers=0")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "could not write checkpoint" in err and "No space left on device" in err
+    assert [Path(p).name for p in complete_checkpoints(str(out))] == ["step-00000004"]
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    assert TrainerStateStep(out / "checkpoints" / "step-00000004") == 4
+
+    calls["n"] = 0
+    shutil_out = tmp_path / "carry_on"
+    carry_on = args_for(models["plain"], data, shutil_out, "tracking.report_to=none", "data.num_workers=0",
+                        "checkpoint.on_save_error=continue")
+    assert main(carry_on) == 0
+    assert (shutil_out / "final_model" / "model.safetensors").exists()
+    assert "Training goes on" in capsys.readouterr().err
+
+
+def TrainerStateStep(path: Path) -> int:
+    from embedtune.checkpoint import TrainerState
+
+    return TrainerState.load(str(path)).step
+
+
+def test_best_checkpoint_is_kept_beside_the_last_ones(models, data, tmp_path: Path) -> None:
+    from embedtune.checkpoint import TrainerState, complete_checkpoints
+    from embedtune.train import main
+
+    out = tmp_path / "out"
+    args = args_for(models["plain"], data, out, "tracking.report_to=none", "data.num_workers=0",
+                    "checkpoint.every_n_steps=2", "checkpoint.keep_last=1", "checkpoint.best_metric=ndcg@10",
+                    "--learning_rate", "5e-2")  # a rate this high makes later checkpoints worse
+    assert main(args) == 0
+    kept = complete_checkpoints(str(out))
+    scores = TrainerState.load(kept[-1]).scores
+    best = max(scores, key=scores.get)
+    assert {Path(p).name for p in kept} == {best, Path(kept[-1]).name}
+
+
+def test_repeated_non_finite_steps_stop_the_run_with_a_checkpoint(models, data, tmp_path: Path, monkeypatch,
+                                                                  capsys) -> None:
+    import embedtune.train as program
+
+    class Poisoned(torch.nn.Module):
+        def forward(self, queries, positives, negatives=None):
+            return (queries * positives).sum() * float("inf")
+
+    monkeypatch.setattr(program, "build_loss", lambda *a, **k: Poisoned())
+    out = tmp_path / "out"
+    args = args_for(models["plain"], data, out, "tracking.report_to=none", "data.num_workers=0",
+                    "train.max_nonfinite_steps=3")
+    assert program.main(args) == 1
+    assert "3 steps in a row had a non-finite gradient" in capsys.readouterr().err
+    assert (out / "checkpoints" / "step-00000003" / "trainer_state.json").exists()
+
+
+def test_the_resume_benchmark_prints_its_figures() -> None:
+    done = subprocess.run([sys.executable, "-m", "embedtune", "bench", "resume", "--examples", "3000",
+                           "--batch_size", "64", "--workers", "0"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed 2,944 in:" in done.stdout and "re-tokenizing the skipped pairs would add" in done.stdout
