@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from embedtune.data import Pair
+from embedtune.data import Pair, text_key
 
 
 class PairCollator:
@@ -38,8 +38,16 @@ class PairCollator:
 
     def __call__(self, pairs: list[Pair]) -> dict[str, Any]:
         negatives = [n for p in pairs for n in p.negatives]
-        return {
+        out: dict[str, Any] = {
             "query": self.queries([p.query for p in pairs]),
             "document": self.documents([p.positive for p in pairs] + negatives),
             "num_positives": len(pairs),
+            # For each negative, the row of its query; and text keys to find false negatives.
+            "negative_owner": torch.tensor([i for i, p in enumerate(pairs) for _ in p.negatives], dtype=torch.long),
+            "query_keys": torch.tensor([text_key(p.query) for p in pairs], dtype=torch.long),
+            "document_keys": torch.tensor([text_key(t) for t in [p.positive for p in pairs] + negatives],
+                                          dtype=torch.long),
         }
+        if pairs and pairs[0].label is not None:
+            out["labels"] = torch.tensor([p.label for p in pairs], dtype=torch.float)
+        return out

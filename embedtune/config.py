@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 PACKAGED_CONFIGS = "embedtune.configs"
-LOSS_NAMES = ("MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss")
+LOSS_NAMES = ("MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss",
+              "CachedMultipleNegativesRankingLoss", "ContrastiveLoss", "OnlineContrastiveLoss",
+              "CosineSimilarityLoss", "CoSENTLoss", "TripletLoss")
 
 
 class ConfigError(ValueError):
@@ -66,6 +68,7 @@ class DataConfig(_Section):
     query_field: str = "question"
     positive_field: str = "answer"
     negatives_field: str | None = Field(None, description="A list of strings or one string per record.")
+    label_field: str | None = Field(None, description="A number per record, for losses on labelled pairs.")
     max_negatives: int = Field(8, ge=0, description="Hard negatives kept per record (the first ones).")
     query_prefix: str = Field("", description='Prepended to every query, e.g. "query: ".')
     document_prefix: str = Field("", description='Prepended to every document, e.g. "passage: ".')
@@ -78,6 +81,8 @@ class DataConfig(_Section):
     num_workers: int = Field(2, ge=0, description="DataLoader workers that read and tokenize.")
     on_bad_record: Literal["error", "skip"] = "error"
     drop_last: bool = Field(False, description="Drop a last global batch smaller than train.batch_size.")
+    # Set by the trainer when the loss trains on triplets: a record without a negative is bad.
+    _require_negatives: bool = PrivateAttr(False)
 
 
 class ModelConfig(_Section):
@@ -91,12 +96,29 @@ class ModelConfig(_Section):
     normalize: bool | None = Field(None, description="None: the model folder's setting, else true.")
 
 
+LossName = Literal[
+    "MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss", "CachedMultipleNegativesRankingLoss",
+    "ContrastiveLoss", "OnlineContrastiveLoss", "CosineSimilarityLoss", "CoSENTLoss", "TripletLoss",
+]
+
+
 class LossConfig(_Section):
-    name: Literal["MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss"] = (
-        "MultipleNegativesRankingLoss"
-    )
+    name: LossName = "MultipleNegativesRankingLoss"
     scale: float = Field(20.0, gt=0, description="Inverse temperature applied to cosine similarities.")
     symmetric: bool = Field(False, description="Also rank queries for each document.")
+    margin: float | None = Field(None, ge=0, description="Margin of the contrastive and triplet losses.")
+    mini_batch_size: int | None = Field(
+        None, ge=1, description="GradCache: embed in mini-batches of this size (default 32 for the Cached loss)."
+    )
+    mask_false_negatives: bool = Field(True, description="Do not count duplicates of the positive as negatives.")
+    matryoshka_dims: list[int] | None = Field(None, description="Also train truncated embeddings of these sizes.")
+    matryoshka_weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _matryoshka(self) -> LossConfig:
+        if self.matryoshka_weights and len(self.matryoshka_weights) != len(self.matryoshka_dims or []):
+            raise ValueError("loss.matryoshka_weights needs one weight per entry of loss.matryoshka_dims")
+        return self
     gather_across_processes: bool = Field(
         True, description="Score each query against the documents of every process (false: local only)."
     )
@@ -181,6 +203,14 @@ class Config(_Section):
         if not value.strip():
             raise ValueError("output_dir must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _best_metric(self) -> Config:
+        allowed = [f"{m}@{self.eval.k}" for m in ("ndcg", "mrr", "recall")]
+        if self.checkpoint.best_metric and self.checkpoint.best_metric not in allowed:
+            raise ValueError(f"checkpoint.best_metric must be one of {', '.join(allowed)} (eval.k is "
+                             f"{self.eval.k}), got {self.checkpoint.best_metric!r}")
+        return self
 
     @model_validator(mode="after")
     def _needs_data(self) -> Config:

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 PACKAGE_PREFIX = "embedtune:"
 PREFLIGHT_RECORDS = 1000
 READ_CHUNK = 1000
+POSITIVE_LABEL = 0.5  # labelled pairs at or above this count as question and answer for evaluation
 MAX_REJECTS_SHOWN = 5
 
 
@@ -47,6 +48,7 @@ class Pair:
     query: str
     positive: str
     negatives: tuple[str, ...] = ()
+    label: float | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class Batch:
     global_size: int  # pairs in the whole micro-batch across processes
     step_size: int  # pairs in the whole global batch (all micro-batches, all processes)
     rejects: list[Reject] = field(default_factory=list)
+    stand_in: Pair | None = None  # a pair of the global batch, for a process whose slice is empty
 
 
 # --- files -----------------------------------------------------------------------------------
@@ -131,7 +134,15 @@ def _read_file(path: str, fmt: str) -> Iterator[tuple[int, Any]]:
     else:
         stream = datasets.load_dataset(fmt, data_files=[path], split="train", streaming=True)
         number = 1 if fmt == "csv" else 0  # CSV line 1 is the header
-        for chunk in stream.iter(batch_size=READ_CHUNK):
+        chunks = stream.iter(batch_size=READ_CHUNK)
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return
+            except Exception as exc:  # the parser's own error: name the file, keep its message
+                raise DataError(f"{path}: cannot be read as {fmt} after row {number - (fmt == 'csv')}: "
+                                f"{type(exc).__name__}: {exc}; fix the file or convert it to JSONL") from exc
             columns = list(chunk)
             for values in zip(*(chunk[c] for c in columns)):
                 number += 1
@@ -174,7 +185,17 @@ def parse_record(path: str, line: int, raw: Any, cfg: DataConfig) -> Pair | Reje
             return Reject(path, line, f"'{cfg.negatives_field}' must be a string or a list of "
                           "non-empty strings", shown)
         negatives = tuple(items[: cfg.max_negatives])
-    return Pair(f"{path}:{line}", record[cfg.query_field], record[cfg.positive_field], negatives)
+    if cfg._require_negatives and not negatives:
+        return Reject(path, line, f"the loss trains on triplets and this record has no hard negative in "
+                      f"'{cfg.negatives_field}'; add one or choose a loss that trains on pairs", shown)
+    label = None
+    if cfg.label_field:
+        value = record.get(cfg.label_field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            return Reject(path, line, f"'{cfg.label_field}' must be a number (the pair's label or score), "
+                          f"got {value!r:.60}", shown)
+        label = float(value)
+    return Pair(f"{path}:{line}", record[cfg.query_field], record[cfg.positive_field], negatives, label)
 
 
 def read_pairs(files: list[str], cfg: DataConfig) -> Iterator[Pair | Reject]:
@@ -191,6 +212,11 @@ def read_pairs(files: list[str], cfg: DataConfig) -> Iterator[Pair | Reject]:
 
 def _normalize(text: str) -> str:
     return " ".join(text.lower().split())
+
+
+def text_key(text: str) -> int:
+    """A 63-bit hash of the normalized text: equal keys mean the same text (false negatives)."""
+    return int.from_bytes(hashlib.sha1(_normalize(text).encode("utf-8")).digest()[:8], "big") >> 1
 
 
 def is_held_out(pair: Pair, fraction: float) -> bool:
@@ -210,8 +236,14 @@ def eval_pairs(cfg: DataConfig) -> list[Pair]:
     seen: set[str] = set()
     pairs: list[Pair] = []
     for item in read_pairs(files, cfg):
+        if isinstance(item, Reject) and not carved:  # carved rejects are the training stream's to report
+            if cfg.on_bad_record == "error":
+                raise DataError(format_stream_reject(item))
+            logger.warning("held-out record skipped: %s", item.message())
         if not isinstance(item, Pair) or (carved and not is_held_out(item, cfg.eval_fraction)):
             continue
+        if item.label is not None and item.label < POSITIVE_LABEL:
+            continue  # a dissimilar pair is no question with its answer
         key = _normalize(item.query)
         if key not in seen:
             seen.add(key)
@@ -229,15 +261,16 @@ def preflight(cfg: DataConfig) -> list[Reject]:
     rejects: list[Reject] = []
     for pattern_list in (cfg.train_files, cfg.eval_files):
         for path in resolve_files(pattern_list):
-            good = 0
+            good = bad = 0
             for count, item in enumerate(read_pairs([path], cfg)):
                 if isinstance(item, Reject):
                     rejects.append(item)
+                    bad += 1
                 else:
                     good += 1
                 if count + 1 >= PREFLIGHT_RECORDS:
                     break
-            if good == 0 and not rejects:
+            if good == 0 and not bad:
                 raise DataError(f"{path}: no records found; give it one JSON record per line")
     if rejects and cfg.on_bad_record == "error":
         raise DataError(format_rejects(rejects))
@@ -255,18 +288,10 @@ def format_rejects(rejects: list[Reject]) -> str:
 
 
 def count_train_pairs(cfg: DataConfig) -> int:
-    """An estimate of the training pairs per epoch, for the schedule when max_steps is not set."""
-    total = 0
-    for path in resolve_files(cfg.train_files):
-        fmt = file_format(path, cfg.format)
-        builder = "text" if fmt == "json" else fmt
-        stream = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True)
-        for chunk in stream.iter(batch_size=10_000):
-            column = next(iter(chunk.values()))
-            total += sum(1 for v in column if v) if fmt == "json" else len(column)
-    if not cfg.eval_files:
-        total = int(total * (1 - cfg.eval_fraction))
-    return total
+    """The training pairs of one epoch, counted exactly (parsed and split, not tokenized)."""
+    carve = not cfg.eval_files
+    return sum(1 for item in read_pairs(resolve_files(cfg.train_files), cfg)
+               if isinstance(item, Pair) and not (carve and is_held_out(item, cfg.eval_fraction)))
 
 
 # --- the ordered stream ----------------------------------------------------------------------
@@ -356,8 +381,9 @@ class PairBatches(IterableDataset):
             if len(pending) == self.batch_size:
                 yield pending, rejects
                 pending, rejects = [], []
-        # The last global batch is kept only if every micro-batch on every process gets pairs.
-        if pending and not self.cfg.drop_last and len(pending) >= self.accumulation * self.num_processes:
+        # The last, partial global batch is used whatever the number of processes (a process
+        # whose slice is empty still takes part in the step), unless drop_last says otherwise.
+        if pending and not self.cfg.drop_last:
             yield pending, rejects
             return
         if pending:
@@ -373,7 +399,8 @@ class PairBatches(IterableDataset):
                 continue
             start = 0
             for part, size in enumerate(micro_batch_sizes(len(pairs), self.accumulation) if pairs else [0]):
-                yield Batch(index, pairs[start:start + size], size, len(pairs), rejects if part == 0 else [])
+                yield Batch(index, pairs[start:start + size], size, len(pairs), rejects if part == 0 else [],
+                            pairs[0] if pairs else None)
                 index += 1
                 start += size
 
@@ -384,7 +411,12 @@ class PairBatches(IterableDataset):
             if batch.index % workers != worker:
                 continue
             mine = batch.pairs[process_slice(len(batch.pairs), self.num_processes, self.rank)]
-            out = self.collate(mine) if mine else {}
+            if mine or batch.stand_in is None:
+                out = self.collate(mine) if mine else {}
+            else:
+                # Nothing for this process in this micro-batch (a small last batch): it still runs
+                # the step, on a stand-in pair whose loss weighs nothing, so collectives match.
+                out = {**self.collate([batch.stand_in]), "empty": True}
             out["index"] = batch.index
             out["global_size"] = batch.global_size
             out["step_size"] = batch.step_size

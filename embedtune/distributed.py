@@ -31,3 +31,18 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     padded = torch.nn.functional.pad(tensor, (0, 0, 0, max(counts) - tensor.shape[0]))
     parts = all_gather(padded)
     return torch.cat([part[:n] for part, n in zip(parts, counts)], dim=0), sum(counts[:rank])
+
+
+def gather_plain(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's ``tensor`` concatenated along dim 0, without gradient (labels, text keys)."""
+    _, size = world()
+    if size == 1:
+        return tensor
+    lengths = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(size)]
+    dist.all_gather(lengths, torch.tensor([tensor.shape[0]], device=tensor.device))
+    counts = [int(n.item()) for n in lengths]
+    pad = [0, 0] * (tensor.dim() - 1) + [0, max(counts) - tensor.shape[0]]
+    padded = torch.nn.functional.pad(tensor, pad)
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, counts)], dim=0)

@@ -65,11 +65,17 @@ def encode_texts(model: torch.nn.Module, tokenize: Callable[[list[str]], dict[st
     local = torch.empty(len(mine), dim, device=accelerator.device)
     was_training = model.training
     model.eval()
+    # Every process runs as many forward passes as the busiest one: under FSDP a forward pass
+    # is collective, and a process that stopped early would leave the others waiting.
+    passes = math.ceil(math.ceil(len(texts) / accelerator.num_processes) / batch_size)
     with torch.no_grad(), accelerator.autocast():
-        for start in range(0, len(mine), batch_size):
+        for start in range(0, passes * batch_size, batch_size):
             rows = mine[start:start + batch_size]
-            inputs = {k: v.to(accelerator.device) for k, v in tokenize([texts[i] for i in rows]).items()}
-            local[start:start + len(rows)] = model(**inputs).float()
+            chunk = [texts[i] for i in rows] or texts[:1]  # an idle process embeds one text for nothing
+            inputs = {k: v.to(accelerator.device) for k, v in tokenize(chunk).items()}
+            out = model(**inputs).float()
+            if rows:
+                local[start:start + len(rows)] = out
     model.train(was_training)
     rows = torch.tensor(mine, dtype=torch.long, device=accelerator.device)
     if accelerator.num_processes > 1:

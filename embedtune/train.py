@@ -36,7 +36,7 @@ from embedtune.data import (
     preflight,
 )
 from embedtune.evaluate import RetrievalSet, encode_texts, evaluate, format_table
-from embedtune.losses import build_loss
+from embedtune.losses import build_loss, check_data_shape, make_step
 from embedtune.model import EmbeddingModel, ModelLoadError
 from embedtune.tracking import RunLog, setup_logging
 
@@ -54,14 +54,13 @@ def cpu_processes() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def planned_steps(cfg: Config, num_processes: int) -> int:
+def planned_steps(cfg: Config) -> int:
     """Optimizer steps in the run; without max_steps this counts the data once (no parsing)."""
     if cfg.train.max_steps:
         return cfg.train.max_steps
     pairs = count_train_pairs(cfg.data)
     full, rest = divmod(pairs, cfg.train.batch_size)
-    keeps_rest = not cfg.data.drop_last and rest >= cfg.train.gradient_accumulation_steps * num_processes
-    return max(1, (full + keeps_rest) * cfg.train.epochs)
+    return max(1, (full + (rest > 0 and not cfg.data.drop_last)) * cfg.train.epochs)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -71,10 +70,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.train.learning_rate, fused=device.type == "cuda")
-
-
-def to_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 
 @contextmanager
@@ -111,6 +106,13 @@ def agreed(accelerator: Accelerator, flag: bool) -> bool:
 
 
 def train(cfg: Config) -> dict[str, Any]:
+    loss_fn = build_loss(cfg.loss)
+    check_data_shape(loss_fn, cfg.data, cfg.loss.name)  # a loss without its data never starts a run
+    step_fn = make_step(cfg.loss)
+    if not cfg.checkpoint.resume_from and checkpoint.complete_checkpoints(cfg.output_dir):
+        raise CheckpointError(f"{cfg.output_dir} already holds checkpoints of an earlier run: continue it with "
+                              "--resume_from_checkpoint latest, or give another output_dir (or delete "
+                              f"{checkpoint.checkpoints_dir(cfg.output_dir)})")
     accelerator = Accelerator(
         cpu=cpu_processes(),
         mixed_precision=cfg.train.mixed_precision,
@@ -118,6 +120,11 @@ def train(cfg: Config) -> dict[str, Any]:
         log_with="wandb" if cfg.tracking.report_to == "wandb" else None,
         project_dir=cfg.output_dir,
     )
+    micro = cfg.train.batch_size // cfg.train.gradient_accumulation_steps
+    if micro < accelerator.num_processes:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} / gradient_accumulation_steps "
+                          f"{cfg.train.gradient_accumulation_steps} = {micro} pairs per micro-batch, fewer than the "
+                          f"{accelerator.num_processes} processes: raise the batch size or lower the accumulation")
     setup_logging(cfg.output_dir, accelerator.is_main_process)
     set_seed(cfg.train.seed)
     state = TrainerState(config=cfg.to_dict())
@@ -142,7 +149,7 @@ def train(cfg: Config) -> dict[str, Any]:
                           collate, accelerator.num_processes, accelerator.process_index,
                           all_ids=cfg.tracking.log_batch_ids)
     loader = make_loader(dataset, cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda")
-    total_steps = planned_steps(cfg, accelerator.num_processes)
+    total_steps = planned_steps(cfg)
     optimizer = build_optimizer(model, cfg, accelerator.device)
     # The schedule is stepped once per optimizer step by hand: Accelerate's wrapper would step
     # it once per process, which is wrong when batch_size is already global.
@@ -155,7 +162,6 @@ def train(cfg: Config) -> dict[str, Any]:
         accelerator.load_state(resume_dir)  # weights, optimizer, schedule, scaler, RNG
         logger.info("resumed from %s: step %d, epoch %d, %d batches into it", resume_dir, state.step,
                     state.epoch, state.batches_in_epoch)
-    loss_fn = build_loss(cfg.loss.name, cfg.loss.scale, cfg.loss.symmetric, cfg.loss.gather_across_processes)
 
     def run_eval() -> dict[str, float]:
         def encode(texts: list[str], kind: str) -> torch.Tensor:
@@ -199,8 +205,11 @@ def train(cfg: Config) -> dict[str, Any]:
         return duration_before + time.perf_counter() - started
 
     stopped_early = False
+    model.train()  # from_pretrained hands the encoder over in eval mode: dropout would stay off
     with stop_signals() as signals:
-        while state.step < total_steps and (cfg.train.max_steps or state.epoch < cfg.train.epochs):
+        # max_steps stops by steps; otherwise the epochs decide (total_steps is then exact but
+        # only shapes the schedule and the progress bar).
+        while state.step < total_steps if cfg.train.max_steps else state.epoch < cfg.train.epochs:
             dataset.set_position(state.epoch, state.batches_in_epoch)
             steps_before = state.step
             for batch in loader:
@@ -209,21 +218,18 @@ def train(cfg: Config) -> dict[str, Any]:
                     if cfg.data.on_bad_record == "error":
                         raise DataError(format_stream_reject(batch["rejects"][0]))
                     run.reject(batch["rejects"], first_epoch=state.epoch == 0)
-                if not batch["global_size"]:
+                if not batch["step_size"]:  # only bad records, no pairs
                     continue
                 if "all_ids" in batch:
                     run.batch_ids(state.step + 1, batch["all_ids"])
                 with accelerator.accumulate(model):
-                    queries = model(**to_device(batch["query"], accelerator.device))
-                    documents = model(**to_device(batch["document"], accelerator.device))
-                    n = batch["num_positives"]
-                    # Each process's loss is the mean over its own queries. Weighting it by its
+                    # Each process's loss is the mean over its own pairs. Weighting it by its
                     # share of the global batch makes the gradient, after Accelerate divides by
                     # the accumulation steps and DDP averages over processes, that of the mean
                     # over the whole global batch, even when slices differ (a last partial batch).
+                    n = 0 if batch.get("empty") else batch["num_positives"]
                     share = n * accelerator.num_processes * cfg.train.gradient_accumulation_steps / batch["step_size"]
-                    loss = loss_fn(queries, documents[:n], documents[n:]) * share
-                    accelerator.backward(loss)
+                    loss = step_fn(model, batch, loss_fn, share, accelerator)  # forward and backward
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
                         # DeepSpeed clips inside its engine and may report no norm.
@@ -233,7 +239,7 @@ def train(cfg: Config) -> dict[str, Any]:
                         if finite or accelerator.scaler is not None:
                             optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                window_loss += loss.detach()
+                window_loss += loss
                 window_micro += 1
                 window_pairs += batch["global_size"]
                 state.examples_seen += batch["global_size"]
@@ -263,6 +269,8 @@ def train(cfg: Config) -> dict[str, Any]:
                                "train/grad_norm": float("nan") if grad_norm is None else float(grad_norm),
                                "train/pairs_per_s": window_pairs / elapsed, "train/epoch": state.epoch,
                                "train/skipped_steps": state.skipped_steps}
+                    if hasattr(loss_fn, "pop_stats"):
+                        metrics.update({f"train/{k}": v for k, v in loss_fn.pop_stats().items()})
                     run.log(metrics, step=state.step)
                     run.progress(completed=False, step=state.step, epoch=state.epoch,
                                  examples_seen=state.examples_seen, duration_s=duration(),
@@ -279,7 +287,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 if stop:
                     stopped_early = True
                     break
-                if state.step >= total_steps:
+                if cfg.train.max_steps and state.step >= total_steps:
                     break
             else:  # the epoch's data ran out
                 if state.step == steps_before and state.batches_in_epoch == 0:
@@ -290,6 +298,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 continue
             break
     bar.close()
+    if not stopped_early and cfg.checkpoint.every_n_steps and state.step % cfg.checkpoint.every_n_steps:
+        save_checkpoint()  # the end state too, so a crash in the final eval or export loses nothing
     if stopped_early:
         logger.warning("stopped at step %d; continue with --resume_from_checkpoint latest", state.step)
         summary = {"completed": False, "processes": accelerator.num_processes, "step": state.step,

@@ -55,14 +55,22 @@ def run_training(processes: int, args: list[str], out: Path) -> dict:
     assert done.returncode == 0, done.stderr[-4000:]
     rows = [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
     return {"losses": [r["loss"] for r in rows if "loss" in r], "grad_norms": [r["grad_norm"] for r in rows if "loss" in r],
+            "masked": [r["masked_false_negatives"] for r in rows if "masked_false_negatives" in r],
             "progress": json.loads((out / "training_progress.json").read_text()),
             "weights": load_file(str(out / "final_model" / "model.safetensors"))}
 
 
-def test_two_processes_give_the_losses_and_weights_of_one(tiny_model_no_dropout: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("loss, accumulation", [("MultipleNegativesRankingLoss", 1),
+                                                 ("MultipleNegativesRankingLoss", 2),
+                                                 ("CachedMultipleNegativesRankingLoss", 1)])
+def test_two_processes_give_the_losses_and_weights_of_one(tiny_model_no_dropout: Path, tmp_path: Path,
+                                                          loss: str, accumulation: int) -> None:
     # 27 pairs with hard negatives at batch 8: three full steps, then a partial step of 3 pairs
     # that the two processes split 2 + 1 (the share weighting must keep the gradient exact).
+    # The one-process reference is always the plain loss: GradCache must not change anything.
     records = make_pairs(27)
+    for i, record in enumerate(records):  # answers shared in threes: false negatives to mask
+        record["answer"] = records[i - i % 3]["answer"]
     for i, record in enumerate(records):
         record["negatives"] = [f"an unrelated note about item {i}", f"story {i + 1} without a link"][: 1 + i % 2]
     train = write_jsonl(tmp_path / "train.jsonl", records)
@@ -70,12 +78,15 @@ def test_two_processes_give_the_losses_and_weights_of_one(tiny_model_no_dropout:
     args = ["--input_jsonl", str(train), "--base_model", str(tiny_model_no_dropout), "--batch_size", "8",
             "--learning_rate", "5e-3", "data.eval_files=" + str(held), "data.negatives_field=negatives",
             "data.num_workers=2", "data.query_max_length=24", "data.document_max_length=32",
-            "train.warmup_ratio=0", "tracking.log_every_n_steps=1", "train.mixed_precision=no"]
+            "train.warmup_ratio=0", "tracking.log_every_n_steps=1", "train.mixed_precision=no",
+            f"train.gradient_accumulation_steps={accumulation}"]
     one = run_training(1, args + ["tracking.report_to=none"], tmp_path / "one")
-    two = run_training(2, args, tmp_path / "two")
+    two = run_training(2, args + ["--loss_function", loss, "loss.mini_batch_size=3"] if "Cached" in loss else args,
+                       tmp_path / "two")
 
     assert (one["progress"]["processes"], two["progress"]["processes"]) == (1, 2)
     assert len(one["losses"]) == 4 and one["progress"]["examples_seen"] == two["progress"]["examples_seen"] == 27
+    assert two["masked"] and max(two["masked"]) > 0
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.tensor(two["grad_norms"]), torch.tensor(one["grad_norms"]), rtol=1e-4, atol=1e-6)
     assert one["losses"][-1] < one["losses"][0]
@@ -93,6 +104,18 @@ def test_two_processes_give_the_losses_and_weights_of_one(tiny_model_no_dropout:
     run = read_run(run_file)
     assert [row["_step"] for row in run["history"] if "train/loss" in row] == [1, 2, 3, 4]
     assert len(list((tmp_path / "two").glob("final_model"))) == 1
+
+
+def test_a_micro_batch_smaller_than_the_process_count_is_refused(tiny_model_no_dropout: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    train = write_jsonl(tmp_path / "train.jsonl", make_pairs(16))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "launch" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()), str(ROOT / "train.py"),
+               "--input_jsonl", str(train), "--base_model", str(tiny_model_no_dropout), "--output_dir",
+               str(tmp_path / "out"), "--batch_size", "2", "train.gradient_accumulation_steps=2",
+               "tracking.report_to=none"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "fewer than the 2 processes" in done.stderr
 
 
 def test_local_negatives_switch_changes_the_objective(tiny_model_no_dropout: Path, tmp_path: Path) -> None:

@@ -59,3 +59,31 @@ def test_export_loads_in_sentence_transformers_with_our_embeddings(tiny_model: P
     # Loading the export back into the trainer keeps its pooling and normalization.
     again, _ = EmbeddingModel.from_pretrained(str(path))
     assert (again.pooling, again.normalize) == (pooling, normalize)
+
+
+def test_training_runs_with_dropout_on(tiny_model: Path, tmp_path: Path) -> None:
+    """A fine-tuned encoder trains with its dropout (from_pretrained hands it over in eval mode)."""
+    from embedtune.train import main
+
+    seen = []
+    original = EmbeddingModel.forward
+
+    def spy(self, input_ids, attention_mask):
+        seen.append(self.training)
+        return original(self, input_ids, attention_mask)
+
+    import pytest as _pytest
+
+    with _pytest.MonkeyPatch.context() as patch:
+        patch.setattr(EmbeddingModel, "forward", spy)
+        args = ["--input_jsonl", str(write_pairs(tmp_path)), "--base_model", str(tiny_model), "--output_dir",
+                str(tmp_path / "out"), "--batch_size", "8", "train.max_steps=2", "data.num_workers=0",
+                "tracking.report_to=none", "eval.before=true"]
+        assert main(args) == 0
+    assert True in seen and False in seen  # trained in train mode, evaluated in eval mode
+
+
+def write_pairs(tmp_path: Path) -> Path:
+    from conftest import make_pairs, write_jsonl
+
+    return write_jsonl(tmp_path / "p.jsonl", make_pairs(40))

@@ -298,8 +298,10 @@ def test_repeated_non_finite_steps_stop_the_run_with_a_checkpoint(models, data, 
     import embedtune.train as program
 
     class Poisoned(torch.nn.Module):
-        def forward(self, queries, positives, negatives=None):
-            return (queries * positives).sum() * float("inf")
+        needs = "pairs"
+
+        def forward(self, batch):
+            return (batch.queries * batch.positives).sum() * float("inf")
 
     monkeypatch.setattr(program, "build_loss", lambda *a, **k: Poisoned())
     out = tmp_path / "out"

@@ -170,8 +170,10 @@ def test_a_non_finite_loss_never_reaches_the_weights(train_args: list[str], monk
     import embedtune.train as program
 
     class Poisoned(torch.nn.Module):
-        def forward(self, queries: torch.Tensor, positives: torch.Tensor, negatives=None) -> torch.Tensor:
-            return (queries * positives).sum() * float("nan")
+        needs = "pairs"
+
+        def forward(self, batch) -> torch.Tensor:
+            return (batch.queries * batch.positives).sum() * float("nan")
 
     monkeypatch.setattr(program, "build_loss", lambda *a, **k: Poisoned())
     assert main(train_args + ["tracking.report_to=none"]) == 0
@@ -181,3 +183,62 @@ def test_a_non_finite_loss_never_reaches_the_weights(train_args: list[str], monk
     after = load_file(str(out_dir(train_args) / "final_model" / "model.safetensors"))
     for name, tensor in before.items():
         torch.testing.assert_close(after[name], tensor, rtol=0, atol=0)
+
+
+def test_every_epoch_uses_every_training_pair_once(tiny_model: Path, tmp_path: Path) -> None:
+    """The step count comes from an exact count of the split, so no epoch is cut short."""
+    from embedtune.config import DataConfig
+    from embedtune.data import count_train_pairs
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(120))
+    args = ["--input_jsonl", str(data), "--base_model", str(tiny_model), "--output_dir", str(tmp_path / "out"),
+            "--batch_size", "16", "--epochs", "2", "data.eval_fraction=0.2", "data.num_workers=0",
+            "tracking.report_to=none", "eval.before=false"]
+    assert main(args) == 0
+    pairs = count_train_pairs(DataConfig(train_files=[str(data)], eval_fraction=0.2))
+    progress = json.loads((tmp_path / "out" / "training_progress.json").read_text())
+    assert progress["examples_seen"] == 2 * pairs and progress["epochs_completed"] == 2
+
+
+def test_reusing_an_output_dir_with_checkpoints_needs_resume(train_args: list[str], capsys) -> None:
+    args = train_args + ["tracking.report_to=none", "checkpoint.every_n_steps=2"]
+    assert main(args) == 0
+    assert main(args) == 1
+    assert "already holds checkpoints of an earlier run" in capsys.readouterr().err
+    assert main(args + ["--resume_from_checkpoint", "latest", "train.max_steps=5"]) == 0
+
+
+def test_a_malformed_csv_is_named(tmp_path: Path, train_args: list[str], capsys) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("question,answer\n" + "".join(f"q{i},a{i}\n" for i in range(5)) + "q,a,extra,fields\n")
+    assert main(train_args + ["--input_jsonl", str(bad), "tracking.report_to=none"]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}: cannot be read as csv" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("loss, fields", [
+    ("ContrastiveLoss", {"label": lambda i: float(i % 2)}),
+    ("CoSENTLoss", {"label": lambda i: (i % 5) / 4}),
+    ("TripletLoss", {"negatives": lambda i: [f"a note on item {i + 1} with nothing shared"]}),
+    ("CachedMultipleNegativesRankingLoss", {}),
+])
+def test_each_loss_family_trains_end_to_end(tiny_model: Path, tmp_path: Path, loss: str, fields: dict) -> None:
+    records = make_pairs(48)
+    for i, record in enumerate(records):
+        for name, make in fields.items():
+            record[name] = make(i)
+    data = write_jsonl(tmp_path / "pairs.jsonl", records)
+    extra = {"label": "data.label_field=label", "negatives": "data.negatives_field=negatives"}
+    args = ["--input_jsonl", str(data), "--base_model", str(tiny_model), "--output_dir", str(tmp_path / "out"),
+            "--batch_size", "8", "--loss_function", loss, "train.max_steps=3", "data.num_workers=0",
+            "tracking.report_to=none", "tracking.log_every_n_steps=1", "loss.mini_batch_size=3",
+            *[extra[name] for name in fields]]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "training_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+
+
+def test_a_loss_without_its_data_never_starts_a_run(train_args: list[str], capsys) -> None:
+    assert main(train_args + ["--loss_function", "ContrastiveLoss"]) == 1
+    assert "set data.label_field" in capsys.readouterr().err
+    assert not out_dir(train_args).exists()
