@@ -1,4 +1,4 @@
-"""Benchmarks that print figures: ``embedtune bench resume``.
+"""Benchmarks that print figures: ``embedtune bench resume`` and ``embedtune bench gradcache``.
 
 ``resume`` measures what resuming deep into a stream costs: the time to the first training batch
 of a fresh run against one resumed N examples in, on a generated JSONL file. The resumed loader
@@ -69,6 +69,68 @@ def bench_resume(examples: int, batch_size: int, workers: int, tokenizer_name: s
             "retokenizing_would_add_s": skipped / tokenize_rate}
 
 
+def gradcache_case(batch: int, mini: int | None, query_len: int, doc_len: int, steps: int,
+                   model_name: str) -> dict[str, float]:
+    """One configuration, in this process: seconds per step and peak memory."""
+    import resource
+
+    import torch
+    from accelerate import Accelerator
+
+    from embedtune.losses import GradCacheStep, MultipleNegativesRankingLoss, plain_step
+    from embedtune.model import EmbeddingModel
+
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    model, tokenizer = EmbeddingModel.from_pretrained(model_name)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    rng = random.Random(0)
+
+    def text(words: int) -> str:
+        return " ".join(rng.choices(WORDS, k=words))
+
+    collate = PairCollator(tokenizer, query_len, doc_len)
+    step = GradCacheStep(mini) if mini else plain_step
+    loss_fn = MultipleNegativesRankingLoss()
+    times = []
+    for _ in range(steps + 1):  # the first step warms up
+        from embedtune.data import Pair
+
+        pairs = [Pair(str(i), text(query_len), text(doc_len)) for i in range(batch)]
+        inputs = collate(pairs)
+        started = time.perf_counter()
+        with accelerator.autocast():
+            step(model, inputs, loss_fn, 1.0, accelerator)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"seconds_per_step": sum(times[1:]) / steps, "peak_mib": peak}
+
+
+def bench_gradcache(small: int, large: int, mini: int, query_len: int, doc_len: int, steps: int,
+                    model_name: str) -> list[dict]:
+    """Each case in a fresh process, so the peak memory is its own."""
+    import subprocess
+    import sys
+
+    cases = [("uncached", small, None), ("cached", large, mini), ("uncached", mini * 4, None),
+             ("cached", mini * 4, mini)]
+    results = []
+    for name, batch, cache in cases:
+        code = ("import json; from embedtune.bench import gradcache_case; "
+                f"print(json.dumps(gradcache_case({batch}, {cache}, {query_len}, {doc_len}, {steps}, {model_name!r})))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        results.append({"case": name, "batch": batch, "mini": cache, **json.loads(done.stdout.strip().splitlines()[-1])})
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="embedtune bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,7 +140,34 @@ def main(argv: list[str] | None = None) -> int:
     resume.add_argument("--batch_size", type=int, default=256)
     resume.add_argument("--workers", type=int, default=2)
     resume.add_argument("--tokenizer", default="sentence-transformers/all-MiniLM-L6-v2")
+    cache = sub.add_parser("gradcache", help="GradCache: memory at a large batch, speed at an equal one")
+    cache.add_argument("--small", type=int, default=None, help="uncached batch (GPU 256, CPU 32)")
+    cache.add_argument("--large", type=int, default=None, help="cached batch (GPU 8192, CPU 512)")
+    cache.add_argument("--mini", type=int, default=None, help="GradCache mini-batch (GPU 256, CPU 32)")
+    cache.add_argument("--query_len", type=int, default=None, help="words per query (GPU 32, CPU 12)")
+    cache.add_argument("--doc_len", type=int, default=None, help="words per document (GPU 192, CPU 48)")
+    cache.add_argument("--steps", type=int, default=2)
+    cache.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
     args = parser.parse_args(argv)
+    if args.name == "gradcache":
+        import torch
+
+        gpu = torch.cuda.is_available()
+        small, large, mini = args.small or (256 if gpu else 32), args.large or (8192 if gpu else 512), \
+            args.mini or (256 if gpu else 32)
+        qlen, dlen = args.query_len or (32 if gpu else 12), args.doc_len or (192 if gpu else 48)
+        rows = bench_gradcache(small, large, mini, qlen, dlen, args.steps, args.model)
+        device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores), fp32"
+        print(f"MiniLM-L6, {device}; ~{qlen}-word queries, ~{dlen}-word documents")
+        print(f"{'case':<10}{'batch':>7}{'mini':>6}{'s/step':>10}{'pairs/s':>10}{'peak MiB':>10}")
+        for r in rows:
+            print(f"{r['case']:<10}{r['batch']:>7}{r['mini'] or '-':>6}{r['seconds_per_step']:>10.2f}"
+                  f"{r['batch'] / r['seconds_per_step']:>10.1f}{r['peak_mib']:>10.0f}")
+        memory = rows[1]["peak_mib"] / rows[0]["peak_mib"]
+        slowdown = rows[3]["seconds_per_step"] / rows[2]["seconds_per_step"]
+        print(f"cached batch {large} uses {memory:.2f}x the peak memory of uncached batch {small}")
+        print(f"at equal batch {mini * 4}, GradCache takes {slowdown:.2f}x the time of the uncached loss")
+        return 0
     figures = bench_resume(args.examples, args.batch_size, args.workers, args.tokenizer)
     print(f"batch {args.batch_size}, {args.workers} workers, {os.cpu_count()} CPUs")
     print(f"time to the first batch, fresh run:            {figures['fresh_first_batch_s']:8.2f} s")

@@ -155,3 +155,18 @@ def test_matryoshka_trains_each_prefix_of_the_embedding() -> None:
     assert isinstance(built, MatryoshkaLoss) and built.dims == [16, 4]
     with pytest.raises(ValueError, match="exceed the embedding size"):
         MatryoshkaLoss(base, [32])(Embedded(q, p))
+
+
+def test_the_gradcache_benchmark_prints_its_figures(tiny_model: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-m", "embedtune", "bench", "gradcache", "--small", "4", "--large", "16",
+                           "--mini", "4", "--query_len", "4", "--doc_len", "8", "--steps", "1", "--model",
+                           str(tiny_model)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cached batch 16 uses" in done.stdout and "GradCache takes" in done.stdout
