@@ -21,6 +21,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from embedtune.config import Config
+from embedtune.distributed import any_process
 
 logger = logging.getLogger("embedtune")
 
@@ -137,7 +138,7 @@ def save(accelerator: Accelerator, output_dir: str, state: TrainerState, keep_la
     except OSError as exc:
         error = exc
     # Agree on the outcome, so that no process renames or retries alone.
-    failed = _any(accelerator, error is not None)
+    failed = any_process(error is not None, accelerator.device)
     if failed:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -151,15 +152,6 @@ def save(accelerator: Accelerator, output_dir: str, state: TrainerState, keep_la
         _retain(output_dir, keep_last, state.scores, best_metric)
     accelerator.wait_for_everyone()
     return final
-
-
-def _any(accelerator: Accelerator, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    import torch
-
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(value, "max").item())
 
 
 def _retain(output_dir: str, keep_last: int, scores: dict[str, float], best_metric: str | None) -> None:

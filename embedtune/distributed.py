@@ -13,6 +13,22 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def _counts(tensor: torch.Tensor, size: int) -> list[int]:
+    """Every process's number of rows in ``tensor``."""
+    lengths = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(size)]
+    dist.all_gather(lengths, torch.tensor([tensor.shape[0]], device=tensor.device))
+    return [int(n.item()) for n in lengths]
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True on every process if it is true on any (a signal or an error may reach only some)."""
+    if world()[1] == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Every process's ``tensor`` concatenated along dim 0, and where this process's rows start.
 
@@ -25,9 +41,7 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
         return tensor, 0
     from torch.distributed.nn.functional import all_gather
 
-    lengths = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(size)]
-    dist.all_gather(lengths, torch.tensor([tensor.shape[0]], device=tensor.device))
-    counts = [int(n.item()) for n in lengths]
+    counts = _counts(tensor, size)
     padded = torch.nn.functional.pad(tensor, (0, 0, 0, max(counts) - tensor.shape[0]))
     parts = all_gather(padded)
     return torch.cat([part[:n] for part, n in zip(parts, counts)], dim=0), sum(counts[:rank])
@@ -38,9 +52,7 @@ def gather_plain(tensor: torch.Tensor) -> torch.Tensor:
     _, size = world()
     if size == 1:
         return tensor
-    lengths = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(size)]
-    dist.all_gather(lengths, torch.tensor([tensor.shape[0]], device=tensor.device))
-    counts = [int(n.item()) for n in lengths]
+    counts = _counts(tensor, size)
     pad = [0, 0] * (tensor.dim() - 1) + [0, max(counts) - tensor.shape[0]]
     padded = torch.nn.functional.pad(tensor, pad)
     parts = [torch.empty_like(padded) for _ in range(size)]

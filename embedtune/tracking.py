@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import netrc
 import os
 import sys
 from typing import Any
+from urllib.parse import urlparse
 
 from accelerate import Accelerator
 
@@ -39,16 +41,21 @@ def setup_logging(output_dir: str, is_main: bool) -> None:
 
 
 def wandb_mode() -> str:
-    """WANDB_MODE when set; otherwise online with a configured API key, offline without one."""
+    """WANDB_MODE when set; otherwise online with a configured API key, offline without one.
+
+    A key is WANDB_API_KEY, or a ~/.netrc entry for the W&B host (what `wandb login` writes).
+    Decided without wandb itself, which may try the network while checking.
+    """
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    import wandb
-
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    hosts = {"api.wandb.ai", urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname}
     try:
-        # Looks at WANDB_API_KEY, wandb's settings and ~/.netrc; no network, no prompt.
-        return "online" if wandb.login(verify=False, prompt=False) else "offline"
-    except Exception:  # a malformed key: run offline rather than fail the training
+        entries = netrc.netrc(os.environ.get("NETRC") or None)
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return "offline"
+    return "online" if any(host and entries.authenticators(host) for host in hosts) else "offline"
 
 
 METRICS, BATCHES, REJECTED = "training_metrics.jsonl", "batches.jsonl", "rejected.jsonl"

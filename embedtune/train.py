@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ from embedtune.data import (
     make_loader,
     preflight,
 )
+from embedtune.distributed import any_process
 from embedtune.evaluate import RetrievalSet, encode_texts, evaluate, format_table
 from embedtune.losses import build_loss, check_data_shape, make_step
 from embedtune.model import EmbeddingModel, ModelLoadError
@@ -97,12 +99,17 @@ def stop_signals() -> Iterator[dict[str, bool]]:
             signal.signal(sig, handler)
 
 
-def agreed(accelerator: Accelerator, flag: bool) -> bool:
-    """True on every process if it is true on any (a signal may reach only some)."""
-    if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([float(flag)], device=accelerator.device)
-    return bool(accelerator.reduce(value, "max").item())
+def release(accelerator: Accelerator) -> None:
+    """Free the DDP model on every process together, while all of them are still there.
+
+    Left to garbage collection when ``train`` returns, the DDP reducer takes the gloo process
+    group down with it, and a process whose peers had already exited could wait for them forever.
+    (``end_training`` then destroys the process group itself.)
+    """
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.wait_for_everyone()
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -280,7 +287,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     window_pairs, window_micro, window_start = 0, 0, time.perf_counter()
                 if cfg.eval.every_n_steps and state.step % cfg.eval.every_n_steps == 0 and state.step < total_steps:
                     run.log({f"eval/{k}": v for k, v in run_eval().items()}, step=state.step)
-                stop = agreed(accelerator, signals["stop"])
+                stop = any_process(signals["stop"], accelerator.device)
                 every = cfg.checkpoint.every_n_steps
                 if stop or (every and state.step % every == 0 and state.step < total_steps):
                     save_checkpoint()
@@ -306,6 +313,8 @@ def train(cfg: Config) -> dict[str, Any]:
                    "epochs_completed": state.epoch, "examples_seen": state.examples_seen, "duration_s": duration(),
                    "skipped_steps": state.skipped_steps, "eval_before": state.eval_before}
         run.progress(**summary)
+        model = optimizer = None  # noqa: F841 - drop DDP before the process group goes
+        release(accelerator)
         run.finish()
         return summary
 
@@ -321,6 +330,8 @@ def train(cfg: Config) -> dict[str, Any]:
                "examples_seen": state.examples_seen, "duration_s": duration(), "skipped_steps": state.skipped_steps,
                "eval_before": state.eval_before, "eval_after": after, "final_model": final_dir}
     run.progress(**summary)
+    model = optimizer = None  # noqa: F841 - drop DDP before the process group goes
+    release(accelerator)
     run.finish()
     return summary
 

@@ -19,6 +19,14 @@ TOPICS = ["apple", "river", "engine", "violin", "glacier", "pepper", "compass", 
           "copper", "falcon", "thunder", "velvet", "orchard", "saddle", "canyon", "marble", "ember", "willow"]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def make_pairs(n: int, seed: int = 0) -> list[dict]:
     """Pairs a tiny model can learn: the answer repeats the question's two topic words."""
     rng = random.Random(seed)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, make_pairs, write_jsonl
+from conftest import ROOT, free_port, make_pairs, write_jsonl
 from safetensors.torch import load_file
 from wandb_reader import read_run, run_files
 
@@ -32,14 +32,6 @@ def tiny_model_no_dropout(tmp_path_factory: pytest.TempPathFactory, tokenizer_di
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_training(processes: int, args: list[str], out: Path) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, make_pairs, write_jsonl
+from conftest import ROOT, free_port, make_pairs, write_jsonl
 from safetensors.torch import load_file
 from wandb_reader import read_run, run_files
 
@@ -58,14 +58,6 @@ def args_for(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "train.mixed_precision=no", *extra]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(args: list[str], processes: int = 1, **env: str) -> subprocess.Popen:
     command = [sys.executable, str(ROOT / "train.py")]
     if processes > 1:
@@ -92,13 +84,31 @@ def logged_steps(out: Path) -> int:
     return max(steps, default=0)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``: torchrun starts each rank in a session of its own, so a
+    signal to the launcher's group would leave the ranks running."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True)
+        kids = [int(x) for x in children.stdout.split()]
+        found += kids
+        todo += kids
+    return found
+
+
 def kill_when(proc: subprocess.Popen, ready, sig: int = signal.SIGKILL, timeout: float = 300) -> None:
+    """Signal the launcher and every process under it, as when a machine is preempted."""
     deadline = time.time() + timeout
     while not ready():
         assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stderr.read()[-3000:]
         assert time.time() < deadline, "timed out waiting to interrupt the run"
         time.sleep(0.005)
-    os.killpg(proc.pid, sig)
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def batches(out: Path) -> list[tuple[int, list[str]]]:
