@@ -80,15 +80,16 @@ class ContrastiveLoss(nn.Module):
         self.size_average = size_average
 
     def forward(self, batch: Embedded) -> torch.Tensor:
+        # The global count is a collective: every process takes part, one without pairs too.
+        scale = 1 if self.size_average else _global_count(batch.queries.shape[0], batch.queries.device)
         if not batch.queries.shape[0]:
             return _no_pairs(batch)
         first, second, labels = _labelled(batch, type(self).__name__)
         distances = self.distance(first, second)
         losses = 0.5 * (labels * distances.pow(2) + (1 - labels) * F.relu(self.margin - distances).pow(2))
-        if self.size_average:
-            return losses.mean()
-        # A local sum would break the contract (the loop weights each process by its share).
-        return losses.mean() * _global_count(losses.shape[0], losses.device)
+        # Without size_average a local sum would break the contract (the loop weights each
+        # process by its share): the local mean times the global count is ST's sum instead.
+        return losses.mean() * scale
 
 
 def _global_count(n: int, device: torch.device) -> int:
