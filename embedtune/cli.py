@@ -10,7 +10,9 @@ from embedtune import __version__
 COMMANDS = {
     "train": "fine-tune a model (same options as train.py; see `embedtune train --help`)",
     "bench": "benchmarks that print figures (`embedtune bench resume`)",
+    "eval": "retrieval metrics of a model on Q&A pairs or queries/corpus/qrels files",
 }
+MODULES = {"eval": "embedtune.evaluate"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         from embedtune.train import main as train_main
 
         return train_main(argv[1:], prog="embedtune train")
+    if args.command in MODULES:
+        import importlib
+
+        return importlib.import_module(MODULES[args.command]).main(argv[1:])
     if args.command == "bench":
         from embedtune.bench import main as bench_main
 

@@ -38,9 +38,15 @@ class PairCollator:
 
     def __call__(self, pairs: list[Pair]) -> dict[str, Any]:
         negatives = [n for p in pairs for n in p.negatives]
+        query = self.queries([p.query for p in pairs])
+        document = self.documents([p.positive for p in pairs] + negatives)
+        masks = (query["attention_mask"], document["attention_mask"])
         out: dict[str, Any] = {
-            "query": self.queries([p.query for p in pairs]),
-            "document": self.documents([p.positive for p in pairs] + negatives),
+            "query": query,
+            "document": document,
+            # Counted here, in the worker, so the loop needs no device sync to report them.
+            "real_tokens": sum(int(m.sum()) for m in masks),
+            "padded_tokens": sum(m.numel() for m in masks),
             "num_positives": len(pairs),
             # For each negative, the row of its query; and text keys to find false negatives.
             "negative_owner": torch.tensor([i for i, p in enumerate(pairs) for _ in p.negatives], dtype=torch.long),

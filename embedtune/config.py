@@ -69,6 +69,8 @@ class DataConfig(_Section):
     positive_field: str = "answer"
     negatives_field: str | None = Field(None, description="A list of strings or one string per record.")
     label_field: str | None = Field(None, description="A number per record, for losses on labelled pairs.")
+    source_field: str | None = Field("source", description="Where a record says its source; eval metrics "
+                                     "are also reported per source.")
     max_negatives: int = Field(8, ge=0, description="Hard negatives kept per record (the first ones).")
     query_prefix: str = Field("", description='Prepended to every query, e.g. "query: ".')
     document_prefix: str = Field("", description='Prepended to every document, e.g. "passage: ".')
@@ -174,7 +176,21 @@ class EvalConfig(_Section):
     before: bool = Field(True, description="Evaluate the base model before training.")
     every_n_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1)
-    k: int = Field(10, ge=1)
+    k: int = Field(10, ge=1, description="Cutoff of nDCG and MRR (MAP is @100, recall @1/10/100 and @k).")
+    queries_file: str | None = Field(None, description="BEIR-style queries (JSONL with _id, text); with "
+                                     "corpus_file and qrels_file it replaces the held-out pairs.")
+    corpus_file: str | None = Field(None, description="BEIR-style corpus (JSONL with _id, text, optional title).")
+    qrels_file: str | None = Field(None, description="Relevance judgements: TSV query-id, corpus-id, score "
+                                   "(or JSONL).")
+    examples: int = Field(10, ge=0, description="Example queries (and as many of the worst) in the W&B table "
+                          "of retrievals.")
+
+    @model_validator(mode="after")
+    def _beir_files(self) -> EvalConfig:
+        given = [self.queries_file, self.corpus_file, self.qrels_file]
+        if any(given) and not all(given):
+            raise ValueError("eval.queries_file, eval.corpus_file and eval.qrels_file go together; give all three")
+        return self
 
 
 class TrackingConfig(_Section):
@@ -206,7 +222,8 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _best_metric(self) -> Config:
-        allowed = [f"{m}@{self.eval.k}" for m in ("ndcg", "mrr", "recall")]
+        k = self.eval.k
+        allowed = [f"ndcg@{k}", f"mrr@{k}", "map@100"] + [f"recall@{c}" for c in sorted({1, 10, 100, k})]
         if self.checkpoint.best_metric and self.checkpoint.best_metric not in allowed:
             raise ValueError(f"checkpoint.best_metric must be one of {', '.join(allowed)} (eval.k is "
                              f"{self.eval.k}), got {self.checkpoint.best_metric!r}")

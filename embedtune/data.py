@@ -49,6 +49,7 @@ class Pair:
     positive: str
     negatives: tuple[str, ...] = ()
     label: float | None = None
+    source: str | None = None  # for metrics per source
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,9 @@ def parse_record(path: str, line: int, raw: Any, cfg: DataConfig) -> Pair | Reje
             return Reject(path, line, f"'{cfg.label_field}' must be a number (the pair's label or score), "
                           f"got {value!r:.60}", shown)
         label = float(value)
-    return Pair(f"{path}:{line}", record[cfg.query_field], record[cfg.positive_field], negatives, label)
+    source = record.get(cfg.source_field) if cfg.source_field else None
+    return Pair(f"{path}:{line}", record[cfg.query_field], record[cfg.positive_field], negatives, label,
+                None if source is None else str(source))
 
 
 def read_pairs(files: list[str], cfg: DataConfig) -> Iterator[Pair | Reject]:

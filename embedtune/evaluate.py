@@ -1,17 +1,42 @@
-"""Retrieval metrics on held-out pairs: each query against the corpus of held-out answers."""
+"""Retrieval evaluation: queries against a corpus, with relevance judgements.
+
+A retrieval set comes from held-out Q&A pairs (each question against the corpus of held-out
+answers) or from BEIR-style queries / corpus / qrels files. Encoding is split across processes;
+scoring is chunked so a (queries x corpus) matrix is never held whole; metrics are averaged over
+queries, and per source when the queries carry one.
+"""
 
 from __future__ import annotations
 
+import csv
+import json
+import logging
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from embedtune.data import Pair
+from embedtune.data import DataError, Pair, _read_file, file_format, resolve_files
+
+logger = logging.getLogger(__name__)
 
 Encoder = Callable[[list[str], str], torch.Tensor]  # (texts, "query" | "document") -> embeddings
+
+MAP_CUTOFF = 100
+RECALL_CUTOFFS = (1, 10, 100)
+SCORE_CHUNK = 1024  # queries scored at a time
+TABLE_TEXT = 300  # characters of a text shown in the table of examples
+MAX_SOURCES = 20  # more distinct sources than this are not broken down (they would flood the charts)
+
+ID_FIELDS = ("_id", "id", "query_id", "query-id", "qid", "doc_id", "docid", "corpus_id", "corpus-id")
+QUERY_TEXT_FIELDS = ("text", "query", "question")
+DOC_TEXT_FIELDS = ("text", "document", "passage", "answer", "contents")
+QRELS_QUERY_FIELDS = ("query-id", "query_id", "qid")
+QRELS_DOC_FIELDS = ("corpus-id", "corpus_id", "doc_id", "docid", "pid")
 
 
 @dataclass
@@ -19,6 +44,7 @@ class RetrievalSet:
     queries: list[str]
     corpus: list[str]
     relevant: list[set[int]]  # per query, the corpus indices that answer it
+    sources: list[str | None] = field(default_factory=list)  # per query, when the records say
 
     @classmethod
     def from_pairs(cls, pairs: Sequence[Pair]) -> RetrievalSet:
@@ -31,25 +57,177 @@ class RetrievalSet:
                 index[pair.positive] = len(corpus)
                 corpus.append(pair.positive)
             relevant.append({index[pair.positive]})
-        return cls([p.query for p in pairs], corpus, relevant)
+        return cls([p.query for p in pairs], corpus, relevant, [p.source for p in pairs])
+
+    @classmethod
+    def from_files(cls, queries: str, corpus: str, qrels: str, max_queries: int | None = None) -> RetrievalSet:
+        """BEIR-style files: queries and corpus as JSONL (``_id``, ``text``, optional ``title`` and
+        ``source``), qrels as TSV (``query-id corpus-id score``, with header) or JSONL. A score
+        above 0 is relevant; queries without a relevant document are left out, as BEIR does."""
+        query_rows = dict(_records(queries, QUERY_TEXT_FIELDS, title=False))
+        doc_rows = list(_records(corpus, DOC_TEXT_FIELDS, title=True))
+        doc_index = {doc_id: i for i, (doc_id, _) in enumerate(doc_rows)}
+        judged: dict[str, set[int]] = defaultdict(set)
+        for where, qid, did, score in _qrels(qrels):
+            if qid not in query_rows:
+                raise DataError(f"{where}: query id {qid!r} is not in {queries}; fix the id or add the query")
+            if did not in doc_index:
+                raise DataError(f"{where}: corpus id {did!r} is not in {corpus}; fix the id or add the document")
+            if score > 0:
+                judged[qid].add(doc_index[did])
+        ids = [qid for qid in query_rows if qid in judged][:max_queries]
+        if not ids:
+            raise DataError(f"{qrels}: no query has a relevant document (score > 0); check the ids and scores")
+        return cls([query_rows[q][0] for q in ids], [text for _, (text, _) in doc_rows], [judged[q] for q in ids],
+                   [query_rows[q][1] for q in ids])
 
     def __len__(self) -> int:
         return len(self.queries)
 
 
+def _field(record: dict[str, Any], names: Sequence[str]) -> Any:
+    return next((record[n] for n in names if n in record), None)
+
+
+def _records(path: str, text_fields: Sequence[str], title: bool) -> Iterator[tuple[str, tuple[str, str | None]]]:
+    """(id, (text, source)) per JSONL / Parquet / CSV record, errors named by file and line."""
+    seen: set[str] = set()
+    for file in resolve_files([path]):
+        fmt = file_format(file, "auto")
+        for line, raw in _read_file(file, fmt):
+            if isinstance(raw, str):
+                if not raw.strip():
+                    continue
+                try:
+                    raw = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{file}:{line}: not valid JSON ({exc.msg}); write one JSON object per line"
+                                    ) from exc
+            record = raw if isinstance(raw, dict) else {}
+            rid, text = _field(record, ID_FIELDS), _field(record, text_fields)
+            if rid is None or not isinstance(text, str) or not text.strip():
+                raise DataError(f"{file}:{line}: expected an object with an id ({', '.join(ID_FIELDS[:2])}) and "
+                                f"a non-empty text ({', '.join(text_fields)})")
+            rid = str(rid)
+            if rid in seen:
+                raise DataError(f"{file}:{line}: id {rid!r} appears twice; ids must be unique")
+            seen.add(rid)
+            heading = record.get("title") if title else None
+            if isinstance(heading, str) and heading.strip():
+                text = f"{heading.strip()} {text}"
+            source = record.get("source")
+            yield rid, (text, None if source is None else str(source))
+
+
+def _qrels(path: str) -> Iterator[tuple[str, str, str, float]]:
+    """(where, query id, corpus id, score) from a BEIR TSV or a JSONL file."""
+    if path.lower().endswith((".tsv", ".txt")):
+        with open(path, encoding="utf-8", newline="") as f:
+            for line, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
+                if not row or (line == 1 and not _is_number(row[-1])):
+                    continue  # blank line, or the header
+                if len(row) < 3 or not _is_number(row[2]):
+                    raise DataError(f"{path}:{line}: expected 'query-id<TAB>corpus-id<TAB>score', got {row!r:.120}")
+                yield f"{path}:{line}", row[0], row[1], float(row[2])
+        return
+    for file in resolve_files([path]):
+        for line, raw in _read_file(file, file_format(file, "auto")):
+            if isinstance(raw, str):
+                if not raw.strip():
+                    continue
+                try:
+                    raw = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{file}:{line}: not valid JSON ({exc.msg})") from exc
+            record = raw if isinstance(raw, dict) else {}
+            qid, did = _field(record, QRELS_QUERY_FIELDS), _field(record, QRELS_DOC_FIELDS)
+            score = record.get("score", 1)
+            if qid is None or did is None or not _is_number(score):
+                raise DataError(f"{file}:{line}: expected query-id, corpus-id and a numeric score")
+            yield f"{file}:{line}", str(qid), str(did), float(score)
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, bool)
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    per_query: list[dict[str, float]]  # each query's own metrics, in query order
+    top: list[list[tuple[int, float]]]  # each query's best corpus entries with their scores
+    first_rank: list[int | None]  # 1-based rank of the first relevant entry, None past the cutoff
+
+
+def metric_names(k: int = 10) -> list[str]:
+    return [f"ndcg@{k}", f"mrr@{k}", f"map@{MAP_CUTOFF}"] + [f"recall@{c}" for c in sorted({*RECALL_CUTOFFS, k})]
+
+
+def query_metrics(ranked: Sequence[int], rel: set[int], k: int = 10) -> dict[str, float]:
+    """One query's nDCG@k, MRR@k, MAP@100 and Recall@1/k/10/100, for binary relevance."""
+    hits = [i for i, doc in enumerate(ranked) if doc in rel]
+    dcg = sum(1 / math.log2(i + 2) for i in hits if i < k)
+    ideal = sum(1 / math.log2(i + 2) for i in range(min(len(rel), k)))
+    precisions = [(n + 1) / (i + 1) for n, i in enumerate(h for h in hits if h < MAP_CUTOFF)]
+    out = {f"ndcg@{k}": dcg / ideal if ideal else 0.0,
+           f"mrr@{k}": 1 / (hits[0] + 1) if hits and hits[0] < k else 0.0,
+           f"map@{MAP_CUTOFF}": sum(precisions) / min(len(rel), MAP_CUTOFF) if rel else 0.0}
+    for cutoff in sorted({*RECALL_CUTOFFS, k}):
+        out[f"recall@{cutoff}"] = sum(1 for i in hits if i < cutoff) / len(rel) if rel else 0.0
+    return out
+
+
+def score_and_rank(queries: torch.Tensor, corpus: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``depth`` (scores, indices) per query by cosine similarity, a chunk of queries at a time."""
+    queries = torch.nn.functional.normalize(queries.float(), dim=-1)
+    corpus = torch.nn.functional.normalize(corpus.float(), dim=-1)
+    depth = min(depth, corpus.shape[0])
+    scores, indices = [], []
+    for start in range(0, queries.shape[0], SCORE_CHUNK):
+        top = (queries[start:start + SCORE_CHUNK] @ corpus.T).topk(depth, dim=1)
+        scores.append(top.values)
+        indices.append(top.indices)
+    return torch.cat(scores), torch.cat(indices)
+
+
+def metrics_from_ranking(indices: torch.Tensor, relevant: list[set[int]], k: int = 10,
+                         sources: Sequence[str | None] = ()) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Mean metrics over queries (and per source, as ``source/metric``), plus each query's own."""
+    per_query = [query_metrics(ranked, rel, k) for ranked, rel in zip(indices.tolist(), relevant)]
+    means = _mean(per_query)
+    groups: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for row, source in zip(per_query, sources):
+        if source is not None:
+            groups[source].append(row)
+    if len(groups) > MAX_SOURCES:
+        logger.info("queries come from %d sources: metrics per source are only reported for at most %d",
+                    len(groups), MAX_SOURCES)
+    elif len(groups) > 1 or (groups and sum(map(len, groups.values())) < len(per_query)):
+        for source, rows in sorted(groups.items()):
+            means.update({f"{source}/{name}": value for name, value in _mean(rows).items()})
+    return means, per_query
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    if not rows:
+        return {}
+    return {name: sum(r[name] for r in rows) / len(rows) for name in rows[0]}
+
+
 def metrics_from_scores(scores: torch.Tensor, relevant: list[set[int]], k: int = 10) -> dict[str, float]:
-    """nDCG@k, MRR@k and Recall@k, averaged over queries, for binary relevance."""
-    top = scores.topk(min(k, scores.shape[1]), dim=1).indices.tolist()
-    ndcg = mrr = recall = 0.0
-    for ranked, rel in zip(top, relevant):
-        hits = [i for i, doc in enumerate(ranked) if doc in rel]
-        dcg = sum(1 / math.log2(i + 2) for i in hits)
-        ideal = sum(1 / math.log2(i + 2) for i in range(min(len(rel), k)))
-        ndcg += dcg / ideal
-        mrr += 1 / (hits[0] + 1) if hits else 0.0
-        recall += len(hits) / len(rel)
-    n = max(len(relevant), 1)
-    return {f"ndcg@{k}": ndcg / n, f"mrr@{k}": mrr / n, f"recall@{k}": recall / n}
+    """The metrics from a full (queries x corpus) score matrix."""
+    depth = min(max(MAP_CUTOFF, k, *RECALL_CUTOFFS), scores.shape[1])
+    return metrics_from_ranking(scores.topk(depth, dim=1).indices, relevant, k)[0]
+
+
+# --- encoding --------------------------------------------------------------------------------
 
 
 def encode_texts(model: torch.nn.Module, tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
@@ -87,21 +265,180 @@ def encode_texts(model: torch.nn.Module, tokenize: Callable[[list[str]], dict[st
     return out
 
 
-def evaluate(encode: Encoder, data: RetrievalSet, k: int = 10, compute: bool = True) -> dict[str, float]:
-    """Encoding is collective (every process calls this); the metrics are computed where ``compute``."""
+def run_retrieval(encode: Encoder, data: RetrievalSet, k: int = 10, compute: bool = True) -> EvalResult | None:
+    """Encoding is collective (every process calls this); the ranking and metrics are computed
+    where ``compute`` (the main process), which gets the result; the others get None."""
     queries = encode(data.queries, "query")
     corpus = encode(data.corpus, "document")
     if not compute:
-        return {}
-    scores = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(corpus, dim=-1).T
-    return metrics_from_scores(scores, data.relevant, k)
+        return None
+    scores, indices = score_and_rank(queries, corpus, max(MAP_CUTOFF, k, *RECALL_CUTOFFS))
+    metrics, per_query = metrics_from_ranking(indices, data.relevant, k, data.sources)
+    top = [list(zip(i, s)) for i, s in zip(indices[:, :3].tolist(), scores[:, :3].tolist())]
+    first_rank = []
+    for ranked, rel in zip(indices.tolist(), data.relevant):
+        first_rank.append(next((n + 1 for n, doc in enumerate(ranked) if doc in rel), None))
+    return EvalResult(metrics, per_query, top, first_rank)
+
+
+def evaluate(encode: Encoder, data: RetrievalSet, k: int = 10, compute: bool = True) -> dict[str, float]:
+    result = run_retrieval(encode, data, k, compute)
+    return result.metrics if result is not None else {}
+
+
+# --- presentation ----------------------------------------------------------------------------
+
+
+def example_columns(k: int = 10) -> list[str]:
+    return ["kind", "query", "source", "relevant", "rank", "top 1", "score 1", "top 2", "score 2", "top 3",
+            "score 3", f"ndcg@{k}"]
+
+
+def example_rows(result: EvalResult, data: RetrievalSet, n: int = 10, k: int = 10) -> list[list[Any]]:
+    """Rows for a table of example retrievals: the first ``n`` queries and the ``n`` worst
+    (lowest nDCG, then relevant answer ranked lowest), each with its top 3 documents."""
+    def cut(text: str) -> str:
+        return text if len(text) <= TABLE_TEXT else text[:TABLE_TEXT - 1] + "…"
+
+    never = MAP_CUTOFF + 1
+    worst = sorted(range(len(data)), key=lambda i: (result.per_query[i][f"ndcg@{k}"],
+                                                    -(result.first_rank[i] or never)))[:n]
+    rows = []
+    for kind, picked in (("sample", list(range(min(n, len(data))))), ("worst", worst)):
+        for i in picked:
+            top = result.top[i] + [(None, float("nan"))] * (3 - len(result.top[i]))
+            relevant = min(data.relevant[i])
+            row: list[Any] = [kind, cut(data.queries[i]), data.sources[i] if data.sources else None,
+                              cut(data.corpus[relevant]), result.first_rank[i]]
+            for doc, score in top:
+                row += [None if doc is None else cut(data.corpus[doc]), round(score, 4)]
+            rows.append(row + [round(result.per_query[i][f"ndcg@{k}"], 4)])
+    return rows
 
 
 def format_table(before: dict[str, float] | None, after: dict[str, float]) -> str:
     """A plain before/after table for the console and the log."""
-    rows = [f"{'metric':<12}{'before':>10}{'after':>10}{'change':>10}"]
+    width = max([12, *(len(name) + 2 for name in after)])
+    rows = [f"{'metric':<{width}}{'before':>10}{'after':>10}{'change':>10}"]
     for name, value in after.items():
         old = before.get(name) if before else None
-        rows.append(f"{name:<12}{'' if old is None else f'{old:.4f}':>10}{value:>10.4f}"
+        rows.append(f"{name:<{width}}{'' if old is None else f'{old:.4f}':>10}{value:>10.4f}"
                     f"{'' if old is None else f'{value - old:+.4f}':>10}")
     return "\n".join(rows)
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    """Overall metrics, then one row per source when there are any."""
+    overall = {k: v for k, v in metrics.items() if "/" not in k}
+    rows = [f"{'':<24}" + "".join(f"{name:>12}" for name in overall),
+            f"{'all':<24}" + "".join(f"{v:>12.4f}" for v in overall.values())]
+    sources = sorted({k.rsplit("/", 1)[0] for k in metrics if "/" in k})
+    for source in sources:
+        rows.append(f"{source[:23]:<24}" + "".join(f"{metrics.get(f'{source}/{name}', float('nan')):>12.4f}"
+                                                   for name in overall))
+    return "\n".join(rows)
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+
+
+# --- the `embedtune eval` command ------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``embedtune eval MODEL``: retrieval metrics of a model on Q&A pairs or on BEIR-style files.
+
+    Run it under ``accelerate launch -m embedtune eval ...`` to split the encoding across processes.
+    """
+    import argparse
+    import logging
+    import sys
+
+    from accelerate import Accelerator
+
+    from embedtune.collate import PairCollator
+    from embedtune.config import DataConfig
+    from embedtune.data import eval_pairs
+    from embedtune.model import EmbeddingModel, ModelLoadError, saved_prompts
+    from embedtune.train import cpu_processes
+
+    parser = argparse.ArgumentParser(prog="embedtune eval", description=main.__doc__)
+    parser.add_argument("model", help="a model folder (e.g. OUTPUT_DIR/final_model) or "
+                        "sentence-transformers/all-MiniLM-L6-v2")
+    data = parser.add_argument_group("data: Q&A pairs, or queries / corpus / qrels")
+    data.add_argument("--qa", nargs="+", metavar="FILE", help="Q&A files: each question against all answers")
+    data.add_argument("--held-out", type=float, default=None, metavar="FRACTION",
+                      help="only the pairs training holds out with data.eval_fraction=FRACTION")
+    data.add_argument("--queries", help="BEIR-style queries JSONL (_id, text, optional source)")
+    data.add_argument("--corpus", help="BEIR-style corpus JSONL (_id, text, optional title)")
+    data.add_argument("--qrels", help="relevance judgements: TSV query-id, corpus-id, score (or JSONL)")
+    data.add_argument("--query-field", default="question")
+    data.add_argument("--positive-field", default="answer")
+    data.add_argument("--source-field", default="source")
+    data.add_argument("--max-queries", type=int, default=1_000_000)
+    data.add_argument("--on-bad-record", choices=["error", "skip"], default="error",
+                      help="a bad Q&A record stops the evaluation (error) or is skipped with a warning")
+    enc = parser.add_argument_group("encoding")
+    enc.add_argument("--batch-size", type=int, default=64)
+    enc.add_argument("--query-max-length", type=int, default=64)
+    enc.add_argument("--document-max-length", type=int, default=256)
+    enc.add_argument("--query-prefix", default=None, help="default: the model's saved query prompt")
+    enc.add_argument("--document-prefix", default=None, help="default: the model's saved document prompt")
+    enc.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    out = parser.add_argument_group("output")
+    out.add_argument("--k", type=int, default=10, help="cutoff of nDCG and MRR")
+    out.add_argument("--json", metavar="PATH", help="also write the metrics (and worst queries) as JSON")
+    out.add_argument("--examples", type=int, default=5, help="worst queries to print")
+    args = parser.parse_args(argv)
+    if bool(args.qa) == bool(args.queries or args.corpus or args.qrels):
+        parser.error("give either --qa FILE..., or --queries, --corpus and --qrels")
+    if args.queries and not (args.corpus and args.qrels):
+        parser.error("--queries, --corpus and --qrels go together")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+
+    accelerator = Accelerator(cpu=cpu_processes(), mixed_precision=args.mixed_precision)
+    try:
+        if args.qa:
+            cfg = DataConfig(train_files=args.qa, eval_files=[] if args.held_out else args.qa,
+                             eval_fraction=args.held_out or 0.0, query_field=args.query_field,
+                             positive_field=args.positive_field, source_field=args.source_field or None,
+                             max_eval_queries=args.max_queries, on_bad_record=args.on_bad_record)
+            data_set = RetrievalSet.from_pairs(eval_pairs(cfg))
+        else:
+            data_set = RetrievalSet.from_files(args.queries, args.corpus, args.qrels, args.max_queries)
+        if not len(data_set):
+            raise DataError("no query to evaluate: the files hold no usable pair (or none is held out)")
+        model, tokenizer = EmbeddingModel.from_pretrained(args.model)
+    except (DataError, ModelLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    prompts = saved_prompts(args.model)
+    collate = PairCollator(tokenizer, args.query_max_length, args.document_max_length,
+                           prompts.get("query", "") if args.query_prefix is None else args.query_prefix,
+                           prompts.get("document", "") if args.document_prefix is None else args.document_prefix)
+    model.to(accelerator.device)
+
+    def encode(texts: list[str], kind: str) -> torch.Tensor:
+        return encode_texts(model, collate.queries if kind == "query" else collate.documents, texts,
+                            args.batch_size, accelerator)
+
+    result = run_retrieval(encode, data_set, args.k, compute=accelerator.is_main_process)
+    if result is not None:
+        print(f"{args.model}: {len(data_set)} queries, {len(data_set.corpus)} documents")
+        print(metrics_table(result.metrics))
+        rows = example_rows(result, data_set, args.examples, args.k)
+        worst = [dict(zip(example_columns(args.k), row)) for row in rows if row[0] == "worst"]
+        def line(text: str | None) -> str:
+            return " ".join((text or "").split())[:110]
+        for row in worst:
+            print(f"\nworst: {line(row['query'])}\n  relevant, ranked {row['rank'] or '>100'}: {line(row['relevant'])}"
+                  f"\n  ranked first ({row['score 1']}): {line(row['top 1'])}")
+        if args.json:
+            write_json(args.json, {"model": args.model, "queries": len(data_set), "documents": len(data_set.corpus),
+                                   "metrics": result.metrics, "worst": worst})
+    accelerator.end_training()
+    return 0

@@ -77,6 +77,16 @@ def read_st_settings(path: str) -> StSettings:
     return StSettings(transformer_dir, pooling, normalize)
 
 
+def saved_prompts(name: str) -> dict[str, str]:
+    """The query / document prompts a sentence-transformers folder was saved with (else none)."""
+    path = os.path.join(resolve_model_path(name), "config_sentence_transformers.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        prompts = json.load(f).get("prompts") or {}
+    return {k: v for k, v in prompts.items() if isinstance(v, str)}
+
+
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: Pooling) -> torch.Tensor:
     if mode == "cls":
         return hidden[:, 0]

@@ -59,6 +59,7 @@ def wandb_mode() -> str:
 
 
 METRICS, BATCHES, REJECTED = "training_metrics.jsonl", "batches.jsonl", "rejected.jsonl"
+EXAMPLES = "eval_examples.jsonl"
 
 
 def truncate_jsonl(path: str, last_step: int) -> None:
@@ -101,7 +102,7 @@ class RunLog:
         if self.main:
             os.makedirs(self.out, exist_ok=True)
             write_atomic(os.path.join(self.out, "config.yaml"), dump_yaml(cfg))
-            for name in (METRICS, BATCHES, REJECTED):
+            for name in (METRICS, BATCHES, REJECTED, EXAMPLES):
                 path = os.path.join(self.out, name)
                 if resume_step is None:
                     if os.path.exists(path):
@@ -131,6 +132,23 @@ class RunLog:
                                     for k, v in metrics.items()}}
             self.metrics_file.write(json.dumps(row) + "\n")
             self.metrics_file.flush()
+
+    def table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """A table (W&B Table, and a row of ``eval_examples.jsonl``) on the main process."""
+        if not self.main:
+            return
+        with open(os.path.join(self.out, EXAMPLES), "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "name": name, "columns": columns, "rows": rows},
+                               ensure_ascii=False) + "\n")
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        """Values the W&B run page shows at the top (the final metrics, before and after)."""
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(values)
 
     @property
     def wandb_id(self) -> str | None:

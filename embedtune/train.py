@@ -37,7 +37,7 @@ from embedtune.data import (
     preflight,
 )
 from embedtune.distributed import any_process
-from embedtune.evaluate import RetrievalSet, encode_texts, evaluate, format_table
+from embedtune.evaluate import RetrievalSet, encode_texts, example_columns, example_rows, format_table, run_retrieval
 from embedtune.losses import build_loss, check_data_shape, make_step
 from embedtune.model import EmbeddingModel, ModelLoadError
 from embedtune.tracking import RunLog, setup_logging
@@ -63,6 +63,14 @@ def planned_steps(cfg: Config) -> int:
     pairs = count_train_pairs(cfg.data)
     full, rest = divmod(pairs, cfg.train.batch_size)
     return max(1, (full + (rest > 0 and not cfg.data.drop_last)) * cfg.train.epochs)
+
+
+def held_out_set(cfg: Config) -> RetrievalSet:
+    """The eval.*_file retrieval set when given, else the held-out pairs."""
+    if cfg.eval.queries_file and cfg.eval.corpus_file and cfg.eval.qrels_file:
+        return RetrievalSet.from_files(cfg.eval.queries_file, cfg.eval.corpus_file, cfg.eval.qrels_file,
+                                       cfg.data.max_eval_queries)
+    return RetrievalSet.from_pairs(eval_pairs(cfg.data))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -151,7 +159,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     collate = PairCollator(tokenizer, cfg.data.query_max_length, cfg.data.document_max_length,
                            cfg.data.query_prefix, cfg.data.document_prefix)
-    held_out = RetrievalSet.from_pairs(eval_pairs(cfg.data))
+    held_out = held_out_set(cfg)
     dataset = PairBatches(cfg.data, cfg.train.batch_size, cfg.train.gradient_accumulation_steps, cfg.train.seed,
                           collate, accelerator.num_processes, accelerator.process_index,
                           all_ids=cfg.tracking.log_batch_ids)
@@ -170,17 +178,26 @@ def train(cfg: Config) -> dict[str, Any]:
         logger.info("resumed from %s: step %d, epoch %d, %d batches into it", resume_dir, state.step,
                     state.epoch, state.batches_in_epoch)
 
-    def run_eval() -> dict[str, float]:
+    def run_eval(step: int) -> dict[str, float]:
+        """Evaluate (collective), log the metrics and a table of example retrievals at ``step``."""
+        if not len(held_out):
+            return {}
+
         def encode(texts: list[str], kind: str) -> torch.Tensor:
             tokenize = collate.queries if kind == "query" else collate.documents
             return encode_texts(model, tokenize, texts, cfg.eval.batch_size, accelerator)
-        return evaluate(encode, held_out, cfg.eval.k, compute=accelerator.is_main_process) if len(held_out) else {}
+        result = run_retrieval(encode, held_out, cfg.eval.k, compute=accelerator.is_main_process)
+        metrics = result.metrics if result is not None else {}
+        run.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        if result is not None and cfg.eval.examples:
+            run.table("eval/examples", example_columns(cfg.eval.k),
+                      example_rows(result, held_out, cfg.eval.examples, cfg.eval.k), step=step)
+        return metrics
 
     def save_checkpoint() -> None:
         score = None
         if cfg.checkpoint.best_metric:
-            metrics = run_eval()
-            run.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
+            metrics = run_eval(state.step)
             score = metrics.get(cfg.checkpoint.best_metric)
         state.wandb_run_id = run.wandb_id
         state.duration_s = duration()
@@ -194,9 +211,8 @@ def train(cfg: Config) -> dict[str, Any]:
             logger.error("%s Training goes on (checkpoint.on_save_error=continue).", exc)
 
     if not resume_dir and cfg.eval.before:
-        state.eval_before = run_eval() or None
+        state.eval_before = run_eval(0) or None
         if state.eval_before:
-            run.log({f"eval/{k}": v for k, v in state.eval_before.items()}, step=0)
             logger.info("held-out before training (%d queries): %s", len(held_out), state.eval_before)
 
     logger.info("training %d steps of %d pairs (%d per process per micro-batch)", total_steps,
@@ -206,6 +222,7 @@ def train(cfg: Config) -> dict[str, Any]:
                disable=not accelerator.is_main_process)
     window_loss = torch.zeros((), device=accelerator.device)
     window_pairs, window_micro, window_start, grad_norm = 0, 0, time.perf_counter(), None
+    window_tokens = [0, 0]  # real and padded tokens this process encoded
     started, duration_before = time.perf_counter(), state.duration_s
 
     def duration() -> float:
@@ -249,6 +266,9 @@ def train(cfg: Config) -> dict[str, Any]:
                 window_loss += loss
                 window_micro += 1
                 window_pairs += batch["global_size"]
+                if not batch.get("empty"):
+                    window_tokens[0] += batch["real_tokens"]
+                    window_tokens[1] += batch["padded_tokens"]
                 state.examples_seen += batch["global_size"]
                 if not accelerator.sync_gradients:
                     continue
@@ -272,10 +292,15 @@ def train(cfg: Config) -> dict[str, Any]:
                 if state.step % cfg.tracking.log_every_n_steps == 0 or state.step == total_steps:
                     elapsed = time.perf_counter() - window_start
                     mean_loss = accelerator.reduce(window_loss, "mean").item() / window_micro
+                    real, padded = accelerator.reduce(torch.tensor(window_tokens, device=accelerator.device),
+                                                      "sum").tolist()
                     metrics = {"train/loss": mean_loss, "train/lr": lr,
                                "train/grad_norm": float("nan") if grad_norm is None else float(grad_norm),
-                               "train/pairs_per_s": window_pairs / elapsed, "train/epoch": state.epoch,
+                               "train/pairs_per_s": window_pairs / elapsed, "train/tokens_per_s": real / elapsed,
+                               "train/padding_efficiency": real / max(padded, 1), "train/epoch": state.epoch,
                                "train/skipped_steps": state.skipped_steps}
+                    if accelerator.device.type == "cuda":
+                        metrics["train/gpu_mem_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
                     if hasattr(loss_fn, "pop_stats"):
                         metrics.update({f"train/{k}": v for k, v in loss_fn.pop_stats().items()})
                     run.log(metrics, step=state.step)
@@ -285,8 +310,9 @@ def train(cfg: Config) -> dict[str, Any]:
                     bar.set_postfix(loss=f"{mean_loss:.4f}", pairs_s=f"{window_pairs / elapsed:.1f}")
                     window_loss.zero_()
                     window_pairs, window_micro, window_start = 0, 0, time.perf_counter()
+                    window_tokens = [0, 0]
                 if cfg.eval.every_n_steps and state.step % cfg.eval.every_n_steps == 0 and state.step < total_steps:
-                    run.log({f"eval/{k}": v for k, v in run_eval().items()}, step=state.step)
+                    run_eval(state.step)
                 stop = any_process(signals["stop"], accelerator.device)
                 every = cfg.checkpoint.every_n_steps
                 if stop or (every and state.step % every == 0 and state.step < total_steps):
@@ -318,12 +344,13 @@ def train(cfg: Config) -> dict[str, Any]:
         run.finish()
         return summary
 
-    after = run_eval()
+    after = run_eval(state.step)
     if after:
-        run.log({f"eval/{k}": v for k, v in after.items()}, step=state.step)
         logger.info("held-out metrics (%d queries, %d documents):\n%s", len(held_out), len(held_out.corpus),
                     format_table(state.eval_before, after))
     final_dir = run.save_model(model, tokenizer)
+    run.summary({**{f"final/{k}": v for k, v in after.items()},
+                 **{f"before/{k}": v for k, v in (state.eval_before or {}).items()}})
     epochs_done = state.epoch if cfg.train.max_steps else cfg.train.epochs
     summary = {"completed": True, "processes": accelerator.num_processes, "step": state.step,
                "epochs_completed": epochs_done,

@@ -32,12 +32,14 @@ def test_a_run_writes_model_metrics_progress_log_and_wandb(train_args: list[str]
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
     for row in train_rows:
-        assert {"epoch", "loss", "lr", "grad_norm", "pairs_per_s"} <= row.keys()
-        assert row["loss"] > 0 and row["pairs_per_s"] > 0
+        assert {"epoch", "loss", "lr", "grad_norm", "pairs_per_s", "tokens_per_s", "padding_efficiency"} <= row.keys()
+        assert row["loss"] > 0 and row["pairs_per_s"] > 0 and row["tokens_per_s"] > row["pairs_per_s"]
+        assert 0.2 < row["padding_efficiency"] <= 1
 
     progress = json.loads((out / "training_progress.json").read_text())
     assert progress["completed"] is True and progress["step"] == 4 and progress["examples_seen"] == 64
-    assert set(progress["eval_before"]) == set(progress["eval_after"]) == {"ndcg@10", "mrr@10", "recall@10"}
+    assert set(progress["eval_before"]) == set(progress["eval_after"]) == {
+        "ndcg@10", "mrr@10", "map@100", "recall@1", "recall@10", "recall@100"}
     assert "held-out metrics" in (out / "logs" / "train.log").read_text()
 
     # W&B: read back from the offline run's own file.
@@ -52,6 +54,21 @@ def test_a_run_writes_model_metrics_progress_log_and_wandb(train_args: list[str]
     assert sorted(evals) == [0, 4]
     assert evals[4] == pytest.approx(progress["eval_after"]["ndcg@10"])
     assert progress["wandb"]["id"] == run["meta"]["id"]
+    assert run["summary"]["final/ndcg@10"] == pytest.approx(progress["eval_after"]["ndcg@10"])
+    assert run["summary"]["before/mrr@10"] == pytest.approx(progress["eval_before"]["mrr@10"])
+
+    # The table of example retrievals, at each eval: samples, then the worst queries.
+    tables = {row["_step"]: row["eval/examples"] for row in run["history"] if "eval/examples" in row}
+    assert sorted(tables) == [0, 4]
+    table = json.loads((Path(run_file).parent / "files" / tables[4]["path"]).read_text())
+    held_out = len(progress["eval_after"]) and tables[4]["nrows"] // 2
+    assert table["columns"][:5] == ["kind", "query", "source", "relevant", "rank"]
+    kinds = [row[0] for row in table["data"]]
+    assert kinds == ["sample"] * held_out + ["worst"] * held_out
+    worst = [row[-1] for row in table["data"] if row[0] == "worst"]
+    assert worst == sorted(worst) and worst[0] <= min(row[-1] for row in table["data"])
+    examples = [json.loads(line) for line in (out / "eval_examples.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in examples] == [0, 4] and examples[1]["rows"] == table["data"]
 
 
 def test_training_improves_held_out_retrieval_and_export_matches_the_trainer(
