@@ -1,0 +1,434 @@
+"""The model card: ``README.md`` in the exported model folder, for people and for the Hugging Face Hub.
+
+It says what the model is and how to call it, which data it was trained on (with a fingerprint
+that changes when any byte of that data does), the held-out metrics before and after training,
+the settings and the full config, and where the logs are.
+
+Secrets never reach the card: nothing is read from the environment into it, config values under
+secret-looking keys are replaced, and, as a last guard, credentials in URLs and the values of
+secret-looking environment variables are blanked out of the finished text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import IO, Any
+
+import yaml
+
+from embedtune import __version__
+from embedtune.data import PACKAGE_PREFIX, resolve_files
+from embedtune.model import EMBEDDED_MODELS, read_st_settings
+
+CARD = "README.md"
+CHUNK = 1 << 20  # bytes read at a time when hashing: data files can be larger than memory
+SECRET_WORDS = ("key", "token", "secret", "password")
+REDACTED = "<redacted>"
+TAGS = ["sentence-transformers", "sentence-similarity", "embedtune"]
+# A Hub repository id: owner/name, letters, digits and - _ . only.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)[^/\s@]+@")
+URL_SECRET_PARAM = re.compile(
+    r"(?P<name>[?&][^=&\s]*(?:key|token|secret|password|signature|sig|credential)[^=&\s]*=)[^&\s#)`'\"]+", re.I)
+MIN_SECRET_LEN = 8  # shorter environment values ("true", "1") are settings, not secrets
+
+
+# --- data fingerprint ------------------------------------------------------------------------
+
+
+def _hash_stream(stream: IO[bytes]) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    while chunk := stream.read(CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _hash_file(path: str) -> tuple[int | None, str | None, str | None]:
+    """(size, sha256, why not) of a local file or a URL (read through fsspec, as training did)."""
+    if "://" not in path:
+        with open(path, "rb") as f:
+            size, sha = _hash_stream(f)
+        return size, sha, None
+    try:
+        import fsspec
+
+        with fsspec.open(path, "rb") as f:
+            size, sha = _hash_stream(f)
+        return size, sha, None
+    except Exception as exc:  # any filesystem's own error: the card is still written
+        return None, None, f"not hashed: {type(exc).__name__}"
+
+
+def data_fingerprint(files: list[str]) -> dict[str, Any]:
+    """Name, size and sha256 of every training file, and one sha256 over all of them.
+
+    ``files`` are the config's ``data.train_files``: globs are expanded and ``embedtune:`` paths
+    resolved as for training. The combined hash covers the files' bytes in order (not their
+    paths), so the same data moved elsewhere keeps its fingerprint and any changed, added or
+    removed byte changes it. It is None when a remote file could not be read.
+    """
+    entries: list[dict[str, Any]] = []
+    for pattern in files:
+        for path in resolve_files([pattern]):
+            size, sha, note = _hash_file(path)
+            entry: dict[str, Any] = {"name": pattern if pattern.startswith(PACKAGE_PREFIX) else scrub_text(path),
+                                     "size": size, "sha256": sha}
+            if note:
+                entry["note"] = note
+            entries.append(entry)
+    combined: str | None = None
+    if all(e["sha256"] for e in entries):
+        digest = hashlib.sha256()
+        for e in entries:
+            digest.update(f"{e['size']} {e['sha256']}\n".encode())
+        combined = digest.hexdigest()
+    return {"files": entries, "num_files": len(entries),
+            "size": sum(e["size"] or 0 for e in entries), "sha256": combined}
+
+
+# --- secrets ---------------------------------------------------------------------------------
+
+
+def _secret_key(key: Any) -> bool:
+    return isinstance(key, str) and any(word in key.lower() for word in SECRET_WORDS)
+
+
+def scrub_config(value: Any) -> Any:
+    """A copy with the value under any key containing key/token/secret/password replaced."""
+    if isinstance(value, dict):
+        return {k: (REDACTED if _secret_key(k) and v not in (None, "") else scrub_config(v)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub_config(v) for v in value]
+    if isinstance(value, str):
+        return scrub_text(value)
+    return value
+
+
+def scrub_text(text: str) -> str:
+    """Blank out credentials in URLs (user:password@, ?token=...) and secret environment values.
+
+    The environment is only read here to take its secrets back out of the text, in case one
+    slipped into a config value such as a file URL or a tag.
+    """
+    text = URL_USERINFO.sub(rf"\g<scheme>{REDACTED}@", text)
+    text = URL_SECRET_PARAM.sub(rf"\g<name>{REDACTED}", text)
+    for name, value in os.environ.items():
+        if _secret_key(name) and len(value) >= MIN_SECRET_LEN and value in text:
+            text = text.replace(value, REDACTED)
+    return text
+
+
+# --- the card --------------------------------------------------------------------------------
+
+
+def hub_name(base_model: str) -> str | None:
+    """The Hub id of the base model, or None for a local folder (which means nothing on the Hub)."""
+    if base_model in EMBEDDED_MODELS:
+        return "sentence-transformers/all-MiniLM-L6-v2"  # served from a package, but this Hub model
+    if os.path.exists(base_model) or not HUB_ID.match(base_model) or ".." in base_model or "--" in base_model:
+        return None
+    return base_model
+
+
+def _get(config: dict[str, Any], dotted: str, default: Any = None) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def folder_facts(model_dir: str) -> dict[str, Any]:
+    """What the exported sentence-transformers folder itself says: pooling, normalize, size, prompts."""
+    facts: dict[str, Any] = {}
+    try:
+        st = read_st_settings(model_dir)
+        facts.update(pooling=st.pooling, normalize=st.normalize if st.pooling else None)
+    except (OSError, ValueError):
+        pass
+    for module in _read_json(os.path.join(model_dir, "modules.json")) or []:
+        if str(module.get("type", "")).endswith("Pooling"):
+            conf = _read_json(os.path.join(model_dir, module.get("path", ""), "config.json")) or {}
+            facts["dim"] = conf.get("embedding_dimension") or conf.get("word_embedding_dimension")
+    # Older sentence-transformers versions keep the limit in sentence_bert_config.json, newer ones
+    # in the tokenizer's model_max_length (a huge number there means "not set").
+    max_seq = (_read_json(os.path.join(model_dir, "sentence_bert_config.json")) or {}).get("max_seq_length")
+    if not max_seq:
+        max_seq = (_read_json(os.path.join(model_dir, "tokenizer_config.json")) or {}).get("model_max_length")
+    facts["max_seq_length"] = max_seq if isinstance(max_seq, int) and 0 < max_seq < 1_000_000 else None
+    st_config = _read_json(os.path.join(model_dir, "config_sentence_transformers.json")) or {}
+    facts["prompts"] = st_config.get("prompts") or {}
+    facts["similarity"] = st_config.get("similarity_fn_name") or "cosine"
+    if not facts.get("dim"):
+        facts["dim"] = (_read_json(os.path.join(model_dir, "config.json")) or {}).get("hidden_size")
+    return facts
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def _size(size: int | None) -> str:
+    if size is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024  # type: ignore[assignment]
+    return str(size)
+
+
+def _cell(value: Any) -> str:
+    """A value for a markdown table: code-quoted, pipes escaped."""
+    return f"`{str(value).replace('|', '/').replace('`', '')}`"
+
+
+def eval_table(before: dict[str, float] | None, after: dict[str, float] | None) -> str:
+    """Markdown before / after / change table; metrics in the order evaluated."""
+    before, after = before or {}, after or {}
+    names = list(after) + [name for name in before if name not in after]
+    rows = ["| metric | before | after | change |", "|---|---:|---:|---:|"]
+    for name in names:
+        old, new = before.get(name), after.get(name)
+        change = f"{new - old:+.4f}" if old is not None and new is not None else ""
+        rows.append(f"| {name} | {'' if old is None else f'{old:.4f}'} | {'' if new is None else f'{new:.4f}'} "
+                    f"| {change} |")
+    return "\n".join(rows)
+
+
+def _usage(model_dir: str, prompts: dict[str, str]) -> str:
+    load = f"""```python
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer({json.dumps(model_dir)})  # or its Hub id once uploaded
+queries = ["how do I read a file line by line?"]
+documents = ["Iterate over the file object: for line in open(path): ..."]
+"""
+    if not any(prompts.values()):
+        return load + "scores = model.similarity(model.encode(queries), model.encode(documents))  # queries x documents\n```"
+    shown = ", ".join(f"{k} {json.dumps(v)}" for k, v in prompts.items())
+    query = ', prompt_name="query"' if "query" in prompts else ""
+    document = ', prompt_name="document"' if "document" in prompts else ""
+    return (f"The model was trained with prompts ({shown}); pass them by name so they are applied the same "
+            f"way:\n\n{load}query_embeddings = model.encode(queries{query})\n"
+            f"document_embeddings = model.encode(documents{document})\n"
+            "scores = model.similarity(query_embeddings, document_embeddings)  # queries x documents\n```")
+
+
+def _data_section(config: dict[str, Any], fingerprint: dict[str, Any], num_examples: int | None) -> str:
+    lines = ["| file | size | sha256 |", "|---|---:|---|"]
+    for entry in fingerprint.get("files", []):
+        sha = entry.get("sha256") or entry.get("note") or "not hashed"
+        lines.append(f"| {_cell(entry.get('name'))} | {_size(entry.get('size'))} | `{sha}` |")
+    combined = fingerprint.get("sha256")
+    lines.append("")
+    lines.append(f"Fingerprint of all training data (sha256 over the files' bytes, in order): `{combined}`"
+                 if combined else "No combined fingerprint: a file could not be read to hash it.")
+    eval_files = _get(config, "data.eval_files") or []
+    if eval_files:
+        held = f"Held-out records: {', '.join(_cell(f) for f in eval_files)}."
+    else:
+        fraction = _get(config, "data.eval_fraction")
+        held = (f"Held-out records: a {fraction:g} share of the training records, chosen by a hash of the question "
+                "text and never trained on." if fraction else "No records were held out.")
+    if eval_files or _get(config, "data.eval_fraction"):
+        held += f" At most {_get(config, 'data.max_eval_queries', 1000):,} distinct questions are evaluated."
+    fields = (f"Fields: query `{_get(config, 'data.query_field', 'question')}`, "
+              f"positive `{_get(config, 'data.positive_field', 'answer')}`")
+    for key, what in (("negatives_field", "hard negatives"), ("label_field", "label")):
+        if _get(config, f"data.{key}"):
+            fields += f", {what} `{_get(config, f'data.{key}')}`"
+    lines += ["", f"- {fields}.", f"- {held}"]
+    if num_examples is not None:
+        lines.append(f"- Training pairs seen (all epochs): {num_examples:,}.")
+    return "\n".join(lines)
+
+
+def _settings_table(config: dict[str, Any], steps: int | None, duration_s: float | None,
+                    precision: str | None) -> str:
+    loss = _get(config, "loss.name", "?")
+    details = []
+    if _get(config, "loss.name", "").startswith(("MultipleNegatives", "CachedMultipleNegatives")):
+        details.append(f"scale {_get(config, 'loss.scale')}")
+        if _get(config, "loss.symmetric"):
+            details.append("symmetric")
+    if _get(config, "loss.margin") is not None:
+        details.append(f"margin {_get(config, 'loss.margin')}")
+    if _get(config, "loss.matryoshka_dims"):
+        details.append(f"Matryoshka dims {_get(config, 'loss.matryoshka_dims')}")
+    accumulation = _get(config, "train.gradient_accumulation_steps", 1)
+    max_steps = _get(config, "train.max_steps")
+    precision = precision or _get(config, "train.mixed_precision")
+    rows = [
+        ("loss", f"{loss}" + (f" ({', '.join(details)})" if details else "")),
+        ("batch size", f"{_get(config, 'train.batch_size')} pairs per step"
+                       + (f" ({accumulation} accumulation steps)" if accumulation and accumulation > 1 else "")),
+        ("learning rate", f"{_get(config, 'train.learning_rate')}, {_get(config, 'train.scheduler')} schedule, "
+                          f"warmup ratio {_get(config, 'train.warmup_ratio')}, weight decay "
+                          f"{_get(config, 'train.weight_decay')}"),
+        ("epochs / steps", f"max_steps {max_steps}" if max_steps else f"{_get(config, 'train.epochs')} epoch(s)"),
+        ("steps trained", "" if steps is None else f"{steps:,}"),
+        ("max tokens", f"query {_get(config, 'data.query_max_length')}, "
+                       f"document {_get(config, 'data.document_max_length')}"),
+        ("mixed precision", precision or "as set by accelerate launch (none by default)"),
+        ("gradient clipping", _get(config, "train.max_grad_norm") or "off"),
+        ("seed", _get(config, "train.seed")),
+        ("duration", "" if duration_s is None else _duration(duration_s)),
+    ]
+    lines = ["| setting | value |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in rows if value not in (None, "")]
+    return "\n".join(lines)
+
+
+def _logs_section(config: dict[str, Any], wandb_url: str | None) -> str:
+    output_dir = _get(config, "output_dir")
+    where = f" `{output_dir}`" if output_dir else ""
+    local = (f"The run's output folder{where} holds `training_metrics.jsonl` (every logged step), "
+             "`training_progress.json`, `config.yaml` and `logs/train.log`; `embedtune report "
+             f"{output_dir or 'OUTPUT_DIR'}` draws plots from them.")
+    if wandb_url:
+        return f"W&B run: [{wandb_url}]({wandb_url})\n\n{local}"
+    return (f"No W&B run online for this model. {local} An offline W&B run, if any, is in its `wandb/` "
+            "folder (`wandb sync` uploads it).")
+
+
+def render_card(model_dir: str, *, base_model: str, config: dict[str, Any], fingerprint: dict[str, Any],
+                eval_before: dict[str, float] | None, eval_after: dict[str, float] | None,
+                wandb_url: str | None, num_examples: int | None, steps: int | None,
+                duration_s: float | None, embedding_dim: int | None = None, precision: str | None = None) -> str:
+    """The card's text (see ``write_model_card``)."""
+    config = scrub_config(config)
+    hub = hub_name(base_model)
+    front: dict[str, Any] = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
+                             "tags": list(TAGS)}
+    if hub:
+        front["base_model"] = hub
+    facts = folder_facts(model_dir)
+    pooling = facts.get("pooling") or _get(config, "model.pooling") or "?"
+    normalize = facts.get("normalize")
+    if normalize is None:
+        normalize = _get(config, "model.normalize")
+    dim = embedding_dim or facts.get("dim")
+    prompts = facts.get("prompts") or {k: v for k, v in (("query", _get(config, "data.query_prefix")),
+                                                       ("document", _get(config, "data.document_prefix"))) if v}
+    max_seq = facts.get("max_seq_length") or max(_get(config, "data.query_max_length") or 0,
+                                                 _get(config, "data.document_max_length") or 0) or None
+    title = _get(config, "tracking.run_name") or os.path.basename(
+        os.path.normpath(_get(config, "output_dir") or model_dir)) or "embedtune model"
+    base_shown = f"[{hub}](https://huggingface.co/{hub})" if hub else f"`{base_model}` (a local folder)"
+
+    model_lines = [f"- **Base model:** {base_shown}", f"- **Pooling:** {pooling}",
+                   f"- **Normalized embeddings:** {'yes (cosine similarity = dot product)' if normalize else 'no'}"
+                   if normalize is not None else "- **Normalized embeddings:** the base model's setting"]
+    if dim:
+        model_lines.append(f"- **Embedding dimension:** {dim}")
+    if max_seq:
+        model_lines.append(f"- **Maximum sequence length:** {max_seq} tokens")
+    model_lines.append(f"- **Similarity:** {facts.get('similarity', 'cosine')}")
+    if any(prompts.values()):
+        model_lines.append("- **Prompts:** " + ", ".join(f"{k} {json.dumps(v)}" for k, v in prompts.items()))
+
+    if eval_after or eval_before:
+        k = _get(config, "eval.k", 10)
+        evaluation = ("Retrieval on the held-out questions: each one ranks the corpus of all held-out answers, and "
+                      f"a metric@k looks at the top k (eval.k = {k}). Before is the base model, after the "
+                      "fine-tuned one, on the same questions.\n\n" + eval_table(eval_before, eval_after))
+    else:
+        evaluation = "No held-out evaluation was run."
+
+    body = f"""# {title}
+
+A sentence-embedding model fine-tuned from {base_shown} on question/answer pairs with
+embedtune {__version__}, for finding the answer to a question (semantic search, retrieval for RAG).
+
+## Model
+
+{chr(10).join(model_lines)}
+
+## Usage
+
+{_usage(model_dir, prompts)}
+
+## Training data
+
+{_data_section(config, fingerprint, num_examples)}
+
+## Evaluation
+
+{evaluation}
+
+## Training settings
+
+{_settings_table(config, steps, duration_s, precision)}
+
+## Full config
+
+```yaml
+{yaml.safe_dump(config, sort_keys=False, allow_unicode=True).rstrip()}
+```
+
+## Logs
+
+{_logs_section(config, wandb_url)}
+"""
+    front_text = yaml.safe_dump(front, sort_keys=False, allow_unicode=True)
+    return scrub_text(f"---\n{front_text}---\n\n{body}")
+
+
+def write_model_card(model_dir: str, *, base_model: str, config: dict[str, Any], fingerprint: dict[str, Any],
+                     eval_before: dict[str, float] | None, eval_after: dict[str, float] | None,
+                     wandb_url: str | None, num_examples: int | None, steps: int | None,
+                     duration_s: float | None, embedding_dim: int | None = None,
+                     precision: str | None = None) -> str:
+    """Write ``model_dir/README.md`` and return its path.
+
+    Call it after the model is saved: sentence-transformers writes its own generic README.md
+    on save, and this one replaces it. ``config`` is ``Config.to_dict()``; values under
+    secret-looking keys are replaced before anything is written. ``embedding_dim`` and
+    ``precision`` (what the run really used, e.g. ``accelerator.mixed_precision``) default to
+    what the model folder and the config say.
+    """
+    text = render_card(model_dir, base_model=base_model, config=config, fingerprint=fingerprint,
+                       eval_before=eval_before, eval_after=eval_after, wandb_url=wandb_url,
+                       num_examples=num_examples, steps=steps, duration_s=duration_s, embedding_dim=embedding_dim,
+                       precision=precision)
+    path = os.path.join(model_dir, CARD)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_run_card(output_dir: str, model_dir: str | None = None) -> str:
+    """The card of a finished run, from its own files (``config.yaml``, ``training_progress.json``).
+
+    For runs exported before cards existed, or to write the card again; ``model_dir`` defaults
+    to ``output_dir/final_model``. The training files must still be where the config says.
+    """
+    with open(os.path.join(output_dir, "config.yaml"), encoding="utf-8") as f:
+        config = yaml.safe_load(f) or {}
+    progress = _read_json(os.path.join(output_dir, "training_progress.json")) or {}
+    wandb = progress.get("wandb") or {}
+    return write_model_card(
+        model_dir or progress.get("final_model") or os.path.join(output_dir, "final_model"),
+        base_model=_get(config, "model.base_model", ""), config=config,
+        fingerprint=data_fingerprint(_get(config, "data.train_files") or []),
+        eval_before=progress.get("eval_before"), eval_after=progress.get("eval_after"),
+        wandb_url=wandb.get("url"), num_examples=progress.get("examples_seen"), steps=progress.get("step"),
+        duration_s=progress.get("duration_s"))
