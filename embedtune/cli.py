@@ -11,8 +11,12 @@ COMMANDS = {
     "train": "fine-tune a model (same options as train.py; see `embedtune train --help`)",
     "bench": "benchmarks that print figures (`embedtune bench resume`)",
     "eval": "retrieval metrics of a model on Q&A pairs or queries/corpus/qrels files",
+    "validate": "check the environment, data, config and disk before a run (same options as train)",
+    "report": "PNG plots of a run from its training_metrics.jsonl (no W&B needed)",
+    "mine": "add hard negatives to a Q&A file, mined with a model",
 }
-MODULES = {"eval": "embedtune.evaluate"}
+MODULES = {"eval": "embedtune.evaluate", "validate": "embedtune.validate", "report": "embedtune.report",
+           "mine": "embedtune.mine"}
 
 
 def main(argv: list[str] | None = None) -> int:

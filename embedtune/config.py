@@ -96,6 +96,9 @@ class ModelConfig(_Section):
         "auto", description="auto: the model folder's sentence-transformers setting, else mean."
     )
     normalize: bool | None = Field(None, description="None: the model folder's setting, else true.")
+    unpad: bool = Field(True, description="Encode texts packed end to end, without padding, when the "
+                        "architecture gives the same embeddings that way (checked at start).")
+    compile: bool | None = Field(None, description="torch.compile the encoder; None: on a GPU only.")
 
 
 LossName = Literal[

@@ -250,8 +250,7 @@ def encode_texts(model: torch.nn.Module, tokenize: Callable[[list[str]], dict[st
         for start in range(0, passes * batch_size, batch_size):
             rows = mine[start:start + batch_size]
             chunk = [texts[i] for i in rows] or texts[:1]  # an idle process embeds one text for nothing
-            inputs = {k: v.to(accelerator.device) for k, v in tokenize(chunk).items()}
-            out = model(**inputs).float()
+            out = model(**accelerator.unwrap_model(model).prepare(tokenize(chunk), accelerator.device)).float()
             if rows:
                 local[start:start + len(rows)] = out
     model.train(was_training)

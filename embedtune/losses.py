@@ -215,8 +215,9 @@ def embedded(batch: dict, queries: torch.Tensor, documents: torch.Tensor) -> Emb
 def plain_step(model: nn.Module, batch: dict, loss_fn: nn.Module, share: float, accelerator: Any) -> torch.Tensor:
     """Embed queries and documents with gradient, compute the loss, backward."""
     device = accelerator.device
-    queries = model(**{k: v.to(device, non_blocking=True) for k, v in batch["query"].items()})
-    documents = model(**{k: v.to(device, non_blocking=True) for k, v in batch["document"].items()})
+    prepare = accelerator.unwrap_model(model).prepare
+    queries = model(**prepare(batch["query"], device))
+    documents = model(**prepare(batch["document"], device))
     loss = loss_fn(embedded(batch, queries, documents)) * share
     accelerator.backward(loss)
     return loss.detach()
@@ -248,8 +249,8 @@ class GradCacheStep:
     def __call__(self, model: nn.Module, batch: dict, loss_fn: nn.Module, share: float,
                  accelerator: Any) -> torch.Tensor:
         device = accelerator.device
-        parts = [[{k: v.to(device, non_blocking=True) for k, v in c.items()} for c in self._chunks(batch[side])]
-                 for side in ("query", "document")]
+        prepare = accelerator.unwrap_model(model).prepare
+        parts = [[prepare(c, device) for c in self._chunks(batch[side])] for side in ("query", "document")]
         states: list[list[RngState]] = [[], []]
         cached = []
         with torch.no_grad():
@@ -266,7 +267,7 @@ class GradCacheStep:
         for side, chunks in enumerate(parts):
             start = 0
             for index, chunk in enumerate(chunks):
-                rows = chunk["input_ids"].shape[0]
+                rows = chunk["rows"] if "cu_seqlens" in chunk else chunk["input_ids"].shape[0]
                 grad = grads[side][start:start + rows]
                 start += rows
                 states[side][index].restore(device)

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +98,92 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: Pooling) -> t
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
+# --- unpadded (packed) encoding ----------------------------------------------------------------
+#
+# The texts of a batch are laid end to end in one row, so the dense layers (most of the compute)
+# never see a padding token. Attention keeps each text to itself: with FlashAttention's varlen
+# kernel where torch has it (CUDA, no attention dropout), otherwise by scattering queries, keys
+# and values back into a padded block for one scaled_dot_product_attention call per layer.
+
+PACKED_ATTENTION = "embedtune_packed"
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where each packed token sits: ``cu_seqlens`` bounds the texts, ``flat_index`` is its place in
+    the (rows x width) padded layout."""
+
+    cu_seqlens: torch.Tensor  # (rows + 1,) int32
+    flat_index: torch.Tensor  # (tokens,) long
+    rows: int
+    width: int
+    max_length: int
+
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # older torch: the padded SDPA route below serves
+    varlen_attn = None
+
+
+def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """An attention function for transformers' attention interface: packed inputs carry a
+    ``Packing`` in ``embedtune_packing``; anything else goes to the usual SDPA attention."""
+    packing: Packing | None = kwargs.pop("embedtune_packing", None)
+    if packing is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
+    if dropout == 0.0 and varlen_attn is not None and q.is_cuda:
+        out = varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_length, packing.max_length,
+                          scale=scaling)
+        return out.unsqueeze(0), None
+    heads, head_dim = q.shape[1], q.shape[2]
+
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        block = t.new_zeros(packing.rows * packing.width, heads, head_dim).index_copy(0, packing.flat_index, t)
+        return block.view(packing.rows, packing.width, heads, head_dim).transpose(1, 2)
+
+    keep = torch.zeros(packing.rows * packing.width, dtype=torch.bool, device=q.device)
+    keep[packing.flat_index] = True
+    mask = keep.view(packing.rows, 1, 1, packing.width)
+    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, dropout_p=dropout,
+                                         scale=scaling)
+    out = out.transpose(1, 2).reshape(packing.rows * packing.width, heads, head_dim)[packing.flat_index]
+    return out.unsqueeze(0), None
+
+
+def pack_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Padded (input_ids, attention_mask) on the CPU -> the packed form ``forward`` takes.
+
+    Done on the host, where the lengths are known without a device sync."""
+    mask = inputs["attention_mask"].bool()
+    rows, width = mask.shape
+    flat_index = mask.flatten().nonzero().squeeze(1)
+    lengths = mask.sum(dim=1)
+    cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return {"input_ids": inputs["input_ids"].flatten()[flat_index],
+            "position_ids": (flat_index % width),
+            "cu_seqlens": cu, "flat_index": flat_index, "rows": rows, "width": width,
+            "max_length": int(lengths.max()) if rows else 0}
+
+
+def pool_packed(hidden: torch.Tensor, packing: Packing, mode: Pooling) -> torch.Tensor:
+    """``pool`` for packed (tokens, hidden) states."""
+    cu = packing.cu_seqlens.long()
+    if mode == "cls":
+        return hidden[cu[:-1]]
+    if mode == "last":
+        return hidden[cu[1:] - 1]
+    text = torch.div(packing.flat_index, packing.width, rounding_mode="floor")
+    sums = hidden.new_zeros(packing.rows, hidden.shape[1]).index_add_(0, text, hidden)
+    return sums / (cu[1:] - cu[:-1]).clamp(min=1).unsqueeze(1).to(hidden.dtype)
+
+
 class EmbeddingModel(nn.Module):
     """Transformer encoder -> pooled sentence embedding (-> unit length when ``normalize``)."""
 
@@ -106,6 +192,7 @@ class EmbeddingModel(nn.Module):
         self.encoder = encoder
         self.pooling: Pooling = pooling
         self.normalize = normalize
+        self.packed = False  # see enable_packing
 
     @classmethod
     def from_pretrained(cls, name: str, pooling: str = "auto", normalize: bool | None = None
@@ -151,9 +238,57 @@ class EmbeddingModel(nn.Module):
     def dim(self) -> int:
         return int(self.encoder.config.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        embeddings = pool(hidden, attention_mask, self.pooling)
+    def enable_packing(self, tokenizer: PreTrainedTokenizerBase, tolerance: float = 1e-4) -> bool:
+        """Encode without padding from now on, if this architecture gives the same embeddings that
+        way (checked here on a probe batch); otherwise stay on the padded path and say why."""
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+        # Padded inputs (evaluation) still go through SDPA, with SDPA's padding mask.
+        ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        previous = self.encoder.config._attn_implementation
+        probe = tokenizer(["a short probe", "a somewhat longer probe sentence with more words in it", "x"],
+                          padding=True, return_tensors="pt")
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                expected = self(probe["input_ids"].to(device), probe["attention_mask"].to(device))
+                self.encoder.set_attn_implementation(PACKED_ATTENTION)
+                self.packed = True
+                got = self(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in pack_inputs(probe).items()})
+            error = float((got - expected).abs().max())
+            if not error <= tolerance:
+                raise ValueError(f"packed embeddings differ by {error:.2e}")
+        except Exception as exc:  # any architecture that does not follow the attention interface
+            self.packed = False
+            self.encoder.set_attn_implementation(previous)
+            logger.info("unpadded encoding is off for this model (%s); batches are padded", exc)
+        finally:
+            self.train(was_training)
+        if self.packed:
+            logger.info("unpadded encoding on: texts are packed end to end, attention is per text")
+        return self.packed
+
+    def prepare(self, inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+        """Padded CPU inputs -> what ``forward`` takes, on ``device`` (packed when enabled)."""
+        ready = pack_inputs(inputs) if self.packed else inputs
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in ready.items()}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                flat_index: torch.Tensor | None = None, rows: int = 0, width: int = 0,
+                max_length: int = 0) -> torch.Tensor:
+        if cu_seqlens is None:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            embeddings = pool(hidden, attention_mask, self.pooling)
+        else:
+            packing = Packing(cu_seqlens, flat_index, rows, width, max_length)
+            hidden = self.encoder(input_ids=input_ids[None], position_ids=position_ids[None],
+                                  embedtune_packing=packing).last_hidden_state[0]
+            embeddings = pool_packed(hidden, packing, self.pooling)
         return F.normalize(embeddings, dim=-1) if self.normalize else embeddings
 
     def save_sentence_transformer(self, path: str, tokenizer: PreTrainedTokenizerBase, max_seq_length: int,

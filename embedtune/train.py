@@ -40,6 +40,7 @@ from embedtune.distributed import any_process
 from embedtune.evaluate import RetrievalSet, encode_texts, example_columns, example_rows, format_table, run_retrieval
 from embedtune.losses import build_loss, check_data_shape, make_step
 from embedtune.model import EmbeddingModel, ModelLoadError
+from embedtune.model_card import data_fingerprint, write_model_card
 from embedtune.tracking import RunLog, setup_logging
 
 logger = logging.getLogger("embedtune")
@@ -154,6 +155,8 @@ def train(cfg: Config) -> dict[str, Any]:
     if rejected_early:
         logger.warning("%d bad record(s) in the first records; they will be skipped", len(rejected_early))
     model, tokenizer = EmbeddingModel.from_pretrained(cfg.model.base_model, cfg.model.pooling, cfg.model.normalize)
+    if cfg.model.unpad:
+        model.enable_packing(tokenizer)
     # The W&B run starts once the data and the model are known to load.
     run = RunLog(cfg, accelerator, resume_step=state.step if resume_dir else None, wandb_id=state.wandb_run_id)
 
@@ -173,6 +176,10 @@ def train(cfg: Config) -> dict[str, Any]:
                               num_training_steps=total_steps)
     accelerator.register_for_checkpointing(scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.model.compile or (cfg.model.compile is None and accelerator.device.type == "cuda"):
+        # In place, so parameter names (checkpoints, export) stay as they are; shapes vary with
+        # every batch, hence dynamic.
+        accelerator.unwrap_model(model).encoder.compile(dynamic=True)
     if resume_dir:
         accelerator.load_state(resume_dir)  # weights, optimizer, schedule, scaler, RNG
         logger.info("resumed from %s: step %d, epoch %d, %d batches into it", resume_dir, state.step,
@@ -194,7 +201,10 @@ def train(cfg: Config) -> dict[str, Any]:
                       example_rows(result, held_out, cfg.eval.examples, cfg.eval.k), step=step)
         return metrics
 
+    saved_at = [-1]
+
     def save_checkpoint() -> None:
+        saved_at[0] = state.step
         score = None
         if cfg.checkpoint.best_metric:
             metrics = run_eval(state.step)
@@ -222,7 +232,8 @@ def train(cfg: Config) -> dict[str, Any]:
                disable=not accelerator.is_main_process)
     window_loss = torch.zeros((), device=accelerator.device)
     window_pairs, window_micro, window_start, grad_norm = 0, 0, time.perf_counter(), None
-    window_tokens = [0, 0]  # real and padded tokens this process encoded
+    window_tokens = [0, 0]  # real and computed tokens this process encoded
+    packed = accelerator.unwrap_model(model).packed
     started, duration_before = time.perf_counter(), state.duration_s
 
     def duration() -> float:
@@ -267,8 +278,9 @@ def train(cfg: Config) -> dict[str, Any]:
                 window_micro += 1
                 window_pairs += batch["global_size"]
                 if not batch.get("empty"):
+                    # Packed batches compute no padding at all.
                     window_tokens[0] += batch["real_tokens"]
-                    window_tokens[1] += batch["padded_tokens"]
+                    window_tokens[1] += batch["real_tokens" if packed else "padded_tokens"]
                 state.examples_seen += batch["global_size"]
                 if not accelerator.sync_gradients:
                     continue
@@ -331,7 +343,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 continue
             break
     bar.close()
-    if not stopped_early and cfg.checkpoint.every_n_steps and state.step % cfg.checkpoint.every_n_steps:
+    if not stopped_early and cfg.checkpoint.every_n_steps and saved_at[0] != state.step:
         save_checkpoint()  # the end state too, so a crash in the final eval or export loses nothing
     if stopped_early:
         logger.warning("stopped at step %d; continue with --resume_from_checkpoint latest", state.step)
@@ -349,6 +361,13 @@ def train(cfg: Config) -> dict[str, Any]:
         logger.info("held-out metrics (%d queries, %d documents):\n%s", len(held_out), len(held_out.corpus),
                     format_table(state.eval_before, after))
     final_dir = run.save_model(model, tokenizer)
+    if accelerator.is_main_process:
+        wandb_url = None if run.wandb_run is None or run.wandb_run.offline else run.wandb_run.url
+        write_model_card(final_dir, base_model=cfg.model.base_model, config=cfg.to_dict(),
+                         fingerprint=data_fingerprint(cfg.data.train_files),
+                         eval_before=state.eval_before, eval_after=after or None, wandb_url=wandb_url,
+                         num_examples=state.examples_seen, steps=state.step, duration_s=duration(),
+                         precision=accelerator.mixed_precision)
     run.summary({**{f"final/{k}": v for k, v in after.items()},
                  **{f"before/{k}": v for k, v in (state.eval_before or {}).items()}})
     epochs_done = state.epoch if cfg.train.max_steps else cfg.train.epochs

@@ -41,6 +41,8 @@ def test_a_run_writes_model_metrics_progress_log_and_wandb(train_args: list[str]
     assert set(progress["eval_before"]) == set(progress["eval_after"]) == {
         "ndcg@10", "mrr@10", "map@100", "recall@1", "recall@10", "recall@100"}
     assert "held-out metrics" in (out / "logs" / "train.log").read_text()
+    card = (out / "final_model" / "README.md").read_text()
+    assert f"{progress['eval_after']['ndcg@10']:.4f}" in card and "sha256" in card
 
     # W&B: read back from the offline run's own file.
     [run_file] = run_files(str(out))

@@ -1,0 +1,671 @@
+"""Hard-negative mining: ``embedtune mine`` gives every Q&A record the documents that the model
+ranks closest to its question without being its answer.
+
+The corpus is the distinct answers of the input (distinct by normalized text, ``text_key``) plus
+any extra documents. Two passes over the input keep memory bounded: the first reads every record
+(a bad one stops the run here, before any encoding) and spools the documents' texts to a file on
+disk; the corpus is then embedded in batches into one preallocated (documents x dim) tensor,
+which is all that stays in memory besides a few integers per document. The second pass streams
+the questions in chunks, searches each chunk against the corpus chunk by chunk with a running
+top-k (the full score matrix is never built), and writes the records out as it goes.
+
+Guards against false negatives: a question's own answer and every document with the same
+normalized text never count, nor do the answers of other records with the same question;
+``skip_top`` passes over the closest remaining candidates, and a margin keeps only candidates
+scored clearly below the answer. Candidates are taken in rank order (ties by corpus row), so the
+FAISS and torch searches pick the same negatives up to ties in score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from array import array
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import IO, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from embedtune.collate import PairCollator
+from embedtune.config import DataConfig
+from embedtune.data import DataError, Pair, Reject, _read_file, file_format, parse_record, resolve_files, text_key
+from embedtune.model import EmbeddingModel, ModelLoadError, read_st_settings, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+SCORE_BUDGET = 1 << 25  # query x document scores held at once (128 MiB in float32)
+ENCODE_BLOCK = 32  # batches of documents read and length-sorted together
+GROWTH = 8  # how much deeper a search goes when the margin left a question short
+SHOWN = 2000  # characters of a bad record kept in its Reject
+
+
+class MineError(ValueError):
+    """A mining run that cannot start (bad options, output over an input); the message says why."""
+
+
+# --- choosing negatives from ranked candidates -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which candidates become negatives once a question's own answers are left out."""
+
+    num_negatives: int = 5
+    skip_top: int = 0
+    margin: float | None = None  # keep scores below positive - margin
+    relative_margin: float | None = None  # keep scores below positive * (1 - relative_margin)
+    max_candidates: int = 1000  # how deep a search may go to find survivors of the margin
+
+    def threshold(self, positive_score: float) -> float:
+        if self.margin is not None:
+            return positive_score - self.margin
+        if self.relative_margin is not None:
+            return positive_score * (1 - self.relative_margin)
+        return math.inf
+
+    @property
+    def filters(self) -> bool:
+        return self.margin is not None or self.relative_margin is not None
+
+
+def pick(ids: Sequence[int], scores: Sequence[float], excluded: set[int] | frozenset[int], threshold: float,
+         selection: Selection) -> list[int]:
+    """One question's negatives from its candidates, best first.
+
+    The skip counts ranks among the candidates that are not the question's own answers, before
+    the margin: it passes over the closest documents whatever their score.
+    """
+    chosen: list[int] = []
+    skipped = 0
+    for row, score in zip(ids, scores):
+        if row < 0 or row in excluded:
+            continue
+        if skipped < selection.skip_top:
+            skipped += 1
+            continue
+        if score < threshold:
+            chosen.append(row)
+            if len(chosen) == selection.num_negatives:
+                break
+    return chosen
+
+
+# --- search ----------------------------------------------------------------------------------
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_backend(name: str, device: torch.device) -> str:
+    """auto: FAISS when installed and the search runs on the CPU; torch otherwise (and on a GPU)."""
+    if name == "faiss" and not faiss_available():
+        raise MineError("--backend faiss: faiss is not installed (pip install faiss-cpu), or use --backend torch")
+    if name == "auto":
+        return "faiss" if device.type == "cpu" and faiss_available() else "torch"
+    return name
+
+
+def _order(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best first, equal scores by corpus row: the same order whichever search found them."""
+    ids, by_id = ids.sort(dim=1, stable=True)
+    scores = scores.gather(1, by_id)
+    scores, by_score = scores.sort(dim=1, descending=True, stable=True)
+    return scores, ids.gather(1, by_score)
+
+
+def search(queries: torch.Tensor, corpus: torch.Tensor, k: int, corpus_chunk: int,
+           backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` corpus rows with the highest inner product per query, best first: (scores, rows).
+
+    The corpus is scored ``corpus_chunk`` rows at a time and merged into a running top-k, so at
+    most (queries x corpus_chunk) scores exist at once. Queries are float32 on the corpus' device.
+    Equal scores come out by corpus row; which of several equal scores make the cut at the k-th
+    place is up to the search.
+    """
+    k = min(k, len(corpus))
+    best_scores = torch.empty(len(queries), 0, device=queries.device)
+    best_ids = torch.empty(len(queries), 0, dtype=torch.long, device=queries.device)
+    if k == 0 or not len(queries):
+        return best_scores, best_ids
+    for start in range(0, len(corpus), corpus_chunk):
+        block = corpus[start:start + corpus_chunk].to(torch.float32)  # a view when already float32
+        take = min(k, len(block))
+        if backend == "faiss":
+            import faiss
+
+            found, rows = faiss.knn(queries.contiguous().numpy(), block.contiguous().numpy(), take,
+                                    metric=faiss.METRIC_INNER_PRODUCT)
+            scores, ids = torch.from_numpy(found), torch.from_numpy(rows).long()
+        else:
+            scores, ids = (queries @ block.T).topk(take, dim=1)
+        ids = ids + start
+        if best_ids.shape[1]:
+            scores, ids = torch.cat([best_scores, scores], 1), torch.cat([best_ids, ids], 1)
+            scores, keep = scores.topk(min(k, scores.shape[1]), dim=1)
+            ids = ids.gather(1, keep)
+        best_scores, best_ids = scores, ids
+    return _order(best_scores, best_ids)
+
+
+def choose_negatives(queries: torch.Tensor, corpus: torch.Tensor, positive_rows: Sequence[int],
+                     excluded: Sequence[set[int] | frozenset[int]], selection: Selection, corpus_chunk: int,
+                     backend: str = "torch") -> tuple[list[list[int]], list[float]]:
+    """Each query's negatives (corpus rows, best first) and its positive's score.
+
+    The first search fetches just enough candidates for the skip and the excluded rows. When a
+    margin leaves a question short, its search goes deeper (up to ``max_candidates``), so the
+    negatives are those of a full ranking rather than whatever a shallow pool had left.
+    """
+    rows = torch.as_tensor(list(positive_rows), dtype=torch.long, device=corpus.device)
+    positive = (queries * corpus[rows].to(torch.float32)).sum(-1).tolist() if len(rows) else []
+    thresholds = [selection.threshold(s) for s in positive]
+    chosen: list[list[int]] = [[] for _ in range(len(queries))]
+    todo = list(range(len(queries)))
+    if not todo:
+        return chosen, positive
+    needed = selection.num_negatives + selection.skip_top + max(len(e) for e in excluded)
+    depth, deepest = needed, max(needed, selection.max_candidates)
+    while todo:
+        depth = min(depth, deepest, len(corpus))
+        index = torch.as_tensor(todo, device=queries.device)
+        scores, ids = search(queries[index], corpus, depth, corpus_chunk, backend)
+        short = []
+        for q, q_scores, q_ids in zip(todo, scores.tolist(), ids.tolist()):
+            chosen[q] = pick(q_ids, q_scores, excluded[q], thresholds[q], selection)
+            if len(chosen[q]) < selection.num_negatives and depth < min(deepest, len(corpus)):
+                short.append(q)
+        todo, depth = short, depth * GROWTH
+    return chosen, positive
+
+
+# --- the corpus ------------------------------------------------------------------------------
+
+
+def _decode(path: str, line: int, raw: Any) -> dict[str, Any] | Reject | None:
+    """A record as a dict (JSONL lines are parsed here), a Reject, or None for a blank line."""
+    if not isinstance(raw, str):
+        return raw if isinstance(raw, dict) else Reject(path, line, "expected a record", str(raw)[:SHOWN])
+    if not raw.strip():
+        return None
+    if "\ufffd" in raw:
+        return Reject(path, line, "not valid UTF-8; re-encode the file as UTF-8", raw[:SHOWN])
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        return Reject(path, line, f"not valid JSON ({exc.msg} at column {exc.colno}); write one JSON object "
+                      "per line", raw[:SHOWN])
+    if not isinstance(record, dict):
+        return Reject(path, line, f"expected a JSON object, got {type(record).__name__}", raw[:SHOWN])
+    return record
+
+
+def document_text(path: str, line: int, record: dict[str, Any]) -> str | Reject:
+    """An extra document: ``text``, after the BEIR-style ``title`` when there is one."""
+    text = record.get("text")
+    if not isinstance(text, str) or not text.strip():
+        keys = ", ".join(sorted(record)[:10]) or "none"
+        found = "no 'text' field" if "text" not in record else f"'text' is {text!r:.60}"
+        return Reject(path, line, f"{found} (fields here: {keys}); a corpus record needs a non-empty 'text', "
+                      "with an optional 'title'", json.dumps(record, default=str)[:SHOWN])
+    title = record.get("title")
+    return f"{title.strip()} {text}" if isinstance(title, str) and title.strip() else text
+
+
+def bad_record(reject: Reject) -> DataError:
+    return DataError(f"bad record: {reject.message()}\nFix it: every input record is written to the output, "
+                     "so none can be skipped.")
+
+
+def read_records(files: list[str], cfg: DataConfig) -> Iterator[tuple[dict[str, Any], Pair]]:
+    """Every input record with its pair, in file order; the first bad record stops the run."""
+    for path in files:
+        for line, raw in _read_file(path, file_format(path, cfg.format)):
+            item = parse_record(path, line, raw, cfg)
+            if item is None:
+                continue
+            if isinstance(item, Reject):
+                raise bad_record(item)
+            record = _decode(path, line, raw)
+            assert isinstance(record, dict)  # parse_record accepted it
+            yield record, item
+
+
+def read_documents(files: list[str]) -> Iterator[str]:
+    for path in files:
+        for line, raw in _read_file(path, file_format(path, "auto")):
+            record = _decode(path, line, raw)
+            if record is None:
+                continue
+            text = record if isinstance(record, Reject) else document_text(path, line, record)
+            if isinstance(text, Reject):
+                raise bad_record(text)
+            yield text
+
+
+class Corpus:
+    """The distinct documents: texts in a spool file on disk, a few integers each in memory.
+
+    Rows are in order of first appearance: the input's answers, then the extra documents.
+    """
+
+    def __init__(self, spool: IO[bytes], offsets: np.ndarray, keys: np.ndarray, answers: int,
+                 same_question: dict[int, frozenset[int]], records: int) -> None:
+        self.spool = spool
+        self.offsets = offsets  # byte offset of each row's text in the spool
+        self.keys = keys  # text_key of each row
+        self.answers = answers  # rows that are some record's answer
+        self.same_question = same_question  # question key -> rows of its answers, for questions with several
+        self.records = records
+        self._sorted = np.argsort(keys, kind="stable")
+        self.embeddings: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def rows(self, keys: Sequence[int]) -> list[int]:
+        wanted = np.asarray(keys, dtype=np.int64)
+        at = np.searchsorted(self.keys, wanted, sorter=self._sorted)
+        rows = self._sorted[np.minimum(at, len(self.keys) - 1)]
+        if len(rows) and not np.array_equal(self.keys[rows], wanted):
+            raise DataError("the input changed while it was being read; run the miner again")
+        return rows.tolist()
+
+    def excluded(self, query_key: int, positive_row: int) -> frozenset[int]:
+        """A question's own answer and those of other records with the same question."""
+        return self.same_question.get(query_key, frozenset()) | {positive_row}
+
+    def texts(self, rows: Sequence[int]) -> dict[int, str]:
+        out = {}
+        for row in sorted(set(rows), key=lambda r: self.offsets[r]):
+            self.spool.seek(int(self.offsets[row]))
+            out[row] = json.loads(self.spool.readline())
+        return out
+
+    def iter_texts(self) -> Iterator[str]:
+        """All rows' texts in row order, read straight through the spool."""
+        self.spool.seek(0)
+        position, row = 0, 0
+        for line in self.spool:
+            if row < len(self) and position == self.offsets[row]:
+                yield json.loads(line)
+                row += 1
+            position += len(line)
+
+
+def gather_corpus(input_files: list[str], corpus_files: list[str], cfg: DataConfig, spool: IO[bytes]) -> Corpus:
+    """The first pass: every record is checked, every document's text spooled and hashed."""
+    offsets, keys, query_keys, answer_keys = array("q"), array("q"), array("q"), array("q")
+    position = 0
+
+    def add(text: str) -> int:
+        nonlocal position
+        data = json.dumps(text).encode("ascii") + b"\n"
+        spool.write(data)
+        offsets.append(position)
+        key = text_key(text)
+        keys.append(key)
+        position += len(data)
+        return key
+
+    for _, pair in tqdm(read_records(input_files, cfg), desc="read", unit=" records", leave=False):
+        answer_keys.append(add(pair.positive))
+        query_keys.append(text_key(pair.query))
+    answer_entries = len(offsets)
+    for text in read_documents(corpus_files):
+        add(text)
+    spool.flush()
+    if not answer_entries:
+        raise DataError(f"{', '.join(input_files)}: no records found; give it one JSON record per line")
+
+    # Distinct by normalized text; a document keeps its first appearance (so answers come first).
+    all_keys = np.frombuffer(keys, dtype=np.int64)
+    _, first = np.unique(all_keys, return_index=True)
+    first.sort()
+    corpus = Corpus(spool, np.frombuffer(offsets, dtype=np.int64)[first].copy(), all_keys[first].copy(),
+                    int((first < answer_entries).sum()), {}, answer_entries)
+
+    # Questions asked more than once with different answers: each answer is no negative of the others.
+    pairs = np.unique(np.stack([np.frombuffer(query_keys, dtype=np.int64),
+                                np.frombuffer(answer_keys, dtype=np.int64)], 1), axis=0)
+    questions, starts, counts = np.unique(pairs[:, 0], return_index=True, return_counts=True)
+    for i in np.flatnonzero(counts > 1).tolist():
+        answers = pairs[starts[i]:starts[i] + counts[i], 1]
+        corpus.same_question[int(questions[i])] = frozenset(corpus.rows(answers.tolist()))
+    return corpus
+
+
+# --- encoding --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode(model: EmbeddingModel, tokenize: Any, texts: list[str], batch_size: int,
+           device: torch.device) -> torch.Tensor:
+    """Unit-length float32 embeddings in the order given; texts of similar length share a batch."""
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    out = torch.empty(len(texts), model.dim, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    with autocast:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            inputs = {k: v.to(device) for k, v in tokenize([texts[i] for i in rows]).items()}
+            out[torch.as_tensor(rows, device=device)] = F.normalize(model(**inputs).float(), dim=-1)
+    return out
+
+
+def embed_corpus(corpus: Corpus, model: EmbeddingModel, collate: PairCollator, batch_size: int,
+                 device: torch.device, store: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The corpus embeddings, written block by block into one preallocated tensor on ``store``."""
+    embeddings = torch.empty(len(corpus), model.dim, dtype=dtype, device=store)
+    block: list[str] = []
+    done = 0
+    with tqdm(total=len(corpus), desc="embed corpus", unit=" docs") as bar:
+        for text in itertools.chain(corpus.iter_texts(), [None]):
+            if text is not None:
+                block.append(text)
+                if len(block) < batch_size * ENCODE_BLOCK:
+                    continue
+            if block:
+                embeddings[done:done + len(block)] = encode(model, collate.documents, block, batch_size,
+                                                            device).to(store, dtype)
+                done += len(block)
+                bar.update(len(block))
+                block = []
+    corpus.embeddings = embeddings
+    return embeddings
+
+
+# --- settings from the model folder ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    query_prefix: str = ""
+    document_prefix: str = ""
+    max_seq_length: int | None = None
+
+
+def _json_file(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        value = json.load(f)
+    return value if isinstance(value, dict) else {}
+
+
+def model_defaults(name: str) -> ModelDefaults:
+    """Prompts and max length that a model folder was saved with (embedtune saves the training
+    prefixes as the sentence-transformers ``query`` and ``document`` prompts)."""
+    path = resolve_model_path(name)
+    if not os.path.isdir(path):
+        return ModelDefaults()
+    prompts = _json_file(os.path.join(path, "config_sentence_transformers.json")).get("prompts") or {}
+    # Older sentence-transformers folders say max_seq_length; newer ones keep it as the tokenizer's
+    # model_max_length, which a plain Hugging Face folder has too.
+    transformer_dir = read_st_settings(path).transformer_dir
+    length = _json_file(os.path.join(transformer_dir, "sentence_bert_config.json")).get("max_seq_length")
+    if not isinstance(length, int):
+        length = _json_file(os.path.join(transformer_dir, "tokenizer_config.json")).get("model_max_length")
+    if not isinstance(length, int) or not 0 < length < 1_000_000:  # transformers' "no limit" is 1e30
+        length = None
+
+    def prompt(*names: str) -> str:
+        return next((prompts[n] for n in names if isinstance(prompts.get(n), str)), "")
+
+    return ModelDefaults(prompt("query"), prompt("document", "passage"), length)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    records: int = 0
+    corpus: int = 0
+    answers: int = 0
+    negatives: int = 0
+    short_margin: int = 0  # fewer than asked: the margin (within max_candidates) left too few
+    short_corpus: int = 0  # fewer than asked: the corpus has too few other documents
+    replaced: int = 0  # records whose negatives field was there already
+    seconds: float = 0.0
+
+    def lines(self, asked: int, output: str) -> list[str]:
+        mean = self.negatives / max(self.records, 1)
+        rate = self.records / max(self.seconds, 1e-9)
+        lines = [f"mined {self.records} records against {self.corpus} documents ({self.answers} answers, "
+                 f"{self.corpus - self.answers} extra) in {self.seconds:.1f} s ({rate:.1f} records/s)",
+                 f"negatives per record: {mean:.2f} on average ({asked} asked)"]
+        short = self.short_margin + self.short_corpus
+        if short:
+            lines.append(f"{short} records got fewer than {asked}: {self.short_margin} because of the margin, "
+                         f"{self.short_corpus} because the corpus has too few other documents")
+        if self.replaced:
+            lines.append(f"{self.replaced} records had negatives already; they were replaced")
+        lines.append(f"wrote {output}")
+        return lines
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# Line breaks to str.splitlines, which JSON leaves unescaped: escaped, so any reader sees one line.
+LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _json_line(record: dict[str, Any]) -> bytes:
+    text = json.dumps(record, ensure_ascii=False, default=str).translate(LINE_BREAKS)
+    try:
+        return text.encode("utf-8") + b"\n"
+    except UnicodeEncodeError:  # a lone surrogate from a \ud8xx escape: keep the escapes
+        return json.dumps(record, default=str).encode("ascii") + b"\n"
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def mine(args: argparse.Namespace) -> Summary:
+    started = time.perf_counter()
+    inputs = resolve_files([args.input])
+    extra = resolve_files(args.corpus or [])
+    for path in inputs + extra:
+        if "://" not in path and _same_file(path, args.output):
+            raise MineError(f"--output {args.output} is an input file; write the mined records elsewhere")
+    negatives_field = args.negatives_field
+    if negatives_field in (args.query_field, args.positive_field):
+        raise MineError(f"--negatives-field {negatives_field!r} would overwrite the question or the answer")
+    selection = Selection(args.num_negatives, args.skip_top, args.margin, args.relative_margin, args.max_candidates)
+    # Negatives already in the input are not read (they are replaced), so they cannot reject a record.
+    cfg = DataConfig(query_field=args.query_field, positive_field=args.positive_field)
+
+    model_path = resolve_model_path(args.model)
+    defaults = model_defaults(model_path)
+    cap = defaults.max_seq_length or 1 << 30
+    query_prefix = defaults.query_prefix if args.query_prefix is None else args.query_prefix
+    document_prefix = defaults.document_prefix if args.document_prefix is None else args.document_prefix
+    query_max = args.query_max_length or min(DataConfig().query_max_length, cap)
+    document_max = args.document_max_length or min(DataConfig().document_max_length, cap)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = choose_backend(args.backend, device)
+    store = torch.device("cpu") if backend == "faiss" else device
+    dtype = {"float16": torch.float16, "float32": torch.float32}[args.dtype]
+
+    model, tokenizer = EmbeddingModel.from_pretrained(model_path)
+    model.to(device).eval()
+    collate = PairCollator(tokenizer, query_max, document_max, query_prefix, document_prefix)
+    logger.info("model %s on %s, %s search; prefixes %r / %r, max length %d / %d", args.model, device, backend,
+                query_prefix, document_prefix, query_max, document_max)
+
+    folder = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(folder, exist_ok=True)
+    summary = Summary()
+    with tempfile.TemporaryFile(dir=folder, prefix=".mine-spool-") as spool:
+        corpus = gather_corpus(inputs, extra, cfg, spool)
+        summary.corpus, summary.answers = len(corpus), corpus.answers
+        logger.info("%d records, corpus of %d documents (%d answers, %d extra), read in %.1f s", corpus.records,
+                    len(corpus), corpus.answers, len(corpus) - corpus.answers, time.perf_counter() - started)
+        phase = time.perf_counter()
+        embeddings = embed_corpus(corpus, model, collate, args.batch_size, device, store, dtype)
+        logger.info("corpus embedded in %.1f s (%.0f documents/s), %.0f MiB of %s embeddings",
+                    time.perf_counter() - phase, len(corpus) / max(time.perf_counter() - phase, 1e-9),
+                    embeddings.numel() * embeddings.element_size() / 2**20, args.dtype)
+        phase = time.perf_counter()
+        corpus_chunk = args.corpus_chunk_size or max(1024, SCORE_BUDGET // args.chunk_size)
+
+        # Written beside the output and renamed over it at the end: a failed run leaves no half file.
+        temp = os.path.join(folder, f".{os.path.basename(args.output)}.{os.getpid()}.tmp")
+        try:
+            with open(temp, "wb") as out, tqdm(total=corpus.records, desc="mine", unit=" records") as bar:
+                for chunk in _chunks(read_records(inputs, cfg), args.chunk_size):
+                    pairs = [pair for _, pair in chunk]
+                    queries = encode(model, collate.queries, [p.query for p in pairs], args.batch_size, device)
+                    positive_rows = corpus.rows([text_key(p.positive) for p in pairs])
+                    excluded = [corpus.excluded(text_key(p.query), row) for p, row in zip(pairs, positive_rows)]
+                    chosen, _ = choose_negatives(queries.to(store), embeddings, positive_rows, excluded, selection,
+                                                 corpus_chunk, backend)
+                    texts = corpus.texts([row for rows in chosen for row in rows])
+                    for (record, _), rows, skip in zip(chunk, chosen, excluded):
+                        summary.replaced += negatives_field in record
+                        record[negatives_field] = [texts[row] for row in rows]
+                        out.write(_json_line(record))
+                        summary.negatives += len(rows)
+                        if len(rows) < selection.num_negatives:
+                            available = len(corpus) - len(skip) - selection.skip_top
+                            if available < selection.num_negatives and len(rows) == max(available, 0):
+                                summary.short_corpus += 1
+                            else:
+                                summary.short_margin += 1
+                    summary.records += len(chunk)
+                    bar.update(len(chunk))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temp, args.output)
+        except BaseException:
+            if os.path.exists(temp):
+                os.remove(temp)
+            raise
+    summary.seconds = time.perf_counter() - started
+    logger.info("questions encoded, searched and written in %.1f s", time.perf_counter() - phase)
+    if device.type == "cuda":
+        logger.info("peak GPU memory %.0f MiB", torch.cuda.max_memory_allocated() / 2**20)
+    if sys.platform != "win32":
+        import resource
+
+        logger.info("peak memory (RSS) %.0f MiB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return summary
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embedtune mine",
+        description="Add hard negatives to Q&A records: for each question, the documents the model ranks "
+                    "closest to it that are not its answer. The corpus is the distinct answers of the input "
+                    "plus any --corpus documents.",
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model folder (a fine-tuned final_model/ too) "
+                        f"or {DEFAULT_MODEL} (default)")
+    parser.add_argument("--input", required=True, help="Q&A records (JSONL, Parquet or CSV)")
+    parser.add_argument("--output", required=True, help="JSONL: every input record, in order, with negatives")
+    parser.add_argument("--corpus", action="append", metavar="DOCS.jsonl",
+                        help="extra documents: records with 'text' (and an optional 'title'); repeatable")
+    parser.add_argument("--num-negatives", type=int, default=5, help="negatives per record (default 5)")
+    parser.add_argument("--skip-top", type=int, default=0, help="pass over the N closest candidates first")
+    margins = parser.add_mutually_exclusive_group()
+    margins.add_argument("--margin", type=float, help="keep candidates scored below positive - M")
+    margins.add_argument("--relative-margin", type=float, help="keep candidates scored below positive * (1 - R)")
+    parser.add_argument("--max-candidates", type=int, default=1000,
+                        help="how deep the ranking is searched for candidates that pass the margin (default 1000)")
+    parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
+    parser.add_argument("--chunk-size", type=int, default=4096, help="questions read, encoded and searched at once")
+    parser.add_argument("--corpus-chunk-size", type=int, help="documents scored at once (default: a budget of "
+                        f"{SCORE_BUDGET:,} scores per chunk)")
+    parser.add_argument("--query-max-length", type=int, help="default 64, capped by the model's max length")
+    parser.add_argument("--document-max-length", type=int, help="default 256, capped by the model's max length")
+    parser.add_argument("--query-prefix", help="default: the model folder's 'query' prompt, else none")
+    parser.add_argument("--document-prefix", help="default: the model folder's 'document' prompt, else none")
+    parser.add_argument("--query-field", default="question")
+    parser.add_argument("--positive-field", default="answer")
+    parser.add_argument("--negatives-field", default="negatives", help="the field written (replaced if present)")
+    parser.add_argument("--backend", choices=["auto", "faiss", "torch"], default="auto",
+                        help="auto: faiss when installed and no GPU is used, else torch")
+    parser.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                        help="how the corpus embeddings are held (scores are computed in float32)")
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("num_negatives", "batch_size", "chunk_size", "corpus_chunk_size", "query_max_length",
+                 "document_max_length", "max_candidates"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.skip_top < 0:
+        parser.error(f"--skip-top must be 0 or more, got {args.skip_top}")
+    if args.margin is not None and not args.margin >= 0:
+        parser.error(f"--margin must be 0 or more, got {args.margin}")
+    if args.relative_margin is not None and not 0 <= args.relative_margin < 1:
+        parser.error(f"--relative-margin must be in [0, 1), got {args.relative_margin}")
+
+
+def _console_logging() -> None:
+    """Progress on stderr when nothing else set logging up (the trainer configures its own)."""
+    root = logging.getLogger("embedtune")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    try:
+        args = parser.parse_args(argv)
+        check_args(parser, args)
+    except SystemExit as exc:  # --help, or a usage error argparse has already explained
+        return int(exc.code or 0)
+    _console_logging()
+    try:
+        summary = mine(args)
+    except (DataError, MineError, ModelLoadError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(summary.lines(args.num_negatives, args.output)))
+    return 0
+
+
+if __name__ == "__main__":
+    # Through the package's module, so the log lines carry its name (not __main__).
+    from embedtune.mine import main as package_main
+
+    sys.exit(package_main())

@@ -1,0 +1,97 @@
+"""The unpadded (packed) path gives the embeddings, losses and gradients of the padded path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_pairs, write_jsonl
+from test_gradcache import batch_of, grads_of, tiny
+
+from embedtune.losses import GradCacheStep, MultipleNegativesRankingLoss, embedded, plain_step
+from embedtune.model import EmbeddingModel
+
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
+def test_packed_and_padded_give_the_same_loss_and_gradients(tokenizer_dir: Path, tmp_path: Path, accelerator,
+                                                             pooling: str) -> None:
+    model, tokenizer = EmbeddingModel.from_pretrained(str(tiny(tokenizer_dir, tmp_path, dropout=0.0)), pooling)
+    batch, loss_fn = batch_of(tokenizer, n=16), MultipleNegativesRankingLoss(symmetric=True)
+    assert batch["document"]["attention_mask"].float().mean() < 0.9  # there is padding to remove
+    padded_loss = plain_step(model, batch, loss_fn, 1.0, accelerator)
+    padded = grads_of(model)
+    assert model.enable_packing(tokenizer)
+    packed_loss = plain_step(model, batch, loss_fn, 1.0, accelerator)
+    packed = grads_of(model)
+    assert packed_loss.item() == pytest.approx(padded_loss.item(), rel=1e-5)
+    assert packed.keys() == padded.keys()
+    for name, grad in padded.items():
+        torch.testing.assert_close(packed[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradcache_stays_exact_on_the_packed_path_with_dropout(tokenizer_dir: Path, tmp_path: Path,
+                                                              accelerator) -> None:
+    model, tokenizer = EmbeddingModel.from_pretrained(str(tiny(tokenizer_dir, tmp_path, dropout=0.3)))
+    assert model.enable_packing(tokenizer)
+    model.train()
+    batch, loss_fn, step = batch_of(tokenizer), MultipleNegativesRankingLoss(), GradCacheStep(4)
+    torch.manual_seed(7)
+    cached_loss = step(model, batch, loss_fn, 1.0, accelerator)
+    cached = grads_of(model)
+    torch.manual_seed(7)
+    sides = [torch.cat([model(**model.prepare(c, torch.device("cpu"))) for c in step._chunks(batch[side])])
+             for side in ("query", "document")]
+    reference_loss = loss_fn(embedded(batch, *sides))
+    reference_loss.backward()
+    reference = grads_of(model)
+    assert cached_loss.item() == pytest.approx(reference_loss.item(), rel=1e-5)
+    for name, grad in reference.items():
+        torch.testing.assert_close(cached[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_model_that_fails_the_check_stays_padded_and_correct(tokenizer_dir: Path, tmp_path: Path) -> None:
+    model, tokenizer = EmbeddingModel.from_pretrained(str(tiny(tokenizer_dir, tmp_path, dropout=0.0)))
+    inputs = tokenizer(["short", "a much longer text with many more words than the first"], padding=True,
+                       return_tensors="pt")
+    inputs = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        before = model(**inputs)
+    assert not model.enable_packing(tokenizer, tolerance=-1.0)  # no architecture can pass this
+    assert model.prepare(inputs, torch.device("cpu")).keys() == inputs.keys()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs), before)  # padding is still masked
+
+
+def test_training_unpadded_matches_training_padded(tokenizer_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from embedtune.train import main
+
+    base = tiny(tokenizer_dir, tmp_path / "base", dropout=0.0)
+    data = write_jsonl(tmp_path / "qa.jsonl", make_pairs(80, seed=3))
+    results = {}
+    for unpad in ("true", "false"):
+        out = tmp_path / f"out-{unpad}"
+        assert main(["--input_jsonl", str(data), "--base_model", str(base), "--output_dir", str(out),
+                     "--batch_size", "16", "--learning_rate", "1e-3", "data.num_workers=0", "train.max_steps=3",
+                     "tracking.log_every_n_steps=1", "tracking.report_to=none", "eval.before=false",
+                     "train.warmup_ratio=0", f"model.unpad={unpad}"]) == 0
+        rows = [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
+        results[unpad] = ([r["loss"] for r in rows if "loss" in r], [r["padding_efficiency"] for r in rows
+                                                                    if "loss" in r],
+                          load_file(out / "final_model" / "model.safetensors"))
+        assert "embedtune" not in (out / "final_model" / "config.json").read_text()  # loads anywhere
+    (loss_a, eff_a, weights_a), (loss_b, eff_b, weights_b) = results["true"], results["false"]
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert eff_a == [1.0] * 3 and all(e < 1 for e in eff_b)
+    for name, tensor in weights_b.items():
+        torch.testing.assert_close(weights_a[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
