@@ -1,4 +1,4 @@
-"""Benchmarks that print figures: ``embedtune bench resume`` and ``embedtune bench gradcache``.
+"""Benchmarks that print figures: ``embedtune bench throughput``, ``resume`` and ``gradcache``.
 
 ``resume`` measures what resuming deep into a stream costs: the time to the first training batch
 of a fresh run against one resumed N examples in, on a generated JSONL file. The resumed loader
@@ -148,7 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     cache.add_argument("--doc_len", type=int, default=None, help="words per document (GPU 192, CPU 48)")
     cache.add_argument("--steps", type=int, default=2)
     cache.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
+    from embedtune import throughput
+
+    throughput.add_arguments(sub.add_parser("throughput", help="training pairs/s, tokens/s, padding, MFU, memory; "
+                                            "--compare runs SentenceTransformerTrainer on the same workload"))
     args = parser.parse_args(argv)
+    if args.name == "throughput":
+        return throughput.main(args)
     if args.name == "gradcache":
         import torch
 

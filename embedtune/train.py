@@ -83,6 +83,31 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
     return torch.optim.AdamW(groups, lr=cfg.train.learning_rate, fused=device.type == "cuda")
 
 
+def skips_on_device(optimizer: Any, accelerator: Accelerator) -> bool:
+    """Whether a non-finite update can be skipped without the host looking: fused AdamW takes a
+    ``found_inf`` flag on the device, as it does from a loss scaler."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return accelerator.scaler is None and bool(getattr(inner, "defaults", {}).get("fused"))
+
+
+def apply_update(optimizer: Any, grad_norm: torch.Tensor | None, accelerator: Accelerator) -> torch.Tensor:
+    """Step the optimizer unless the gradient norm is not finite; 1.0 on the device when skipped.
+
+    A non-finite gradient never reaches the weights. Under fp16 the loss scaler skips that update
+    itself and must see it to lower its scale.
+    """
+    if grad_norm is None:  # DeepSpeed clips inside its engine and may report no norm
+        optimizer.step()
+        return torch.zeros((), device=accelerator.device)
+    bad = (~torch.isfinite(torch.as_tensor(grad_norm, device=accelerator.device))).float()
+    if skips_on_device(optimizer, accelerator):
+        getattr(optimizer, "optimizer", optimizer).found_inf = bad
+        optimizer.step()
+    elif accelerator.scaler is not None or not bool(bad):
+        optimizer.step()
+    return bad
+
+
 @contextmanager
 def stop_signals() -> Iterator[dict[str, bool]]:
     """SIGTERM / SIGINT ask the loop to finish its step, save and exit; a second one kills."""
@@ -233,6 +258,10 @@ def train(cfg: Config) -> dict[str, Any]:
     window_loss = torch.zeros((), device=accelerator.device)
     window_pairs, window_micro, window_start, grad_norm = 0, 0, time.perf_counter(), None
     window_tokens = [0, 0]  # real and computed tokens this process encoded
+    nonfinite = torch.tensor(float(state.nonfinite_in_a_row), device=accelerator.device)
+    skipped = torch.zeros((), device=accelerator.device)
+    skipped_before, skipped_at_start = 0, state.skipped_steps
+    fused_skip = skips_on_device(optimizer, accelerator)
     packed = accelerator.unwrap_model(model).packed
     started, duration_before = time.perf_counter(), state.duration_s
 
@@ -267,12 +296,9 @@ def train(cfg: Config) -> dict[str, Any]:
                     loss = step_fn(model, batch, loss_fn, share, accelerator)  # forward and backward
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
-                        # DeepSpeed clips inside its engine and may report no norm.
-                        finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)))
-                        # A non-finite gradient never reaches the weights. Under fp16 the loss
-                        # scaler skips that update itself and must see it to lower the scale.
-                        if finite or accelerator.scaler is not None:
-                            optimizer.step()
+                        bad = apply_update(optimizer, grad_norm, accelerator)
+                        nonfinite = (nonfinite + bad) * bad  # the run of skipped steps, on the device
+                        skipped += bad
                     optimizer.zero_grad(set_to_none=True)
                 window_loss += loss
                 window_micro += 1
@@ -289,19 +315,26 @@ def train(cfg: Config) -> dict[str, Any]:
                 state.step += 1
                 state.batches_in_epoch += 1
                 bar.update(1)
-                if finite:
-                    state.nonfinite_in_a_row = 0
-                else:
-                    state.skipped_steps += 1
-                    state.nonfinite_in_a_row += 1
-                    logger.warning("step %d: non-finite gradient norm, update skipped", state.step)
+                every = cfg.checkpoint.every_n_steps
+                log_now = state.step % cfg.tracking.log_every_n_steps == 0 or state.step == total_steps
+                # The skipped-update counters are read where the loop syncs anyway (logging,
+                # saving), or every step when the update itself needed the host to decide.
+                stop = any_process(signals["stop"], accelerator.device)
+                if not fused_skip or log_now or stop or (every and state.step % every == 0):
+                    in_a_row, total_skipped = (int(v) for v in torch.stack([nonfinite, skipped]).tolist())
+                    if total_skipped > skipped_before:
+                        logger.warning("step %d: %d update(s) skipped for a non-finite gradient norm (%d in all)",
+                                       state.step, total_skipped - skipped_before, total_skipped)
+                    skipped_before = total_skipped
+                    state.skipped_steps = skipped_at_start + total_skipped
+                    state.nonfinite_in_a_row = in_a_row
                     if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
                         save_checkpoint()
                         raise TrainingStopped(
                             f"{state.nonfinite_in_a_row} steps in a row had a non-finite gradient (up to step "
                             f"{state.step}); stopped with a checkpoint. Lower train.learning_rate, check the "
                             "data, or use bf16 rather than fp16, then resume with --resume_from_checkpoint latest.")
-                if state.step % cfg.tracking.log_every_n_steps == 0 or state.step == total_steps:
+                if log_now:
                     elapsed = time.perf_counter() - window_start
                     mean_loss = accelerator.reduce(window_loss, "mean").item() / window_micro
                     real, padded = accelerator.reduce(torch.tensor(window_tokens, device=accelerator.device),
@@ -325,8 +358,6 @@ def train(cfg: Config) -> dict[str, Any]:
                     window_tokens = [0, 0]
                 if cfg.eval.every_n_steps and state.step % cfg.eval.every_n_steps == 0 and state.step < total_steps:
                     run_eval(state.step)
-                stop = any_process(signals["stop"], accelerator.device)
-                every = cfg.checkpoint.every_n_steps
                 if stop or (every and state.step % every == 0 and state.step < total_steps):
                     save_checkpoint()
                 if stop:

@@ -1,0 +1,320 @@
+"""``embedtune bench throughput``: training speed on a fixed workload, optionally side by side with
+sentence-transformers' ``SentenceTransformerTrainer`` on the identical workload.
+
+The workload is real question/answer pairs (the packaged Python-docs set unless ``--data`` names
+another file), repeated to fill the steps, with one max length for queries and documents as a
+sentence-transformers model has. Both trainers run ``2 x --steps`` optimizer steps with
+MultipleNegativesRankingLoss; the first half warms up (compilation, allocator, workers) and the
+second half is timed. The figures: pairs/s, real tokens/s, padding efficiency, an MFU estimate,
+peak memory, and the data loader's own pairs/s against what training consumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+DEFAULT_DATA = "embedtune:resources/python_docs_qa.jsonl.gz"
+DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def peak_flops(precision: str) -> tuple[float, str]:
+    """The datasheet's dense peak for known GPUs; else a measured large matmul (a reachable peak)."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, flops in DATASHEET_BF16.items():
+            if key in name and precision in ("bf16", "fp16"):
+                return flops, f"{name} datasheet dense {precision}"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if precision == "bf16" and device == "cuda" else torch.float32
+    n = 8192 if device == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps = 10 if device == "cuda" else 4
+    sync()
+    started = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - started), f"measured {n}x{n} {dtype} matmul"
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def model_folder(name: str, out: str) -> str:
+    """A loadable model folder. A folder with a config but no weights (as carried for benchmarks)
+    becomes that architecture with random weights: speed does not depend on the values."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from embedtune.model import read_st_settings, resolve_model_path
+
+    path = resolve_model_path(name)
+    if os.path.isdir(path):
+        transformer_dir = read_st_settings(path).transformer_dir
+        has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(transformer_dir))
+        if has_weights:
+            return path
+        torch.manual_seed(0)
+        model = AutoModel.from_config(AutoConfig.from_pretrained(transformer_dir))
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(transformer_dir).save_pretrained(out)
+        return out
+    return path
+
+
+def workload(data: str, pairs: int, path: str) -> int:
+    """Write ``pairs`` records cycling through the Q&A file; returns the distinct pairs."""
+    from embedtune.data import resolve_files
+
+    [source] = resolve_files([data])
+    opener = gzip.open if source.endswith(".gz") else open
+    with opener(source, "rt", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(pairs):
+            r = records[i % len(records)]
+            f.write(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n")
+    return len(records)
+
+
+def tokens_per_pair(model_dir: str, path: str, max_length: int, sample: int = 2000) -> float:
+    from transformers import AutoTokenizer
+
+    from embedtune.model import read_st_settings
+
+    tokenizer = AutoTokenizer.from_pretrained(read_st_settings(model_dir).transformer_dir)
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line, _ in zip(f, range(sample))]
+    total = 0
+    for key in ("question", "answer"):
+        encoded = tokenizer([r[key] for r in rows], truncation=True, max_length=max_length)
+        total += sum(len(ids) for ids in encoded["input_ids"])
+    return total / len(rows)
+
+
+def flops_per_token(model_dir: str, mean_length: float) -> float:
+    """Training FLOPs per real token: 6 x non-embedding parameters, plus attention scores."""
+    from transformers import AutoConfig
+
+    from embedtune.model import read_st_settings
+
+    config = AutoConfig.from_pretrained(read_st_settings(model_dir).transformer_dir)
+    h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    dense = layers * (4 * h * h + 2 * h * inter)
+    return 6 * dense + 12 * layers * h * mean_length
+
+
+def peak_memory_mib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_embedtune(model_dir: str, data: str, args: argparse.Namespace, out: str) -> dict[str, float]:
+    from accelerate.state import AcceleratorState
+
+    from embedtune.config import Config
+    from embedtune.train import train
+
+    cfg = Config.model_validate({
+        "output_dir": out,
+        "model": {"base_model": model_dir, "unpad": args.unpad, "compile": args.compile},
+        "data": {"train_files": [data], "eval_fraction": 0.0, "num_workers": args.workers,
+                 "query_max_length": args.max_length, "document_max_length": args.max_length},
+        "train": {"batch_size": args.batch_size, "max_steps": 2 * args.steps, "learning_rate": 2e-5,
+                  "mixed_precision": args.precision},
+        "eval": {"before": False},
+        "checkpoint": {"every_n_steps": None},
+        "tracking": {"report_to": "none", "log_every_n_steps": args.steps},
+    })
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    train(cfg)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with open(os.path.join(out, "training_metrics.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if '"loss"' in line]
+    timed = rows[-1]  # the second window: steps+1 .. 2*steps
+    return {"pairs_per_s": timed["pairs_per_s"], "tokens_per_s": timed["tokens_per_s"],
+            "padding_efficiency": timed["padding_efficiency"], "peak_mib": peak_memory_mib(),
+            "loss": timed["loss"]}
+
+
+def run_st_trainer(model_dir: str, data: str, args: argparse.Namespace, out: str) -> dict[str, float]:
+    """The same steps with SentenceTransformerTrainer, timed over the second half by a callback."""
+    import datasets
+    from datasets.table import InMemoryTable
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+        losses,
+    )
+    from transformers import TrainerCallback
+
+    with open(data, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    table = InMemoryTable.from_pydict({"anchor": [r["question"] for r in rows],
+                                       "positive": [r["answer"] for r in rows]})
+    dataset = datasets.Dataset(table, fingerprint="embedtune-bench")  # no hashing of the data
+    model = SentenceTransformer(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+    model.max_seq_length = args.max_length
+    marks: dict[int, float] = {}
+    real = {"tokens": 0, "padded": 0}
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, _args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step in (args.steps, 2 * args.steps):
+                sync()
+                marks[state.global_step] = time.perf_counter()
+
+    loss = losses.MultipleNegativesRankingLoss(model)
+    training_args = SentenceTransformerTrainingArguments(
+        output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=2 * args.steps, learning_rate=2e-5,
+        warmup_ratio=0.1, bf16=args.precision == "bf16", fp16=args.precision == "fp16",
+        dataloader_num_workers=args.st_workers if args.st_workers is not None else args.workers,
+        report_to="none", save_strategy="no", logging_steps=args.steps, seed=42, dataloader_drop_last=True,
+        disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=dataset, loss=loss,
+                                         callbacks=[Timer()])
+    trainer.train()
+    seconds = marks[2 * args.steps] - marks[args.steps]
+    pairs = args.steps * args.batch_size
+    del real
+    return {"pairs_per_s": pairs / seconds, "peak_mib": peak_memory_mib()}
+
+
+def loader_pairs_per_s(model_dir: str, data: str, args: argparse.Namespace, batches: int) -> float:
+    """The DataLoader alone: reading, shuffling and tokenizing in workers, nothing trained."""
+    from transformers import AutoTokenizer
+
+    from embedtune.collate import PairCollator
+    from embedtune.config import DataConfig
+    from embedtune.data import PairBatches, make_loader
+    from embedtune.model import read_st_settings
+
+    tokenizer = AutoTokenizer.from_pretrained(read_st_settings(model_dir).transformer_dir)
+    cfg = DataConfig(train_files=[data], eval_fraction=0.0, num_workers=args.workers,
+                     query_max_length=args.max_length, document_max_length=args.max_length)
+    dataset = PairBatches(cfg, args.batch_size, 1, 0, PairCollator(tokenizer, args.max_length, args.max_length))
+    loader = iter(make_loader(dataset, args.workers, pin_memory=torch.cuda.is_available()))
+    next(loader)  # workers started
+    started, pairs = time.perf_counter(), 0
+    for _ in range(batches):
+        try:
+            pairs += next(loader)["global_size"]
+        except StopIteration:
+            break
+    return pairs / (time.perf_counter() - started)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2",
+                        help="model folder or name; a folder with only config and tokenizer runs random weights")
+    parser.add_argument("--data", default=DEFAULT_DATA, help="Q&A JSONL (question, answer), cycled to fill")
+    parser.add_argument("--batch_size", type=int, default=256 if gpu else 64)
+    parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=30 if gpu else 4, help="timed steps (as many warm up first)")
+    parser.add_argument("--precision", choices=["no", "bf16", "fp16"], default="bf16" if gpu else "no")
+    parser.add_argument("--workers", type=int, default=4 if gpu else 1)
+    parser.add_argument("--st_workers", type=int, default=None, help="sentence-transformers' workers "
+                        "(default: --workers)")
+    parser.add_argument("--unpad", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: on a GPU only, as in training")
+    parser.add_argument("--compare", action="store_true", help="also run SentenceTransformerTrainer")
+    parser.add_argument("--json", help="write the figures here too")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import transformers
+
+    import embedtune
+
+    tmp = tempfile.mkdtemp(prefix="embedtune-bench-")
+    try:
+        model_dir = model_folder(args.model, os.path.join(tmp, "model"))
+        data = os.path.join(tmp, "pairs.jsonl")
+        distinct = workload(args.data, args.batch_size * (2 * args.steps + 2), data)
+        per_pair = tokens_per_pair(model_dir, data, args.max_length)
+        per_token = flops_per_token(model_dir, per_pair / 2)
+        peak, peak_source = peak_flops(args.precision)
+        ours = run_embedtune(model_dir, data, args, os.path.join(tmp, "ours"))
+        ours["mfu"] = ours["tokens_per_s"] * per_token / peak
+        loader = loader_pairs_per_s(model_dir, data, args, batches=max(8, 2 * args.steps))
+        result: dict[str, Any] = {
+            "date": time.strftime("%Y-%m-%d"), "device": device_name(), "precision": args.precision,
+            "versions": {"embedtune": embedtune.__version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+            "workload": {"model": args.model, "data": args.data, "distinct_pairs": distinct,
+                         "batch_size": args.batch_size, "max_length": args.max_length, "timed_steps": args.steps,
+                         "tokens_per_pair": per_pair, "workers": args.workers,
+                         "unpad": args.unpad, "compile": args.compile},
+            "peak_flops": {"value": peak, "source": peak_source},
+            "embedtune": ours, "loader_pairs_per_s": loader, "loader_ratio": loader / ours["pairs_per_s"],
+        }
+        if args.compare:
+            import sentence_transformers
+
+            result["versions"]["sentence_transformers"] = sentence_transformers.__version__
+            theirs = run_st_trainer(model_dir, data, args, os.path.join(tmp, "st"))
+            theirs["mfu"] = theirs["pairs_per_s"] * per_pair * per_token / peak
+            result["sentence_transformers"] = theirs
+            result["speedup"] = ours["pairs_per_s"] / theirs["pairs_per_s"]
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(result: dict[str, Any]) -> str:
+    w, ours = result["workload"], result["embedtune"]
+    lines = [f"{result['date']}  {result['device']}  {result['precision']}  "
+             + "  ".join(f"{k} {v}" for k, v in result["versions"].items()),
+             f"workload: {w['model']}, batch {w['batch_size']}, max length {w['max_length']}, "
+             f"{w['tokens_per_pair']:.0f} tokens per pair, {w['timed_steps']} timed steps, {w['workers']} workers, "
+             f"unpad={w['unpad']} compile={w['compile']}",
+             f"{'trainer':<26}{'pairs/s':>10}{'tokens/s':>12}{'padding eff':>13}{'MFU':>8}{'peak MiB':>10}",
+             f"{'embedtune':<26}{ours['pairs_per_s']:>10,.0f}{ours['tokens_per_s']:>12,.0f}"
+             f"{ours['padding_efficiency']:>13.2f}{ours['mfu']:>8.1%}{ours['peak_mib']:>10,.0f}"]
+    if "sentence_transformers" in result:
+        st = result["sentence_transformers"]
+        lines.append(f"{'SentenceTransformerTrainer':<26}{st['pairs_per_s']:>10,.0f}"
+                     f"{st['pairs_per_s'] * w['tokens_per_pair']:>12,.0f}{'':>13}{st['mfu']:>8.1%}"
+                     f"{st['peak_mib']:>10,.0f}")
+        lines.append(f"speedup: {result['speedup']:.2f}x")
+    lines.append(f"data loader alone: {result['loader_pairs_per_s']:,.0f} pairs/s = "
+                 f"{result['loader_ratio']:.1f}x what training consumes")
+    lines.append(f"MFU against {result['peak_flops']['source']} ({result['peak_flops']['value'] / 1e12:.1f} TFLOP/s)")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run(args)
+    print(report(result))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    sys.stdout.flush()
+    return 0
