@@ -229,9 +229,8 @@ def document_text(path: str, line: int, record: dict[str, Any]) -> str | Reject:
     return f"{title.strip()} {text}" if isinstance(title, str) and title.strip() else text
 
 
-def bad_record(reject: Reject) -> DataError:
-    return DataError(f"bad record: {reject.message()}\nFix it: every input record is written to the output, "
-                     "so none can be skipped.")
+def bad_record(reject: Reject, hint: str) -> DataError:
+    return DataError(f"bad record: {reject.message()}\n{hint}")
 
 
 def read_records(files: list[str], cfg: DataConfig) -> Iterator[tuple[dict[str, Any], Pair]]:
@@ -242,7 +241,7 @@ def read_records(files: list[str], cfg: DataConfig) -> Iterator[tuple[dict[str, 
             if item is None:
                 continue
             if isinstance(item, Reject):
-                raise bad_record(item)
+                raise bad_record(item, "Fix it: every input record is written to the output, so none is skipped.")
             record = _decode(path, line, raw)
             assert isinstance(record, dict)  # parse_record accepted it
             yield record, item
@@ -256,7 +255,7 @@ def read_documents(files: list[str]) -> Iterator[str]:
                 continue
             text = record if isinstance(record, Reject) else document_text(path, line, record)
             if isinstance(text, Reject):
-                raise bad_record(text)
+                raise bad_record(text, "Fix it, or leave it out of the corpus file.")
             yield text
 
 
@@ -591,8 +590,8 @@ def make_parser() -> argparse.ArgumentParser:
                     "closest to it that are not its answer. The corpus is the distinct answers of the input "
                     "plus any --corpus documents.",
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model folder (a fine-tuned final_model/ too) "
-                        f"or {DEFAULT_MODEL} (default)")
+    parser.add_argument("--model", required=True, help="model folder (a fine-tuned final_model/ too), or "
+                        f"{DEFAULT_MODEL}, which ships with the package")
     parser.add_argument("--input", required=True, help="Q&A records (JSONL, Parquet or CSV)")
     parser.add_argument("--output", required=True, help="JSONL: every input record, in order, with negatives")
     parser.add_argument("--corpus", action="append", metavar="DOCS.jsonl",
