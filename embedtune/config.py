@@ -80,7 +80,8 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(10_000, ge=1, description="Records held for the streaming shuffle.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_eval_queries: int = Field(1000, ge=1)
-    num_workers: int = Field(2, ge=0, description="DataLoader workers that read and tokenize.")
+    num_workers: int | None = Field(None, ge=0, description="DataLoader workers that read and tokenize; "
+                                    "null: one per spare core, up to 8 per training process.")
     on_bad_record: Literal["error", "skip"] = "error"
     drop_last: bool = Field(False, description="Drop a last global batch smaller than train.batch_size.")
     # Set by the trainer when the loss trains on triplets: a record without a negative is bad.

@@ -444,7 +444,18 @@ def _worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def make_loader(dataset: PairBatches, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+def auto_workers(num_workers: int | None) -> int:
+    """``data.num_workers``, or when unset: the cores left after one per training process on this
+    machine, shared among those processes, between 1 and 8 each."""
+    if num_workers is not None:
+        return num_workers
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // local - 1))
+
+
+def make_loader(dataset: PairBatches, num_workers: int | None, pin_memory: bool) -> torch.utils.data.DataLoader:
+    num_workers = auto_workers(num_workers)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=None,  # the dataset yields whole, already collated micro-batches
