@@ -1,17 +1,30 @@
-"""Tokenization of pairs into model inputs; runs inside DataLoader workers."""
+"""Tokenization of pairs into model inputs; runs inside DataLoader workers.
+
+Texts leave the workers ragged: all token ids end to end plus each text's length, with no
+padding. ``EmbeddingModel.prepare`` turns that into packed or padded inputs on the device.
+"""
 
 from __future__ import annotations
 
+import copy
+import itertools
+import logging
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from embedtune.data import Pair, text_key
 
+logger = logging.getLogger(__name__)
+
+PROBE = ["A probe sentence, with punctuation: and ÜNICODE ünïcödé, numbers 3.14 and   spaces?", "x",
+         "another one that runs on for a while so that truncation has something to cut " * 3]
+
 
 class PairCollator:
-    """Queries and documents get their own max length and prefix; padding is to the longest.
+    """Queries and documents get their own max length and prefix.
 
     Documents are the positives in batch order followed by every hard negative of the batch,
     so a record may carry any number of negatives.
@@ -24,11 +37,36 @@ class PairCollator:
         self.document_max_length = document_max_length
         self.query_prefix = query_prefix
         self.document_prefix = document_prefix
+        self.fast = self._fast_backend(tokenizer)
+
+    @staticmethod
+    def _fast_backend(tokenizer: PreTrainedTokenizerBase) -> Any:
+        """The Rust tokenizer underneath, called directly: it skips building padded tensors, offsets
+        and Python objects per text (about twice the speed). Used only if it gives the very ids
+        of the tokenizer's own call."""
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None or not hasattr(backend, "encode_batch_fast"):
+            return None
+        fast = copy.deepcopy(backend)
+        fast.no_padding()
+        for max_length in (8, 512):
+            fast.enable_truncation(max_length, direction=getattr(tokenizer, "truncation_side", "right"))
+            expected = tokenizer(PROBE, truncation=True, max_length=max_length)["input_ids"]
+            if [e.ids for e in fast.encode_batch_fast(PROBE)] != expected:
+                logger.info("tokenizing through the tokenizer's own call (its fast path gives other ids)")
+                return None
+        return fast
 
     def encode(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-        encoded = self.tokenizer(texts, padding="longest", truncation=True, max_length=max_length,
-                                 return_tensors="pt")
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        """Ragged: ``input_ids`` of every text end to end, and each text's ``lengths``."""
+        if self.fast is not None:
+            self.fast.enable_truncation(max_length, direction=getattr(self.tokenizer, "truncation_side", "right"))
+            ids = [e.ids for e in self.fast.encode_batch_fast(texts)]
+        else:
+            ids = self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+        return {"input_ids": torch.from_numpy(flat), "lengths": torch.from_numpy(lengths)}
 
     def queries(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return self.encode([self.query_prefix + t for t in texts], self.query_max_length)
@@ -40,13 +78,13 @@ class PairCollator:
         negatives = [n for p in pairs for n in p.negatives]
         query = self.queries([p.query for p in pairs])
         document = self.documents([p.positive for p in pairs] + negatives)
-        masks = (query["attention_mask"], document["attention_mask"])
+        sides = (query["lengths"], document["lengths"])
         out: dict[str, Any] = {
             "query": query,
             "document": document,
             # Counted here, in the worker, so the loop needs no device sync to report them.
-            "real_tokens": sum(int(m.sum()) for m in masks),
-            "padded_tokens": sum(m.numel() for m in masks),
+            "real_tokens": sum(int(n.sum()) for n in sides),
+            "padded_tokens": sum(len(n) * int(n.max()) for n in sides if len(n)),
             "num_positives": len(pairs),
             # For each negative, the row of its query; and text keys to find false negatives.
             "negative_owner": torch.tensor([i for i, p in enumerate(pairs) for _ in p.negatives], dtype=torch.long),

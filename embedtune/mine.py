@@ -364,7 +364,7 @@ def encode(model: EmbeddingModel, tokenize: Any, texts: list[str], batch_size: i
     with autocast:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            inputs = {k: v.to(device) for k, v in tokenize([texts[i] for i in rows]).items()}
+            inputs = model.prepare(tokenize([texts[i] for i in rows]), device)
             out[torch.as_tensor(rows, device=device)] = F.normalize(model(**inputs).float(), dim=-1)
     return out
 

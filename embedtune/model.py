@@ -122,8 +122,82 @@ class Packing:
 
 try:
     from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # older torch: the padded SDPA route below serves
+except ImportError:  # older torch: the other routes serve
     varlen_attn = None
+
+# On CUDA, how packed attention runs, with and without attention dropout: "varlen" (FlashAttention
+# over the packed rows; no dropout), "nested" (SDPA on a nested jagged tensor) or "padded" (scatter
+# into a padded block for SDPA). Chosen once per process by ``choose_cuda_routes``, which checks
+# each against the padded route; the CPU always takes the padded route.
+CUDA_ROUTES: dict[bool, str] = {}
+
+
+def _padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, scaling: float | None,
+                      dropout: float) -> torch.Tensor:
+    heads, head_dim = q.shape[1], q.shape[2]
+
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        block = t.new_zeros(packing.rows * packing.width, heads, head_dim).index_copy(0, packing.flat_index, t)
+        return block.view(packing.rows, packing.width, heads, head_dim).transpose(1, 2)
+
+    keep = torch.zeros(packing.rows * packing.width, dtype=torch.bool, device=q.device)
+    keep[packing.flat_index] = True
+    mask = keep.view(packing.rows, 1, 1, packing.width)
+    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, dropout_p=dropout,
+                                         scale=scaling)
+    return out.transpose(1, 2).reshape(packing.rows * packing.width, heads, head_dim)[packing.flat_index]
+
+
+def _attend(route: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing,
+            scaling: float | None, dropout: float) -> torch.Tensor:
+    """Attention of packed (tokens, heads, head_dim) inputs, each text to itself."""
+    if route == "varlen":
+        return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), packing.cu_seqlens, packing.cu_seqlens,
+                           packing.max_length, packing.max_length, scale=scaling)
+    if route == "nested":
+        offsets = packing.cu_seqlens.long()
+
+        def nested(t: torch.Tensor) -> torch.Tensor:
+            return torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets,
+                                                          max_seqlen=packing.max_length).transpose(1, 2)
+        out = F.scaled_dot_product_attention(nested(q), nested(k), nested(v), dropout_p=dropout, scale=scaling)
+        return out.transpose(1, 2).values()
+    return _padded_attention(q, k, v, packing, scaling, dropout)
+
+
+def choose_cuda_routes(device: torch.device) -> dict[bool, str]:
+    """Pick the fastest route that gives the padded route's result here (fp32 and bf16), and that
+    runs forward and backward with dropout where dropout is asked for."""
+    if CUDA_ROUTES or device.type != "cuda":
+        return CUDA_ROUTES
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([5, 37, 1, 64, 20, 128, 3])
+    packed = pack_ragged({"input_ids": torch.zeros(int(lengths.sum()), dtype=torch.long), "lengths": lengths})
+    packing = Packing(packed["cu_seqlens"].to(device), packed["flat_index"].to(device), packed["rows"],
+                      packed["width"], packed["max_length"])
+    base = [torch.randn(int(lengths.sum()), 4, 32, generator=generator).to(device) for _ in range(3)]
+    for with_dropout in (False, True):
+        candidates = (["varlen"] if varlen_attn is not None and not with_dropout else []) + ["nested"]
+        CUDA_ROUTES[with_dropout] = "padded"
+        for route in candidates:
+            try:
+                for dtype, tolerance in ((torch.float32, 2e-3), (torch.bfloat16, 3e-2)):
+                    q, k, v = (t.to(dtype).requires_grad_() for t in base)
+                    expected = _padded_attention(q, k, v, packing, None, 0.0)
+                    got = _attend(route, q, k, v, packing, None, 0.0)
+                    error = float((got.float() - expected.float()).abs().max())
+                    if not error <= tolerance:
+                        raise ValueError(f"differs by {error:.1e} in {dtype}")
+                    _attend(route, q, k, v, packing, None, 0.1 if with_dropout else 0.0).float().sum().backward()
+            except Exception as exc:  # a kernel this torch or GPU lacks, or a wrong answer
+                logger.info("packed attention route %s not used%s: %s", route,
+                            " with dropout" if with_dropout else "", exc)
+                continue
+            CUDA_ROUTES[with_dropout] = route
+            break
+    logger.info("packed attention on %s: %s without attention dropout, %s with", torch.cuda.get_device_name(device),
+                CUDA_ROUTES[False], CUDA_ROUTES[True])
+    return CUDA_ROUTES
 
 
 def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -138,38 +212,38 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
-    if dropout == 0.0 and varlen_attn is not None and q.is_cuda:
-        out = varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_length, packing.max_length,
-                          scale=scaling)
-        return out.unsqueeze(0), None
-    heads, head_dim = q.shape[1], q.shape[2]
-
-    def padded(t: torch.Tensor) -> torch.Tensor:
-        block = t.new_zeros(packing.rows * packing.width, heads, head_dim).index_copy(0, packing.flat_index, t)
-        return block.view(packing.rows, packing.width, heads, head_dim).transpose(1, 2)
-
-    keep = torch.zeros(packing.rows * packing.width, dtype=torch.bool, device=q.device)
-    keep[packing.flat_index] = True
-    mask = keep.view(packing.rows, 1, 1, packing.width)
-    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, dropout_p=dropout,
-                                         scale=scaling)
-    out = out.transpose(1, 2).reshape(packing.rows * packing.width, heads, head_dim)[packing.flat_index]
-    return out.unsqueeze(0), None
+    route = CUDA_ROUTES.get(dropout > 0, "padded") if q.is_cuda else "padded"
+    return _attend(route, q, k, v, packing, scaling, dropout).unsqueeze(0), None
 
 
 def pack_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Padded (input_ids, attention_mask) on the CPU -> the packed form ``forward`` takes.
+    """Padded (input_ids, attention_mask) -> the packed form ``forward`` takes."""
+    mask = inputs["attention_mask"].bool()
+    return pack_ragged({"input_ids": inputs["input_ids"][mask], "lengths": mask.sum(dim=1)})
+
+
+def pack_ragged(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Ragged (input_ids end to end, lengths) -> the packed form ``forward`` takes.
 
     Done on the host, where the lengths are known without a device sync."""
-    mask = inputs["attention_mask"].bool()
-    rows, width = mask.shape
-    flat_index = mask.flatten().nonzero().squeeze(1)
-    lengths = mask.sum(dim=1)
-    cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    return {"input_ids": inputs["input_ids"].flatten()[flat_index],
-            "position_ids": (flat_index % width),
-            "cu_seqlens": cu, "flat_index": flat_index, "rows": rows, "width": width,
-            "max_length": int(lengths.max()) if rows else 0}
+    lengths = inputs["lengths"]
+    rows = len(lengths)
+    width = int(lengths.max()) if rows else 0
+    cu = F.pad(lengths.cumsum(0), (1, 0))
+    positions = torch.arange(len(inputs["input_ids"])) - cu[:-1].repeat_interleave(lengths)
+    flat_index = torch.arange(rows).repeat_interleave(lengths) * width + positions
+    return {"input_ids": inputs["input_ids"], "position_ids": positions, "cu_seqlens": cu.to(torch.int32),
+            "flat_index": flat_index, "rows": rows, "width": width, "max_length": width}
+
+
+def pad_ragged(inputs: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Ragged -> padded (input_ids, attention_mask), padding on the right."""
+    lengths = inputs["lengths"]
+    width = int(lengths.max()) if len(lengths) else 0
+    mask = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+    ids = torch.full(mask.shape, pad_token_id, dtype=torch.long, device=lengths.device)
+    ids[mask] = inputs["input_ids"]
+    return {"input_ids": ids, "attention_mask": mask.long()}
 
 
 def pool_packed(hidden: torch.Tensor, packing: Packing, mode: Pooling) -> torch.Tensor:
@@ -193,6 +267,7 @@ class EmbeddingModel(nn.Module):
         self.pooling: Pooling = pooling
         self.normalize = normalize
         self.packed = False  # see enable_packing
+        self.pad_token_id = int(getattr(encoder.config, "pad_token_id", None) or 0)
 
     @classmethod
     def from_pretrained(cls, name: str, pooling: str = "auto", normalize: bool | None = None
@@ -270,17 +345,24 @@ class EmbeddingModel(nn.Module):
             self.train(was_training)
         if self.packed:
             logger.info("unpadded encoding on: texts are packed end to end, attention is per text")
+            choose_cuda_routes(device)
         return self.packed
 
     def prepare(self, inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
-        """Padded CPU inputs -> what ``forward`` takes, on ``device`` (packed when enabled)."""
-        ready = pack_inputs(inputs) if self.packed else inputs
+        """Ragged or padded CPU inputs -> what ``forward`` takes, on ``device``: packed when
+        enabled, else padded."""
+        if "lengths" in inputs:
+            ready = pack_ragged(inputs) if self.packed else pad_ragged(inputs, self.pad_token_id)
+        else:
+            ready = pack_inputs(inputs) if self.packed else inputs
         return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in ready.items()}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 flat_index: torch.Tensor | None = None, rows: int = 0, width: int = 0,
-                max_length: int = 0) -> torch.Tensor:
+                max_length: int = 0, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if lengths is not None:  # ragged, as the collator gives it (prepare does this off the device)
+            return self(**self.prepare({"input_ids": input_ids.cpu(), "lengths": lengths.cpu()}, input_ids.device))
         if cu_seqlens is None:
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             embeddings = pool(hidden, attention_mask, self.pooling)
