@@ -125,11 +125,11 @@ try:
 except ImportError:  # older torch: the other routes serve
     varlen_attn = None
 
-# On CUDA, how packed attention runs, with and without attention dropout: "varlen" (FlashAttention
-# over the packed rows; no dropout), "nested" (SDPA on a nested jagged tensor) or "padded" (scatter
-# into a padded block for SDPA). Chosen once per process by ``choose_cuda_routes``, which checks
-# each against the padded route; the CPU always takes the padded route.
-CUDA_ROUTES: dict[bool, str] = {}
+# On CUDA, how packed attention runs, by (attention dropout on, half precision): "varlen"
+# (FlashAttention over the packed rows: half precision, no dropout) or "padded" (scatter into a
+# padded block for SDPA, which is slower than padding the batch in the first place). Chosen once
+# per process by ``choose_cuda_routes``; the CPU always takes the padded route.
+CUDA_ROUTES: dict[tuple[bool, bool], str] = {}
 
 
 def _padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, scaling: float | None,
@@ -154,20 +154,11 @@ def _attend(route: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packi
     if route == "varlen":
         return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), packing.cu_seqlens, packing.cu_seqlens,
                            packing.max_length, packing.max_length, scale=scaling)
-    if route == "nested":
-        offsets = packing.cu_seqlens.long()
-
-        def nested(t: torch.Tensor) -> torch.Tensor:
-            return torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets,
-                                                          max_seqlen=packing.max_length).transpose(1, 2)
-        out = F.scaled_dot_product_attention(nested(q), nested(k), nested(v), dropout_p=dropout, scale=scaling)
-        return out.transpose(1, 2).values()
     return _padded_attention(q, k, v, packing, scaling, dropout)
 
 
-def choose_cuda_routes(device: torch.device) -> dict[bool, str]:
-    """Pick the fastest route that gives the padded route's result here (fp32 and bf16), and that
-    runs forward and backward with dropout where dropout is asked for."""
+def choose_cuda_routes(device: torch.device) -> dict[tuple[bool, bool], str]:
+    """Use varlen where it gives the padded route's result here, for each case it can serve."""
     if CUDA_ROUTES or device.type != "cuda":
         return CUDA_ROUTES
     generator = torch.Generator().manual_seed(0)
@@ -176,28 +167,33 @@ def choose_cuda_routes(device: torch.device) -> dict[bool, str]:
     packing = Packing(packed["cu_seqlens"].to(device), packed["flat_index"].to(device), packed["rows"],
                       packed["width"], packed["max_length"])
     base = [torch.randn(int(lengths.sum()), 4, 32, generator=generator).to(device) for _ in range(3)]
-    for with_dropout in (False, True):
-        candidates = (["varlen"] if varlen_attn is not None and not with_dropout else []) + ["nested"]
-        CUDA_ROUTES[with_dropout] = "padded"
-        for route in candidates:
-            try:
-                for dtype, tolerance in ((torch.float32, 2e-3), (torch.bfloat16, 3e-2)):
-                    q, k, v = (t.to(dtype).requires_grad_() for t in base)
-                    expected = _padded_attention(q, k, v, packing, None, 0.0)
-                    got = _attend(route, q, k, v, packing, None, 0.0)
-                    error = float((got.float() - expected.float()).abs().max())
-                    if not error <= tolerance:
-                        raise ValueError(f"differs by {error:.1e} in {dtype}")
-                    _attend(route, q, k, v, packing, None, 0.1 if with_dropout else 0.0).float().sum().backward()
-            except Exception as exc:  # a kernel this torch or GPU lacks, or a wrong answer
-                logger.info("packed attention route %s not used%s: %s", route,
-                            " with dropout" if with_dropout else "", exc)
-                continue
-            CUDA_ROUTES[with_dropout] = route
-            break
-    logger.info("packed attention on %s: %s without attention dropout, %s with", torch.cuda.get_device_name(device),
-                CUDA_ROUTES[False], CUDA_ROUTES[True])
+    for dropout in (False, True):
+        for half in (False, True):
+            CUDA_ROUTES[dropout, half] = "padded"
+    if varlen_attn is not None:
+        try:
+            q, k, v = (t.to(torch.bfloat16).requires_grad_() for t in base)
+            expected = _padded_attention(q, k, v, packing, None, 0.0)
+            got = _attend("varlen", q, k, v, packing, None, 0.0)
+            error = float((got.float() - expected.float()).abs().max())
+            if not error <= 3e-2:
+                raise ValueError(f"differs from padded attention by {error:.1e}")
+            got.float().sum().backward()
+            CUDA_ROUTES[False, True] = "varlen"
+        except Exception as exc:  # a kernel this torch or GPU lacks, or a wrong answer
+            logger.info("varlen attention not used: %s", exc)
+    logger.info("packed attention on %s: %s", torch.cuda.get_device_name(device),
+                ", ".join(f"{'dropout' if d else 'no dropout'}/{'half' if h else 'fp32'}: {r}"
+                          for (d, h), r in CUDA_ROUTES.items()))
     return CUDA_ROUTES
+
+
+def attention_dropout(config: Any) -> float:
+    for name in ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop"):
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return 0.0
 
 
 def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -212,7 +208,8 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
-    route = CUDA_ROUTES.get(dropout > 0, "padded") if q.is_cuda else "padded"
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    route = CUDA_ROUTES.get((dropout > 0, half), "padded") if q.is_cuda else "padded"
     return _attend(route, q, k, v, packing, scaling, dropout).unsqueeze(0), None
 
 
@@ -346,6 +343,18 @@ class EmbeddingModel(nn.Module):
         if self.packed:
             logger.info("unpadded encoding on: texts are packed end to end, attention is per text")
             choose_cuda_routes(device)
+        return self.packed
+
+    def keep_packing_for(self, device: torch.device, half: bool) -> bool:
+        """On CUDA, training packed pays only with the varlen kernel (half precision, no attention
+        dropout); otherwise padded batches are faster, and packing is turned off for training."""
+        if not self.packed or device.type != "cuda":
+            return self.packed
+        dropout = attention_dropout(self.encoder.config) > 0
+        if choose_cuda_routes(device).get((dropout, half)) != "varlen":
+            self.packed = False
+            logger.info("padded batches on this GPU: packed attention has no fast kernel here for %s",
+                        "attention dropout" if dropout else "this precision")
         return self.packed
 
     def prepare(self, inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:

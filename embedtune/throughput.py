@@ -156,6 +156,7 @@ def run_embedtune(model_dir: str, data: str, args: argparse.Namespace, out: str)
     timed = rows[-1]  # the second window: steps+1 .. 2*steps
     return {"pairs_per_s": timed["pairs_per_s"], "tokens_per_s": timed["tokens_per_s"],
             "padding_efficiency": timed["padding_efficiency"], "peak_mib": peak_memory_mib(),
+            "packed": timed["padding_efficiency"] == 1.0,
             "loss": timed["loss"]}
 
 
@@ -190,8 +191,8 @@ def run_st_trainer(model_dir: str, data: str, args: argparse.Namespace, out: str
     loss = losses.MultipleNegativesRankingLoss(model)
     training_args = SentenceTransformerTrainingArguments(
         output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=2 * args.steps, learning_rate=2e-5,
-        warmup_ratio=0.1, bf16=args.precision == "bf16", fp16=args.precision == "fp16",
-        dataloader_num_workers=args.st_workers if args.st_workers is not None else args.workers,
+        warmup_steps=0.1, bf16=args.precision == "bf16", fp16=args.precision == "fp16",
+        dataloader_num_workers=args.st_workers,
         report_to="none", save_strategy="no", logging_steps=args.steps, seed=42, dataloader_drop_last=True,
         disable_tqdm=True, use_cpu=not torch.cuda.is_available())
     if torch.cuda.is_available():
@@ -211,14 +212,14 @@ def loader_pairs_per_s(model_dir: str, data: str, args: argparse.Namespace, batc
 
     from embedtune.collate import PairCollator
     from embedtune.config import DataConfig
-    from embedtune.data import PairBatches, make_loader
+    from embedtune.data import PairBatches, auto_workers, make_loader
     from embedtune.model import read_st_settings
 
     tokenizer = AutoTokenizer.from_pretrained(read_st_settings(model_dir).transformer_dir)
     cfg = DataConfig(train_files=[data], eval_fraction=0.0, num_workers=args.workers,
                      query_max_length=args.max_length, document_max_length=args.max_length)
     dataset = PairBatches(cfg, args.batch_size, 1, 0, PairCollator(tokenizer, args.max_length, args.max_length))
-    loader = iter(make_loader(dataset, args.workers, pin_memory=torch.cuda.is_available()))
+    loader = iter(make_loader(dataset, auto_workers(args.workers), pin_memory=torch.cuda.is_available()))
     next(loader)  # workers started
     started, pairs = time.perf_counter(), 0
     for _ in range(batches):
@@ -238,9 +239,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=30 if gpu else 4, help="timed steps (as many warm up first)")
     parser.add_argument("--precision", choices=["no", "bf16", "fp16"], default="bf16" if gpu else "no")
-    parser.add_argument("--workers", type=int, default=4 if gpu else 1)
-    parser.add_argument("--st_workers", type=int, default=None, help="sentence-transformers' workers "
-                        "(default: --workers)")
+    parser.add_argument("--workers", type=int, default=None, help="embedtune's DataLoader workers "
+                        "(default: as in training, one per spare core up to 8)")
+    parser.add_argument("--st_workers", type=int, default=4 if gpu else 1,
+                        help="SentenceTransformerTrainer's dataloader_num_workers")
     parser.add_argument("--unpad", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="default: on a GPU only, as in training")
@@ -252,6 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import transformers
 
     import embedtune
+    from embedtune.data import auto_workers
 
     tmp = tempfile.mkdtemp(prefix="embedtune-bench-")
     try:
@@ -270,7 +273,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "transformers": transformers.__version__},
             "workload": {"model": args.model, "data": args.data, "distinct_pairs": distinct,
                          "batch_size": args.batch_size, "max_length": args.max_length, "timed_steps": args.steps,
-                         "tokens_per_pair": per_pair, "workers": args.workers,
+                         "tokens_per_pair": per_pair, "workers": auto_workers(args.workers),
+                         "st_workers": args.st_workers,
                          "unpad": args.unpad, "compile": args.compile},
             "peak_flops": {"value": peak, "source": peak_source},
             "embedtune": ours, "loader_pairs_per_s": loader, "loader_ratio": loader / ours["pairs_per_s"],
@@ -293,8 +297,9 @@ def report(result: dict[str, Any]) -> str:
     lines = [f"{result['date']}  {result['device']}  {result['precision']}  "
              + "  ".join(f"{k} {v}" for k, v in result["versions"].items()),
              f"workload: {w['model']}, batch {w['batch_size']}, max length {w['max_length']}, "
-             f"{w['tokens_per_pair']:.0f} tokens per pair, {w['timed_steps']} timed steps, {w['workers']} workers, "
-             f"unpad={w['unpad']} compile={w['compile']}",
+             f"{w['tokens_per_pair']:.0f} tokens per pair, {w['timed_steps']} timed steps, workers {w['workers']} "
+             f"(sentence-transformers {w['st_workers']}), "
+             f"unpad={w['unpad']} (packed: {ours['packed']}) compile={w['compile']}",
              f"{'trainer':<26}{'pairs/s':>10}{'tokens/s':>12}{'padding eff':>13}{'MFU':>8}{'peak MiB':>10}",
              f"{'embedtune':<26}{ours['pairs_per_s']:>10,.0f}{ours['tokens_per_s']:>12,.0f}"
              f"{ours['padding_efficiency']:>13.2f}{ours['mfu']:>8.1%}{ours['peak_mib']:>10,.0f}"]

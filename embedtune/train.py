@@ -39,7 +39,7 @@ from embedtune.data import (
 from embedtune.distributed import any_process
 from embedtune.evaluate import RetrievalSet, encode_texts, example_columns, example_rows, format_table, run_retrieval
 from embedtune.losses import build_loss, check_data_shape, make_step
-from embedtune.model import EmbeddingModel, ModelLoadError, choose_cuda_routes
+from embedtune.model import EmbeddingModel, ModelLoadError
 from embedtune.model_card import data_fingerprint, write_model_card
 from embedtune.tracking import RunLog, setup_logging
 
@@ -201,8 +201,8 @@ def train(cfg: Config) -> dict[str, Any]:
                               num_training_steps=total_steps)
     accelerator.register_for_checkpointing(scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if accelerator.unwrap_model(model).packed:
-        choose_cuda_routes(accelerator.device)  # which packed attention kernels work here
+    accelerator.unwrap_model(model).keep_packing_for(accelerator.device,
+                                                     accelerator.mixed_precision in ("bf16", "fp16"))
     if cfg.model.compile or (cfg.model.compile is None and accelerator.device.type == "cuda"):
         # In place, so parameter names (checkpoints, export) stay as they are; shapes vary with
         # every batch, hence dynamic.
