@@ -131,6 +131,53 @@ def bench_gradcache(small: int, large: int, mini: int, query_len: int, doc_len: 
     return results
 
 
+def bench_negatives(out: str, num_negatives: int, relative_margin: float) -> int:
+    """Mine hard negatives for the quickstart data with the base model (held-out records get none
+    and lend none), train the quickstart recipe with and without them, and print both results."""
+    import subprocess
+    import sys
+
+    from embedtune.config import parse_args
+
+    cfg = parse_args(["--config", "quickstart"])
+    mined = os.path.join(out, "python_docs_qa_mined.jsonl")
+    os.makedirs(out, exist_ok=True)
+    steps = [
+        ("mine", ["mine", "--model", cfg.model.base_model, "--input", cfg.data.train_files[0], "--output", mined,
+                  "--num-negatives", str(num_negatives), "--relative-margin", str(relative_margin),
+                  "--held-out", str(cfg.data.eval_fraction), "--query-max-length", str(cfg.data.query_max_length),
+                  "--document-max-length", str(cfg.data.document_max_length)]),
+        ("without", ["train", "--config", "quickstart", f"output_dir={out}/without", "tracking.report_to=none"]),
+        ("with", ["train", "--config", "quickstart", f"output_dir={out}/with", "tracking.report_to=none",
+                  f"data.train_files=[{mined}]", "data.negatives_field=negatives"]),
+    ]
+    for name, command in steps:
+        for run_dir in (os.path.join(out, "without"), os.path.join(out, "with")):
+            if name != "mine" and run_dir.endswith(name) and os.path.isdir(run_dir):
+                import shutil
+
+                shutil.rmtree(run_dir)
+        started = time.perf_counter()
+        print(f"[{name}] embedtune {' '.join(command)}", flush=True)
+        if subprocess.run([sys.executable, "-m", "embedtune", *command]).returncode:
+            print(f"error: the {name} step failed", file=sys.stderr)
+            return 1
+        print(f"[{name}] {time.perf_counter() - started:.0f} s", flush=True)
+    results = {}
+    for name in ("without", "with"):
+        with open(os.path.join(out, name, "training_progress.json"), encoding="utf-8") as f:
+            results[name] = json.load(f)
+    before = results["without"]["eval_before"]
+    names = ["ndcg@10", "mrr@10", "recall@1", "recall@10"]
+    print(f"\nheld-out retrieval, quickstart data ({num_negatives} mined negative(s) per pair, relative margin "
+          f"{relative_margin})")
+    print(f"{'':<28}" + "".join(f"{n:>11}" for n in names))
+    for label, values in (("base model", before), ("trained, in-batch negatives", results["without"]["eval_after"]),
+                          ("trained, + mined negatives", results["with"]["eval_after"])):
+        print(f"{label:<28}" + "".join(f"{values[n]:>11.4f}" for n in names))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="embedtune bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,7 +199,14 @@ def main(argv: list[str] | None = None) -> int:
 
     throughput.add_arguments(sub.add_parser("throughput", help="training pairs/s, tokens/s, padding, MFU, memory; "
                                             "--compare runs SentenceTransformerTrainer on the same workload"))
+    negatives = sub.add_parser("negatives", help="quickstart trained with and without mined hard negatives, "
+                               "held-out metrics side by side")
+    negatives.add_argument("--out", default="outputs/negatives")
+    negatives.add_argument("--num_negatives", type=int, default=1)
+    negatives.add_argument("--relative_margin", type=float, default=0.05)
     args = parser.parse_args(argv)
+    if args.name == "negatives":
+        return bench_negatives(args.out, args.num_negatives, args.relative_margin)
     if args.name == "throughput":
         return throughput.main(args)
     if args.name == "gradcache":

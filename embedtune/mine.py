@@ -40,7 +40,17 @@ from tqdm.auto import tqdm
 
 from embedtune.collate import PairCollator
 from embedtune.config import DataConfig
-from embedtune.data import DataError, Pair, Reject, _read_file, file_format, parse_record, resolve_files, text_key
+from embedtune.data import (
+    DataError,
+    Pair,
+    Reject,
+    _read_file,
+    file_format,
+    is_held_out,
+    parse_record,
+    resolve_files,
+    text_key,
+)
 from embedtune.model import EmbeddingModel, ModelLoadError, read_st_settings, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -309,8 +319,10 @@ class Corpus:
             position += len(line)
 
 
-def gather_corpus(input_files: list[str], corpus_files: list[str], cfg: DataConfig, spool: IO[bytes]) -> Corpus:
-    """The first pass: every record is checked, every document's text spooled and hashed."""
+def gather_corpus(input_files: list[str], corpus_files: list[str], cfg: DataConfig, spool: IO[bytes],
+                  held_out: float = 0.0) -> Corpus:
+    """The first pass: every record is checked, every document's text spooled and hashed. The
+    answers of held-out records (``held_out``: training's data.eval_fraction) stay out of it."""
     offsets, keys, query_keys, answer_keys = array("q"), array("q"), array("q"), array("q")
     position = 0
 
@@ -325,6 +337,8 @@ def gather_corpus(input_files: list[str], corpus_files: list[str], cfg: DataConf
         return key
 
     for _, pair in tqdm(read_records(input_files, cfg), desc="read", unit=" records", leave=False):
+        if is_held_out(pair, held_out):
+            continue
         answer_keys.append(add(pair.positive))
         query_keys.append(text_key(pair.query))
     answer_entries = len(offsets)
@@ -443,6 +457,7 @@ class Summary:
     short_margin: int = 0  # fewer than asked: the margin (within max_candidates) left too few
     short_corpus: int = 0  # fewer than asked: the corpus has too few other documents
     replaced: int = 0  # records whose negatives field was there already
+    held_out: int = 0  # records passed through without negatives (--held-out)
     seconds: float = 0.0
 
     def lines(self, asked: int, output: str) -> list[str]:
@@ -455,6 +470,8 @@ class Summary:
         if short:
             lines.append(f"{short} records got fewer than {asked}: {self.short_margin} because of the margin, "
                          f"{self.short_corpus} because the corpus has too few other documents")
+        if self.held_out:
+            lines.append(f"{self.held_out} held-out records passed through without negatives")
         if self.replaced:
             lines.append(f"{self.replaced} records had negatives already; they were replaced")
         lines.append(f"wrote {output}")
@@ -528,7 +545,7 @@ def mine(args: argparse.Namespace) -> Summary:
     os.makedirs(folder, exist_ok=True)
     summary = Summary()
     with tempfile.TemporaryFile(dir=folder, prefix=".mine-spool-") as spool:
-        corpus = gather_corpus(inputs, extra, cfg, spool)
+        corpus = gather_corpus(inputs, extra, cfg, spool, args.held_out)
         summary.corpus, summary.answers = len(corpus), corpus.answers
         logger.info("%d records, corpus of %d documents (%d answers, %d extra), read in %.1f s", corpus.records,
                     len(corpus), corpus.answers, len(corpus) - corpus.answers, time.perf_counter() - started)
@@ -545,17 +562,26 @@ def mine(args: argparse.Namespace) -> Summary:
         try:
             with open(temp, "wb") as out, tqdm(total=corpus.records, desc="mine", unit=" records") as bar:
                 for chunk in _chunks(read_records(inputs, cfg), args.chunk_size):
-                    pairs = [pair for _, pair in chunk]
-                    queries = encode(model, collate.queries, [p.query for p in pairs], args.batch_size, device)
-                    positive_rows = corpus.rows([text_key(p.positive) for p in pairs])
-                    excluded = [corpus.excluded(text_key(p.query), row) for p, row in zip(pairs, positive_rows)]
-                    chosen, _ = choose_negatives(queries.to(store), embeddings, positive_rows, excluded, selection,
-                                                 corpus_chunk, backend)
+                    # Held-out records pass through without negatives: evaluation never sees mining.
+                    kept = [(record, pair) for record, pair in chunk if not is_held_out(pair, args.held_out)]
+                    for record, pair in chunk:
+                        if is_held_out(pair, args.held_out):
+                            summary.replaced += negatives_field in record
+                            record[negatives_field] = []
+                            summary.held_out += 1
+                    pairs = [pair for _, pair in kept]
+                    chosen: list[list[int]] = []
+                    excluded: list[Any] = []
+                    if pairs:
+                        queries = encode(model, collate.queries, [p.query for p in pairs], args.batch_size, device)
+                        positive_rows = corpus.rows([text_key(p.positive) for p in pairs])
+                        excluded = [corpus.excluded(text_key(p.query), row) for p, row in zip(pairs, positive_rows)]
+                        chosen, _ = choose_negatives(queries.to(store), embeddings, positive_rows, excluded,
+                                                     selection, corpus_chunk, backend)
                     texts = corpus.texts([row for rows in chosen for row in rows])
-                    for (record, _), rows, skip in zip(chunk, chosen, excluded):
+                    for (record, _), rows, skip in zip(kept, chosen, excluded):
                         summary.replaced += negatives_field in record
                         record[negatives_field] = [texts[row] for row in rows]
-                        out.write(_json_line(record))
                         summary.negatives += len(rows)
                         if len(rows) < selection.num_negatives:
                             available = len(corpus) - len(skip) - selection.skip_top
@@ -563,7 +589,9 @@ def mine(args: argparse.Namespace) -> Summary:
                                 summary.short_corpus += 1
                             else:
                                 summary.short_margin += 1
-                    summary.records += len(chunk)
+                    for record, _ in chunk:  # in input order
+                        out.write(_json_line(record))
+                    summary.records += len(kept)
                     bar.update(len(chunk))
                 out.flush()
                 os.fsync(out.fileno())
@@ -598,6 +626,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="extra documents: records with 'text' (and an optional 'title'); repeatable")
     parser.add_argument("--num-negatives", type=int, default=5, help="negatives per record (default 5)")
     parser.add_argument("--skip-top", type=int, default=0, help="pass over the N closest candidates first")
+    parser.add_argument("--held-out", type=float, default=0.0, metavar="FRACTION",
+                        help="training's data.eval_fraction: those records get no negatives and their answers "
+                        "are never negatives, so evaluation stays untouched by mining")
     margins = parser.add_mutually_exclusive_group()
     margins.add_argument("--margin", type=float, help="keep candidates scored below positive - M")
     margins.add_argument("--relative-margin", type=float, help="keep candidates scored below positive * (1 - R)")

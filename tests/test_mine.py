@@ -261,3 +261,19 @@ def test_random_texts_round_trip(tiny_model: Path, tmp_path: Path) -> None:
     answers = {r["answer"] for r in records}
     for record in read_jsonl(out):
         assert set(record["negatives"]) == answers - {record["answer"]}
+
+
+def test_held_out_records_get_no_negatives_and_lend_none(tiny_model: Path, tmp_path: Path) -> None:
+    from embedtune.data import Pair, is_held_out
+
+    records = make_pairs(60, seed=4)
+    source = write_jsonl(tmp_path / "qa.jsonl", records)
+    assert run(tiny_model, source, tmp_path / "out.jsonl", "--held-out", "0.3", "--num-negatives", "3") == 0
+    out = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["question"] for r in out] == [r["question"] for r in records]  # input order kept
+    held = [is_held_out(Pair("", r["question"], r["answer"]), 0.3) for r in records]
+    assert 5 < sum(held) < 40
+    held_answers = {r["answer"] for r, h in zip(records, held) if h}
+    for row, h in zip(out, held):
+        assert (row["negatives"] == []) if h else (len(row["negatives"]) == 3)
+        assert not held_answers & set(row["negatives"])
