@@ -147,3 +147,21 @@ def test_mixed_precision_trains_on_the_cpu(train_args: list[str], precision: str
     rows = [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 4 and all(0 < x < 10 for x in losses)
+
+
+def test_eval_command_on_two_processes_gives_the_metrics_of_one(tiny_model: Path, tmp_path: Path) -> None:
+    """`accelerate launch -m embedtune eval` splits the encoding; the numbers stay the same."""
+    data = write_jsonl(tmp_path / "qa.jsonl", make_pairs(45, seed=9))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    metrics = {}
+    for processes in (1, 2):
+        out = tmp_path / f"m{processes}.json"
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  str(ROOT / "launch" / "cpu_2proc.yaml"), "--num_processes", str(processes), "--main_process_port",
+                  str(free_port()), "-m"] if processes > 1 else [sys.executable, "-m"]
+        done = subprocess.run(launch + ["embedtune", "eval", str(tiny_model), "--qa", str(data), "--batch-size", "4",
+                                        "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("45 queries") == 1  # printed once, by the main process
+        metrics[processes] = json.loads(out.read_text())["metrics"]
+    assert metrics[2] == pytest.approx(metrics[1], abs=1e-6)
