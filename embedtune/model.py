@@ -128,7 +128,7 @@ except ImportError:  # older torch: the other routes serve
 # On CUDA, how packed attention runs, by (attention dropout on, half precision): "varlen"
 # (FlashAttention over the packed rows: half precision, no dropout) or "padded" (scatter into a
 # padded block for SDPA, which is slower than padding the batch in the first place). Chosen once
-# per process by ``choose_cuda_routes``; the CPU always takes the padded route.
+# per process by ``choose_cuda_routes``. The CPU takes "per_text": one SDPA call per text.
 CUDA_ROUTES: dict[tuple[bool, bool], str] = {}
 
 
@@ -151,6 +151,12 @@ def _padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing
 def _attend(route: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing,
             scaling: float | None, dropout: float) -> torch.Tensor:
     """Attention of packed (tokens, heads, head_dim) inputs, each text to itself."""
+    if route == "per_text":
+        bounds = packing.cu_seqlens.tolist()
+        return torch.cat([
+            F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), dropout_p=dropout,
+                                           scale=scaling)[0].transpose(0, 1)
+            for a, b in zip(bounds[:-1], bounds[1:])])
     if route == "varlen":
         return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), packing.cu_seqlens, packing.cu_seqlens,
                            packing.max_length, packing.max_length, scale=scaling)
@@ -209,7 +215,9 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
                                       **kwargs)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
     half = q.dtype in (torch.float16, torch.bfloat16)
-    route = CUDA_ROUTES.get((dropout > 0, half), "padded") if q.is_cuda else "padded"
+    # On the CPU one attention call per text computes no padding at all; the calls are cheap
+    # next to the dense layers there (on a GPU they would not be).
+    route = CUDA_ROUTES.get((dropout > 0, half), "padded") if q.is_cuda else "per_text"
     return _attend(route, q, k, v, packing, scaling, dropout).unsqueeze(0), None
 
 
