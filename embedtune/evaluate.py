@@ -89,12 +89,10 @@ def _field(record: dict[str, Any], names: Sequence[str]) -> Any:
     return next((record[n] for n in names if n in record), None)
 
 
-def _records(path: str, text_fields: Sequence[str], title: bool) -> Iterator[tuple[str, tuple[str, str | None]]]:
-    """(id, (text, source)) per JSONL / Parquet / CSV record, errors named by file and line."""
-    seen: set[str] = set()
+def _objects(path: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """(file, line, record) per JSONL / Parquet / CSV record; a record that is no object is {}."""
     for file in resolve_files([path]):
-        fmt = file_format(file, "auto")
-        for line, raw in _read_file(file, fmt):
+        for line, raw in _read_file(file, file_format(file, "auto")):
             if isinstance(raw, str):
                 if not raw.strip():
                     continue
@@ -103,20 +101,26 @@ def _records(path: str, text_fields: Sequence[str], title: bool) -> Iterator[tup
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{file}:{line}: not valid JSON ({exc.msg}); write one JSON object per line"
                                     ) from exc
-            record = raw if isinstance(raw, dict) else {}
-            rid, text = _field(record, ID_FIELDS), _field(record, text_fields)
-            if rid is None or not isinstance(text, str) or not text.strip():
-                raise DataError(f"{file}:{line}: expected an object with an id ({', '.join(ID_FIELDS[:2])}) and "
-                                f"a non-empty text ({', '.join(text_fields)})")
-            rid = str(rid)
-            if rid in seen:
-                raise DataError(f"{file}:{line}: id {rid!r} appears twice; ids must be unique")
-            seen.add(rid)
-            heading = record.get("title") if title else None
-            if isinstance(heading, str) and heading.strip():
-                text = f"{heading.strip()} {text}"
-            source = record.get("source")
-            yield rid, (text, None if source is None else str(source))
+            yield file, line, raw if isinstance(raw, dict) else {}
+
+
+def _records(path: str, text_fields: Sequence[str], title: bool) -> Iterator[tuple[str, tuple[str, str | None]]]:
+    """(id, (text, source)) per JSONL / Parquet / CSV record, errors named by file and line."""
+    seen: set[str] = set()
+    for file, line, record in _objects(path):
+        rid, text = _field(record, ID_FIELDS), _field(record, text_fields)
+        if rid is None or not isinstance(text, str) or not text.strip():
+            raise DataError(f"{file}:{line}: expected an object with an id ({', '.join(ID_FIELDS[:2])}) and "
+                            f"a non-empty text ({', '.join(text_fields)})")
+        rid = str(rid)
+        if rid in seen:
+            raise DataError(f"{file}:{line}: id {rid!r} appears twice; ids must be unique")
+        seen.add(rid)
+        heading = record.get("title") if title else None
+        if isinstance(heading, str) and heading.strip():
+            text = f"{heading.strip()} {text}"
+        source = record.get("source")
+        yield rid, (text, None if source is None else str(source))
 
 
 def _qrels(path: str) -> Iterator[tuple[str, str, str, float]]:
@@ -130,21 +134,12 @@ def _qrels(path: str) -> Iterator[tuple[str, str, str, float]]:
                     raise DataError(f"{path}:{line}: expected 'query-id<TAB>corpus-id<TAB>score', got {row!r:.120}")
                 yield f"{path}:{line}", row[0], row[1], float(row[2])
         return
-    for file in resolve_files([path]):
-        for line, raw in _read_file(file, file_format(file, "auto")):
-            if isinstance(raw, str):
-                if not raw.strip():
-                    continue
-                try:
-                    raw = json.loads(raw)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{file}:{line}: not valid JSON ({exc.msg})") from exc
-            record = raw if isinstance(raw, dict) else {}
-            qid, did = _field(record, QRELS_QUERY_FIELDS), _field(record, QRELS_DOC_FIELDS)
-            score = record.get("score", 1)
-            if qid is None or did is None or not _is_number(score):
-                raise DataError(f"{file}:{line}: expected query-id, corpus-id and a numeric score")
-            yield f"{file}:{line}", str(qid), str(did), float(score)
+    for file, line, record in _objects(path):
+        qid, did = _field(record, QRELS_QUERY_FIELDS), _field(record, QRELS_DOC_FIELDS)
+        score = record.get("score", 1)
+        if qid is None or did is None or not _is_number(score):
+            raise DataError(f"{file}:{line}: expected query-id, corpus-id and a numeric score")
+        yield f"{file}:{line}", str(qid), str(did), float(score)
 
 
 def _is_number(value: Any) -> bool:
