@@ -9,7 +9,7 @@ from embedtune import __version__
 
 COMMANDS = {
     "train": "fine-tune a model (same options as train.py; see `embedtune train --help`)",
-    "bench": "benchmarks that print figures (`embedtune bench resume`)",
+    "bench": "benchmarks that print figures: throughput, negatives, resume, gradcache",
     "eval": "retrieval metrics of a model on Q&A pairs or queries/corpus/qrels files",
     "validate": "check the environment, data, config and disk before a run (same options as train)",
     "report": "PNG plots of a run from its training_metrics.jsonl (no W&B needed)",
