@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import re
+import reprlib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 PACKAGED_CONFIGS = "embedtune.configs"
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few kilobytes; anything near this is the wrong file
+MAX_CONFIG_VALUES = 100_000  # values in a loaded config, counting repeats (YAML aliases can multiply them)
+CHECKPOINT_NAME = re.compile(r"^step-\d{8}$")
 LOSS_NAMES = ("MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss",
               "CachedMultipleNegativesRankingLoss", "ContrastiveLoss", "OnlineContrastiveLoss",
               "CosineSimilarityLoss", "CoSENTLoss", "TripletLoss")
@@ -29,8 +33,38 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     # Unknown keys are typos until proven otherwise; wrong types are never coerced silently
-    # ("3" is not an int here), but an int is a fine float.
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+    # ("3" is not an int here), but an int is a fine float. inf and nan are refused: no setting
+    # means anything by them.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 5
+_REPR.maxlevel = 2
+
+
+def _shown(value: Any) -> str:
+    """A short repr: an error message never grows with the value it quotes."""
+    return _REPR.repr(value)
+
+
+def _climbs(value: str) -> bool:
+    """Whether a name or path has a '..' component (on any system's separators)."""
+    return ".." in re.split(r"[\\/]", value)
+
+
+def _name(value: str | None, key: str) -> str | None:
+    """A name that may one day become part of a path: no '..', no absolute path, no control
+    characters, so it can never point outside output_dir."""
+    if value is None:
+        return value
+    if _climbs(value) or value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
+        raise ValueError(f"{key} is a name, not a path: it may not start with / or a drive, nor hold a '..' "
+                         f"component (got {_shown(value)})")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"{key} may not hold control characters (got {_shown(value)})")
+    return value
 
 
 class _Loader(yaml.SafeLoader):
@@ -72,6 +106,15 @@ class DataConfig(_Section):
     source_field: str | None = Field("source", description="Where a record says its source; eval metrics "
                                      "are also reported per source.")
     max_negatives: int = Field(8, ge=0, description="Hard negatives kept per record (the first ones).")
+    max_negatives_per_record: int = Field(
+        1000, ge=0, description="A record listing more hard negatives than this is a bad record (of one within "
+        "the limit, the first max_negatives are kept).")
+    max_record_bytes: int = Field(
+        1 << 20, ge=1, description="The longest record, in bytes: a JSONL line, or the values of a Parquet or CSV "
+        "row. A longer one is a bad record; no more of a JSONL line than this is held in memory.")
+    max_batch_chars: int = Field(
+        1 << 28, ge=1, description="The most characters of text (queries, positives, hard negatives) in one "
+        "global batch; a batch with more stops the run before it is tokenized.")
     query_prefix: str = Field("", description='Prepended to every query, e.g. "query: ".')
     document_prefix: str = Field("", description='Prepended to every document, e.g. "passage: ".')
     query_max_length: int = Field(64, ge=4)
@@ -80,12 +123,19 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(10_000, ge=1, description="Records held for the streaming shuffle.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_eval_queries: int = Field(1000, ge=1)
-    num_workers: int | None = Field(None, ge=0, description="DataLoader workers that read and tokenize; "
+    num_workers: int | None = Field(None, ge=0, le=256, description="DataLoader workers that read and tokenize; "
                                     "null: one per spare core, up to 8 per training process.")
     on_bad_record: Literal["error", "skip"] = "error"
     drop_last: bool = Field(False, description="Drop a last global batch smaller than train.batch_size.")
     # Set by the trainer when the loss trains on triplets: a record without a negative is bad.
     _require_negatives: bool = PrivateAttr(False)
+
+    @model_validator(mode="after")
+    def _negatives(self) -> DataConfig:
+        if self.max_negatives > self.max_negatives_per_record:
+            raise ValueError(f"data.max_negatives ({self.max_negatives}) is more than data.max_negatives_per_record "
+                             f"({self.max_negatives_per_record}), the most a record may list; raise the latter too")
+        return self
 
 
 class ModelConfig(_Section):
@@ -143,7 +193,7 @@ class TrainConfig(_Section):
     mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
         None, description="None: whatever `accelerate launch` or its config says."
     )
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seeds Python, NumPy and torch (NumPy takes 0 to 2**32-1).")
     max_nonfinite_steps: int = Field(
         10, ge=1, description="Stop (with a checkpoint) after this many non-finite gradients in a row."
     )
@@ -173,7 +223,21 @@ class CheckpointConfig(_Section):
     on_save_error: Literal["stop", "continue"] = Field(
         "stop", description="A failed save (full disk...) stops the run, or is logged and training goes on."
     )
-    resume_from: str | None = Field(None, description="latest, or a checkpoint folder, to continue a run.")
+    resume_from: str | None = Field(None, description="latest, a checkpoint name (step-NNNNNNNN, in "
+                                    "output_dir/checkpoints), or the path of a checkpoint folder, to continue a run.")
+
+    @field_validator("resume_from")
+    @classmethod
+    def _resume_from(cls, value: str | None) -> str | None:
+        if value is None or value == "latest" or CHECKPOINT_NAME.match(value):
+            return value
+        if "/" not in value and os.sep not in value:
+            raise ValueError(f"checkpoint.resume_from must be latest, a checkpoint name like step-00000500, or the "
+                             f"path of a checkpoint folder (got {_shown(value)})")
+        if _climbs(value):
+            raise ValueError(f"checkpoint.resume_from may not hold a '..' component (got {_shown(value)}); "
+                             "give the checkpoint folder's full path")
+        return value
 
 
 class EvalConfig(_Section):
@@ -205,6 +269,11 @@ class TrackingConfig(_Section):
     tags: list[str] = Field(default_factory=list)
     log_every_n_steps: int = Field(10, ge=1)
     log_batch_ids: bool = Field(False, description="Write the example ids of every batch to batches.jsonl.")
+
+    @field_validator("run_name", "project")
+    @classmethod
+    def _names(cls, value: str | None, info: Any) -> str | None:
+        return _name(value, f"tracking.{info.field_name}")
 
 
 class Config(_Section):
@@ -304,28 +373,65 @@ def _apply_flat(raw: dict[str, Any]) -> dict[str, Any]:
 def resolve_config_path(name: str) -> Path:
     """A path as given, or the name of a config shipped with the package (``quickstart``)."""
     path = Path(name)
-    if path.exists():
-        return path
-    if os.sep not in name and "/" not in name:
-        stem = path.stem if path.suffix in (".yaml", ".yml", ".json") else name
-        packaged = resources.files(PACKAGED_CONFIGS) / f"{stem}.yaml"
-        if packaged.is_file():
-            return Path(str(packaged))
+    try:
+        if path.exists():
+            return path
+        if os.sep not in name and "/" not in name:
+            stem = path.stem if path.suffix in (".yaml", ".yml", ".json") else name
+            packaged = resources.files(PACKAGED_CONFIGS) / f"{stem}.yaml"
+            if packaged.is_file():
+                return Path(str(packaged))
+    except (OSError, ValueError) as exc:  # a name the file system cannot take (too long, a NUL byte)
+        raise ConfigError(f"config file {_shown(name)}: not a usable path ({exc})") from None
     shipped = sorted(p.name.rsplit(".", 1)[0] for p in resources.files(PACKAGED_CONFIGS).iterdir()
                      if p.name.endswith(".yaml"))
     raise ConfigError(f"config file not found: {name} (shipped configs you can name: {', '.join(shipped)})")
 
 
+def _count_values(raw: Any, source: str) -> None:
+    """Refuse a config that unfolds into more values than any config has (YAML aliases can
+    repeat a list inside itself, or refer to themselves); counted with a budget, so it stops."""
+    left, todo = MAX_CONFIG_VALUES, [raw]
+    while todo:
+        value = todo.pop()
+        left -= 1
+        if left < 0:
+            raise ConfigError(f"{source}: holds more than {MAX_CONFIG_VALUES:,} values (counting YAML aliases "
+                              "each time they are used); a config is far smaller, is it the right file?")
+        if isinstance(value, dict):
+            todo.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            todo.extend(value)
+
+
 def load_file(path: Path) -> dict[str, Any]:
-    text = path.read_text(encoding="utf-8")
+    kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
-        raw = json.loads(text) if path.suffix == ".json" else _yaml_load(text)
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; give a YAML or JSON file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: more than {MAX_CONFIG_BYTES:,} bytes, too large for a config; is it the right file?")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start + 1}); save the config as UTF-8") from None
+    try:
+        raw = json.loads(text) if kind == "JSON" else _yaml_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
+        raise ConfigError(f"{path}: not valid {kind}: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a number with thousands of digits
+        raise ConfigError(f"{path}: not valid {kind}: {str(exc)[:200]}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    _count_values(raw, str(path))
     return raw
 
 
@@ -336,7 +442,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip().lstrip("-")
     try:
         value = _yaml_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+        _count_values(value, f"override '{_shown(item)}'")
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError):
         value = text
     # "query: " reads as a YAML mapping; only an explicit {...} or [...] is a structure.
     if isinstance(value, (dict, list)) and not text.strip().startswith(("{", "[")):
@@ -363,7 +470,7 @@ def _explain(exc: ValidationError, source: str) -> ConfigError:
             lines.append(f"  unknown key '{key}'; allowed here: {', '.join(allowed)}")
         else:
             given = err.get("input")
-            shown = "" if isinstance(given, dict) else f" (got {given!r})"
+            shown = "" if isinstance(given, dict) else f" (got {_shown(given)})"
             lines.append(f"  {key}: {err['msg']}{shown}")
     return ConfigError("\n".join(lines))
 

@@ -1,7 +1,10 @@
 """Streaming Q&A records in a deterministic global order.
 
-Files are read with ``datasets`` in streaming mode, one file at a time, so every record keeps its
-file and line for error messages. The order of pairs depends only on (files, seed, epoch): the
+Files are streamed one at a time, so every record keeps its file and line for error messages:
+JSONL by a line reader that never holds more than ``data.max_record_bytes`` of one line (any
+fsspec location, compressed or not), Parquet and CSV with ``datasets`` in streaming mode. A
+record over the limits (its size, its hard negatives) is a bad record like any other, and a
+global batch with more text than ``data.max_batch_chars`` stops the run before it is tokenized. The order of pairs depends only on (files, seed, epoch): the
 files are shuffled per epoch, then a seeded buffer shuffle runs over the concatenated stream.
 The stream is cut into global batches, each global batch into ``gradient_accumulation_steps``
 micro-batches, and each micro-batch into one slice per process. DataLoader worker ``w`` builds
@@ -11,19 +14,24 @@ in order, so neither the number of workers nor of processes changes what is trai
 
 from __future__ import annotations
 
+import atexit
 import glob
 import hashlib
 import json
 import logging
+import math
+import multiprocessing.util  # noqa: F401 - registers multiprocessing's exit handler before ours
 import os
 import random
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from multiprocessing.sharedctypes import RawValue
+from typing import IO, Any
 
 import datasets
+import fsspec
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -34,12 +42,39 @@ logger = logging.getLogger(__name__)
 PACKAGE_PREFIX = "embedtune:"
 PREFLIGHT_RECORDS = 1000
 READ_CHUNK = 1000
+READ_BYTES = 1 << 20  # bytes read at a time from a JSONL file
+DEFAULT_MAX_RECORD_BYTES = DataConfig.model_fields["max_record_bytes"].default
+SHOWN = 2000  # characters of a bad record kept in its Reject
+JSON_BLANK = " \t\r"  # a line of only these is blank (JSON's own whitespace)
+BOM = b"\xef\xbb\xbf"
+# Compressions fsspec reads only with an extra package; without it the bytes would look like junk.
+NEEDS_PACKAGE = {".zst": "zstandard", ".zstd": "zstandard", ".lz4": "lz4", ".sz": "python-snappy"}
 POSITIVE_LABEL = 0.5  # labelled pairs at or above this count as question and answer for evaluation
 MAX_REJECTS_SHOWN = 5
+_RERAISED = "\nembedtune.data.DataError: "
 
 
 class DataError(ValueError):
     """Bad input, named by file and line; the message tells the user what to change."""
+
+    def __init__(self, message: str) -> None:
+        # Raised in a DataLoader worker, it comes back as the worker's whole traceback; keep the
+        # message, which is what the user needs.
+        if message.startswith("Caught DataError") and (cut := message.rfind(_RERAISED)) != -1:
+            message = message[cut + len(_RERAISED):].rstrip("\n")
+        super().__init__(message)
+
+
+class _Undecodable(str):
+    """A JSONL line that is not valid UTF-8, decoded with replacement characters for display."""
+
+    position = 0  # the first bad byte, counted from 0
+
+
+class _TooLong(str):
+    """The start of a JSONL line longer than the reader's limit; the rest was never held."""
+
+    limit = 0
 
 
 @dataclass(frozen=True)
@@ -117,94 +152,256 @@ def file_format(path: str, fmt: str) -> str:
     return "json"
 
 
-def _read_file(path: str, fmt: str) -> Iterator[tuple[int, Any]]:
-    """Yield (line or row number, raw line or row dict) from one file, streamed."""
+def _open_binary(path: str) -> IO[bytes]:
+    """A local path or fsspec URL, decompressed by its extension (.gz, .bz2, .xz, .zip...)."""
+    compression = fsspec.utils.infer_compression(path)
+    if compression is None:
+        for suffix, package in NEEDS_PACKAGE.items():
+            if path.lower().endswith(suffix):
+                raise DataError(f"{path}: reading {suffix} files needs the {package} package "
+                                f"(pip install {package}), or decompress the file first")
+    try:
+        return fsspec.open(path, "rb", compression=compression).open()
+    except Exception as exc:  # any filesystem's own error, for a file resolve_files let through
+        raise DataError(f"{path}: cannot be opened: {type(exc).__name__}: {exc}") from exc
+
+
+def _split_lines(stream: IO[bytes], limit: int) -> Iterator[tuple[bytes, bool]]:
+    """(line without its newline, too long) for every ``\\n``-separated line of ``stream``.
+
+    Memory stays within ``limit`` plus one read: a longer line is reported (with its start)
+    as soon as it passes the limit, and the rest of it is read past, not kept.
+    """
+    pending = bytearray()  # the start of a line that goes on in the next read
+    skipping = False  # inside a line already reported as too long
+    while True:
+        chunk = stream.read(READ_BYTES)
+        if not chunk:
+            break
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if end != -1 and not pending and not skipping and end - start <= limit:
+                yield chunk[start:end], False  # the common case: a whole line inside this read
+                start = end + 1
+                continue
+            stop = len(chunk) if end == -1 else end
+            if skipping:
+                pass  # the rest of a line already reported: not even copied
+            elif len(pending) + stop - start > limit:
+                head = bytes(pending[:SHOWN * 4]) + chunk[start:start + max(0, SHOWN * 4 - len(pending))]
+                pending.clear()
+                skipping = True
+                yield head, True
+            else:
+                pending += memoryview(chunk)[start:stop]
+            if end == -1:
+                break
+            if skipping:
+                skipping = False
+            else:
+                yield bytes(pending), False
+                pending.clear()
+            start = end + 1
+        del chunk  # before the next read, so that two reads are never held at once
+    if pending and not skipping:
+        yield bytes(pending), False
+
+
+def _read_lines(path: str, limit: int) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a JSONL file; a line that cannot be used as text comes as a str
+    subclass that says why (``_Undecodable``, ``_TooLong``) and still reads as its text."""
+    number = 0
+    try:
+        with _open_binary(path) as stream:
+            for raw, too_long in _split_lines(stream, limit):
+                number += 1
+                if number == 1 and raw.startswith(BOM):
+                    raw = raw[len(BOM):]
+                if raw.endswith(b"\r"):
+                    raw = raw[:-1]
+                line: str
+                if too_long:
+                    line = _TooLong(raw.decode("utf-8", "replace")[:SHOWN])
+                    line.limit = limit
+                else:
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        line = _Undecodable(raw.decode("utf-8", "replace"))
+                        line.position = exc.start
+                yield number, line
+    except DataError:
+        raise
+    except Exception as exc:  # a truncated or mislabelled compressed file, a dropped connection...
+        raise DataError(f"{path}: cannot be read after line {number}: {type(exc).__name__}: {exc}; check that "
+                        "the file is complete and that its extension matches its compression") from exc
+
+
+def _read_file(path: str, fmt: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[tuple[int, Any]]:
+    """Yield (line or row number, raw line or row dict) from one file, streamed.
+
+    JSONL lines longer than ``max_record_bytes`` come as their start only (see ``_read_lines``).
+    """
+    if fmt == "json":
+        # Every line, blank ones included, so the count is the line number; JSON is parsed by
+        # the caller so that a bad line is named rather than failing the file.
+        yield from _read_lines(path, max_record_bytes)
+        return
     # .iter() rather than plain iteration: inside a DataLoader worker, datasets would otherwise
     # hand each worker a share of the files, and our workers each need the whole ordered stream.
-    if fmt == "json":
-        # The text builder yields every line, blank ones included, so the count is the line
-        # number; JSON is parsed here so a bad line is named rather than failing the file.
-        stream = datasets.load_dataset(
-            "text", data_files=[path], split="train", streaming=True, encoding_errors="replace"
-        )
-        number = 0
-        for chunk in stream.iter(batch_size=READ_CHUNK):
-            for line in chunk["text"]:
-                number += 1
-                yield number, line
-    else:
+    number = 1 if fmt == "csv" else 0  # CSV line 1 is the header
+    try:
         stream = datasets.load_dataset(fmt, data_files=[path], split="train", streaming=True)
-        number = 1 if fmt == "csv" else 0  # CSV line 1 is the header
         chunks = stream.iter(batch_size=READ_CHUNK)
-        while True:
-            try:
-                chunk = next(chunks)
-            except StopIteration:
-                return
-            except Exception as exc:  # the parser's own error: name the file, keep its message
-                raise DataError(f"{path}: cannot be read as {fmt} after row {number - (fmt == 'csv')}: "
-                                f"{type(exc).__name__}: {exc}; fix the file or convert it to JSONL") from exc
-            columns = list(chunk)
-            for values in zip(*(chunk[c] for c in columns)):
-                number += 1
-                yield number, dict(zip(columns, values))
+    except Exception as exc:
+        raise DataError(f"{path}: cannot be read as {fmt}: {type(exc).__name__}: {exc}; fix the file or "
+                        "convert it to JSONL") from exc
+    while True:
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            return
+        except Exception as exc:  # the parser's own error: name the file, keep its message
+            raise DataError(f"{path}: cannot be read as {fmt} after row {number - (fmt == 'csv')}: "
+                            f"{type(exc).__name__}: {exc}; fix the file or convert it to JSONL") from exc
+        columns = list(chunk)
+        for values in zip(*(chunk[c] for c in columns)):
+            number += 1
+            yield number, dict(zip(columns, values))
 
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _over(text: str, limit: int) -> bool:
+    """Whether ``text`` takes more than ``limit`` bytes as UTF-8 (encoded only when it may)."""
+    return len(text) > limit or (len(text) * 4 > limit and _utf8_size(text) > limit)
+
+
+def _row_over(row: dict[str, Any], limit: int) -> bool:
+    """Whether the values of a Parquet or CSV row take more than ``limit`` bytes."""
+    left, todo = limit, list(row.values())
+    while todo:
+        value = todo.pop()
+        if isinstance(value, str):
+            left -= _utf8_size(value)
+        elif isinstance(value, (bytes, bytearray)):
+            left -= len(value)
+        elif isinstance(value, dict):
+            todo.extend(value.values())
+            left -= 8
+        elif isinstance(value, (list, tuple)):
+            todo.extend(value)
+            left -= 8
+        else:
+            left -= 8
+        if left < 0:
+            return True
+    return False
+
+
+def _unencodable(texts: list[str]) -> str | None:
+    """The first text holding a lone surrogate (which JSON's \\u escapes can write): no text."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"\\u{ord(text[exc.start]):04x}"
+    return None
+
+
+def line_problem(raw: Any) -> str | None:
+    """Why a JSONL line from ``_read_file`` cannot be used as it was read, or None: it is longer
+    than the reader's limit (only its start was kept), or it is not valid UTF-8."""
+    if isinstance(raw, _TooLong):
+        return (f"longer than {raw.limit:,} bytes (data.max_record_bytes); shorten the record, or raise the limit "
+                "if such records are meant to be there")
+    if isinstance(raw, _Undecodable):
+        return f"not valid UTF-8 (byte {raw.position + 1} of the line); re-encode the file as UTF-8"
+    return None
+
+
 def parse_record(path: str, line: int, raw: Any, cfg: DataConfig) -> Pair | Reject | None:
     """A Pair, a Reject saying what to fix, or None for a blank JSONL line."""
+
+    def shown() -> str:
+        return raw[:SHOWN] if isinstance(raw, str) else json.dumps(raw, default=str, ensure_ascii=False)[:SHOWN]
+
+    def bad(reason: str) -> Reject:
+        return Reject(path, line, reason, shown())
+
     if isinstance(raw, str):
-        if not raw.strip():
+        if problem := line_problem(raw):
+            return bad(problem)
+        if not raw.strip(JSON_BLANK):
             return None
-        if "\ufffd" in raw:
-            return Reject(path, line, "not valid UTF-8; re-encode the file as UTF-8", raw)
+        if _over(raw, cfg.max_record_bytes):
+            return bad(f"longer than {cfg.max_record_bytes:,} bytes (data.max_record_bytes); shorten the record, "
+                       "or raise the limit")
         try:
             record = json.loads(raw)
         except json.JSONDecodeError as exc:
-            return Reject(path, line, f"not valid JSON ({exc.msg} at column {exc.colno}); "
-                          "write one JSON object per line", raw[:2000])
+            hint = ("; the lines end in a bare carriage return (\\r): convert the line endings to \\n"
+                    if "\r" in raw.rstrip(JSON_BLANK) else "; write one JSON object per line")
+            return bad(f"not valid JSON ({exc.msg} at column {exc.colno}){hint}")
+        except RecursionError:
+            return bad("not valid JSON for a record: nested too deeply; write one flat JSON object per line")
+        except ValueError as exc:  # e.g. a number too long to convert
+            return bad(f"not valid JSON for a record ({str(exc)[:120]}); write one JSON object per line")
+    elif isinstance(raw, dict):
+        record = raw
+        if _row_over(raw, cfg.max_record_bytes):
+            return Reject(path, line, f"longer than {cfg.max_record_bytes:,} bytes (data.max_record_bytes); "
+                          "shorten the record, or raise the limit", f"{{row of {len(raw)} fields}}")
     else:
         record = raw
-    shown = raw[:2000] if isinstance(raw, str) else json.dumps(raw, default=str)[:2000]
     if not isinstance(record, dict):
-        return Reject(path, line, f"expected a JSON object, got {type(record).__name__}", shown)
+        return bad(f"expected a JSON object, got {type(record).__name__}")
     for role, name in (("query", cfg.query_field), ("positive", cfg.positive_field)):
         if name not in record:
-            keys = ", ".join(sorted(record)[:10]) or "none"
-            return Reject(path, line, f"no '{name}' field for the {role} (fields here: {keys}); "
-                          f"add it or set data.{role}_field", shown)
+            keys = ", ".join(str(k)[:40] for k in sorted(record, key=str)[:10]) or "none"
+            return bad(f"no '{name}' field for the {role} (fields here: {keys}); add it or set data.{role}_field")
         if _text(record[name]) is None:
-            return Reject(path, line, f"'{name}' must be a non-empty string, got {record[name]!r:.60}", shown)
+            return bad(f"'{name}' must be a non-empty string, got {record[name]!r:.60}")
     negatives: tuple[str, ...] = ()
     if cfg.negatives_field and record.get(cfg.negatives_field) is not None:
         value = record[cfg.negatives_field]
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or any(_text(v) is None for v in items):
-            return Reject(path, line, f"'{cfg.negatives_field}' must be a string or a list of "
-                          "non-empty strings", shown)
+            return bad(f"'{cfg.negatives_field}' must be a string or a list of non-empty strings")
+        if len(items) > cfg.max_negatives_per_record:
+            return bad(f"'{cfg.negatives_field}' lists {len(items):,} hard negatives, more than "
+                       f"data.max_negatives_per_record ({cfg.max_negatives_per_record:,}); keep the best ones, "
+                       "or raise the limit")
         negatives = tuple(items[: cfg.max_negatives])
     if cfg._require_negatives and not negatives:
-        return Reject(path, line, f"the loss trains on triplets and this record has no hard negative in "
-                      f"'{cfg.negatives_field}'; add one or choose a loss that trains on pairs", shown)
+        return bad(f"the loss trains on triplets and this record has no hard negative in "
+                   f"'{cfg.negatives_field}'; add one or choose a loss that trains on pairs")
     label = None
     if cfg.label_field:
         value = record.get(cfg.label_field)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            return Reject(path, line, f"'{cfg.label_field}' must be a number (the pair's label or score), "
-                          f"got {value!r:.60}", shown)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return bad(f"'{cfg.label_field}' must be a finite number (the pair's label or score), got {value!r:.60}")
         label = float(value)
+    query, positive = record[cfg.query_field], record[cfg.positive_field]
+    if isinstance(raw, str) and ("\\ud" in raw or "\\uD" in raw):
+        if surrogate := _unencodable([query, positive, *negatives]):
+            return bad(f"a text holds {surrogate}, half of a UTF-16 surrogate pair, which is no character; "
+                       "write the character itself or its complete pair")
     source = record.get(cfg.source_field) if cfg.source_field else None
-    return Pair(f"{path}:{line}", record[cfg.query_field], record[cfg.positive_field], negatives, label,
-                None if source is None else str(source))
+    return Pair(f"{path}:{line}", query, positive, negatives, label, None if source is None else str(source))
 
 
 def read_pairs(files: list[str], cfg: DataConfig) -> Iterator[Pair | Reject]:
     for path in files:
         fmt = file_format(path, cfg.format)
-        for line, raw in _read_file(path, fmt):
+        for line, raw in _read_file(path, fmt, cfg.max_record_bytes):
             item = parse_record(path, line, raw, cfg)
             if item is not None:
                 yield item
@@ -376,14 +573,19 @@ class PairBatches(IterableDataset):
         """The epoch's global batches with the bad records met while filling each."""
         pending: list[Pair] = []
         rejects: list[Reject] = []
+        chars, number = 0, 0
         for item in ordered_pairs(self.cfg, self.seed, self.epoch):
             if isinstance(item, Reject):
                 rejects.append(item)
                 continue
             pending.append(item)
+            chars += pair_chars(item)
+            if chars > self.cfg.max_batch_chars:
+                raise DataError(too_much_text(pending, number, self.epoch, self.cfg.max_batch_chars))
             if len(pending) == self.batch_size:
                 yield pending, rejects
-                pending, rejects = [], []
+                pending, rejects, chars = [], [], 0
+                number += 1
         # The last, partial global batch is used whatever the number of processes (a process
         # whose slice is empty still takes part in the step), unless drop_last says otherwise.
         if pending and not self.cfg.drop_last:
@@ -432,15 +634,48 @@ class PairBatches(IterableDataset):
             yield out
 
 
+def pair_chars(pair: Pair) -> int:
+    return len(pair.query) + len(pair.positive) + sum(map(len, pair.negatives))
+
+
+def too_much_text(pairs: list[Pair], number: int, epoch: int, limit: int) -> str:
+    longest = sorted(pairs, key=pair_chars, reverse=True)[:3]
+    return (f"global batch {number + 1} of epoch {epoch} holds more than {limit:,} characters of text "
+            f"(data.max_batch_chars) in its first {len(pairs)} pairs; the longest records: "
+            + ", ".join(f"{p.id} ({pair_chars(p):,})" for p in longest)
+            + ". Lower train.batch_size or data.max_record_bytes, or raise data.max_batch_chars if the "
+            "machine has the memory to tokenize that much.")
+
+
 def format_stream_reject(reject: Reject) -> str:
     return (f"bad record: {reject.message()}\nFix it, or set data.on_bad_record=skip to skip "
             "bad records (they are then kept in output_dir/rejected.jsonl).")
 
 
+# Set in the main process once it is exiting: from then on a SIGTERM stops a worker. Without it,
+# a worker the main process never shut down (its iterator kept alive by an exception that is
+# still referenced) would ignore multiprocessing's SIGTERM at exit, which then waits for it forever.
+_EXITING = RawValue("b", 0)
+
+
+def _mark_exiting() -> None:
+    _EXITING.value = 1
+
+
+# Registered after multiprocessing's own exit handler (imported above), so it runs before it.
+atexit.register(_mark_exiting)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if _EXITING.value:
+        os._exit(0)
+
+
 def _worker_init(worker_id: int) -> None:
     # A preemption signal goes to every process of the job; the workers leave it to the main
-    # process, which finishes its step, saves and then shuts them down.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # process, which finishes its step, saves and then shuts them down. Only once the main
+    # process is exiting does a SIGTERM stop them.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
