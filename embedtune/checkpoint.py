@@ -5,34 +5,53 @@ scheduler, scaler, RNG per process) plus ``trainer_state.json`` (data position, 
 run id, config). It is written under ``step-NNNNNNNN.tmp`` and renamed when complete, so a
 crash or a kill during a save never leaves a folder that looks complete; ``trainer_state.json``
 is written last, and a folder without it is never resumed from.
+
+A checkpoint is read as untrusted input. The weights are safetensors; every file that
+Accelerate reads with ``torch.load`` must load with ``weights_only=True`` (plain tensors,
+numbers and containers: no code runs) before anything of it is used, and ``load`` makes
+Accelerate read them that way. ``trainer_state.json`` is checked field by field, and a checkpoint
+named in the config never climbs out of the folder it is looked up in.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from accelerate import Accelerator
 
 from embedtune.config import Config
 from embedtune.distributed import any_process
+from embedtune.model_card import scrub_config
 
 logger = logging.getLogger("embedtune")
 
 STATE_FILE = "trainer_state.json"
 NAME = re.compile(r"^step-(\d{8})$")
+WEIGHTS = re.compile(r"^(model(_\d+)?\.safetensors|pytorch_model\w*\.bin)$")
+# Files Accelerate reads with torch.load: optimizer, registered objects (the learning-rate
+# schedule), RNG, loss scaler, sampler; and the weights under FSDP, which has no safetensors.
+PICKLED = (".bin", ".pkl", ".pt", ".pth", ".pickle", ".ckpt")
+SAFE_TORCH = (2, 6)  # weights_only=True could still run code before torch 2.6 (CVE-2025-32434)
+RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # a W&B run id; it becomes part of a folder name
+MAX_STATE_BYTES = 64 << 20
 # Changing these makes the saved data position or weights mean something else.
 RESUME_KEYS = (
     "model.base_model", "model.pooling", "model.normalize",
     "data.train_files", "data.format", "data.query_field", "data.positive_field", "data.negatives_field",
     "data.max_negatives", "data.shuffle", "data.shuffle_buffer", "data.eval_files", "data.eval_fraction",
-    "data.drop_last", "train.batch_size", "train.gradient_accumulation_steps", "train.seed",
+    "data.drop_last", "data.max_record_bytes", "data.max_negatives_per_record", "train.batch_size",
+    "train.gradient_accumulation_steps", "train.seed",
 )
 
 
@@ -58,8 +77,52 @@ class TrainerState:
 
     @classmethod
     def load(cls, path: str) -> TrainerState:
-        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-            return cls(**json.load(f))
+        """The state saved in checkpoint ``path``, every field checked (CheckpointError if not)."""
+        file = os.path.join(path, STATE_FILE)
+        try:
+            with open(file, "rb") as f:
+                data = json.loads(f.read(MAX_STATE_BYTES + 1).decode("utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            raise CheckpointError(f"{file}: cannot be read ({type(exc).__name__}: {str(exc)[:200]}); resume from "
+                                  "another checkpoint") from None
+        problem = _state_problem(data)
+        if problem:
+            raise CheckpointError(f"{file}: {problem}; this file is not one embedtune wrote (or it was edited): "
+                                  "resume from another checkpoint")
+        return cls(**data)
+
+
+def _state_problem(data: Any) -> str | None:
+    """What is wrong with the contents of a trainer_state.json, or None."""
+    if not isinstance(data, dict):
+        return f"expected a JSON object, got {type(data).__name__}"
+    known = {f.name for f in fields(TrainerState)}
+    if unknown := sorted(set(data) - known):
+        return f"unknown field(s) {', '.join(map(str, unknown))[:200]}"
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    for name in ("step", "epoch", "batches_in_epoch", "examples_seen", "skipped_steps", "nonfinite_in_a_row"):
+        if name in data and not count(data[name]):
+            return f"'{name}' must be a count (an integer, 0 or more)"
+    if "duration_s" in data and not number(data["duration_s"]):
+        return "'duration_s' must be a number"
+    run_id = data.get("wandb_run_id")
+    if run_id is not None and not (isinstance(run_id, str) and RUN_ID.match(run_id)):
+        return "'wandb_run_id' must be a W&B run id (letters, digits, '.', '_' and '-')"
+    before = data.get("eval_before")
+    if before is not None and not (isinstance(before, dict) and all(number(v) for v in before.values())):
+        return "'eval_before' must map metric names to numbers"
+    scores = data.get("scores", {})
+    if not (isinstance(scores, dict) and all(NAME.match(str(k)) and number(v) for k, v in scores.items())):
+        return "'scores' must map checkpoint names (step-NNNNNNNN) to numbers"
+    if not isinstance(data.get("config", {}), dict):
+        return "'config' must be a JSON object"
+    return None
 
 
 def checkpoints_dir(output_dir: str) -> str:
@@ -71,23 +134,114 @@ def complete_checkpoints(output_dir: str) -> list[str]:
     root = checkpoints_dir(output_dir)
     if not os.path.isdir(root):
         return []
+    # A link is not followed: retention deletes what it finds here, and only here.
     found = [(int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root)
-             if (m := NAME.match(name)) and os.path.isfile(os.path.join(root, name, STATE_FILE))]
+             if (m := NAME.match(name)) and not os.path.islink(os.path.join(root, name))
+             and os.path.isfile(os.path.join(root, name, STATE_FILE))]
     return [path for _, path in sorted(found)]
 
 
 def find_checkpoint(output_dir: str, which: str) -> str:
-    """``latest`` -> the newest complete checkpoint of output_dir; otherwise a path to one."""
+    """The checkpoint to resume from, checked (``verify``) before anything of it is loaded.
+
+    ``latest``: the newest complete one in output_dir; a name (``step-NNNNNNNN``): that one in
+    output_dir/checkpoints; otherwise the path of a checkpoint folder, without '..' components.
+    """
+    flag = f"--resume_from_checkpoint {which}"
     if which == "latest":
         found = complete_checkpoints(output_dir)
         if not found:
-            raise CheckpointError(f"--resume_from_checkpoint latest: no complete checkpoint in "
-                                  f"{checkpoints_dir(output_dir)}; start without it, or name a checkpoint folder")
-        return found[-1]
-    if not os.path.isfile(os.path.join(which, STATE_FILE)):
-        raise CheckpointError(f"--resume_from_checkpoint {which}: not a complete checkpoint (no {STATE_FILE}); "
-                              "use `latest` or a checkpoints/step-NNNNNNNN folder")
-    return which
+            raise CheckpointError(f"{flag}: no complete checkpoint in {checkpoints_dir(output_dir)}; start without it, "
+                                  "or name a checkpoint folder")
+        path = found[-1]
+    elif NAME.match(which):
+        path = os.path.join(checkpoints_dir(output_dir), which)
+    elif ".." in re.split(r"[\\/]", which) or ("/" not in which and os.sep not in which):
+        raise CheckpointError(f"{flag}: expected latest, a checkpoint name like step-00000500, or the path of a "
+                              "checkpoint folder without '..' components")
+    else:
+        path = which
+    if not NAME.match(os.path.basename(os.path.normpath(path))) or not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise CheckpointError(f"{flag}: {path} is not a complete checkpoint (a step-NNNNNNNN folder with "
+                              f"{STATE_FILE}); use `latest` or a checkpoints/step-NNNNNNNN folder")
+    verify(path)
+    return path
+
+
+def _weights_only_load(path: str) -> Any:
+    """torch.load with weights_only=True and the NumPy types Accelerate's RNG states need, as
+    Accelerate itself loads; zip files are mapped, not read, so an optimizer state costs no memory."""
+    from accelerate.utils import load
+
+    return load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+
+
+def _refusal(exc: BaseException) -> str:
+    """The reason in torch's weights-only error, without its advice to load the file unsafely."""
+    parts = [" ".join(part.split()) for part in str(exc).split("\n\n")]
+    reason = [part for part in parts if part and not part.startswith(("Weights only load failed", "Check the doc"))]
+    return " ".join(reason)[:300] or type(exc).__name__
+
+
+def verify(path: str) -> None:
+    """Refuse a checkpoint that would run code when loaded.
+
+    Every file Accelerate reads with torch.load must load with weights_only=True (our weights are
+    safetensors, but FSDP writes its own with torch.save). Subfolders (FSDP's sharded state,
+    DeepSpeed's files) are read by their own loaders, which unpickle without such a check; they
+    are named in a warning.
+    """
+    import torch
+
+    names = sorted(os.listdir(path))
+    folders = [n for n in names if os.path.isdir(os.path.join(path, n))]
+    if not folders and not any(WEIGHTS.match(n) for n in names):
+        raise CheckpointError(f"{path}: no model weights (model.safetensors); resume from another checkpoint")
+    for name in names:
+        file = os.path.join(path, name)
+        if not name.endswith(PICKLED) or not os.path.isfile(file):
+            continue
+        try:
+            _weights_only_load(file)
+        except Exception as exc:
+            raise CheckpointError(f"{file}: refused: it does not load as plain tensors and numbers "
+                                  f"(torch.load with weights_only=True: {_refusal(exc)}). Loading it could run "
+                                  "code; resume from a checkpoint embedtune wrote.") from None
+    if tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2]) < SAFE_TORCH:
+        logger.warning("torch %s: loading with weights_only=True is only safe from torch 2.6 on (CVE-2025-32434); "
+                       "upgrade torch before resuming from checkpoints you did not write", torch.__version__)
+    if folders:
+        logger.warning("%s holds %s, read by their own loaders (FSDP, DeepSpeed), which unpickle without a "
+                       "weights-only check: resume only from checkpoints you wrote", path, ", ".join(folders))
+
+
+@contextmanager
+def _custom_states_weights_only() -> Iterator[None]:
+    """Accelerate reads registered objects' states (our learning-rate schedule) without the
+    weights-only check; for the duration of a load, read them as everything else is."""
+    import accelerate.accelerator as module
+
+    original = getattr(module, "load_custom_state", None)
+    if original is None:  # another Accelerate: verify() has checked the files already
+        yield
+        return
+
+    def load_custom_state(obj: Any, path: str, index: int = 0) -> None:
+        obj.load_state_dict(_weights_only_load(os.path.join(path, f"custom_checkpoint_{index}.pkl")))
+
+    module.load_custom_state = load_custom_state
+    try:
+        yield
+    finally:
+        module.load_custom_state = original
+
+
+def load(accelerator: Accelerator, path: str) -> None:
+    """Accelerate's state from checkpoint ``path`` (weights, optimizer, schedule, scaler, RNG),
+    every pickled file read with weights_only=True."""
+    verify(path)
+    with _custom_states_weights_only():
+        accelerator.load_state(path, load_kwargs={"weights_only": True})
 
 
 def _lookup(tree: dict[str, Any], dotted: str) -> Any:
@@ -96,11 +250,22 @@ def _lookup(tree: dict[str, Any], dotted: str) -> Any:
     return tree
 
 
+def _absent(tree: dict[str, Any], dotted: str) -> bool:
+    *sections, key = dotted.split(".")
+    for part in sections:
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return not isinstance(tree, dict) or key not in tree
+
+
 def check_resume(saved: dict[str, Any], current: Config) -> list[str]:
-    """Refuse changes that break an exact resume; return the harmless ones for the log."""
-    now = current.to_dict()
+    """Refuse changes that break an exact resume; return the harmless ones for the log.
+
+    Both sides are compared as checkpoints store them, secrets scrubbed; a key the checkpoint
+    does not have (it predates the key) is not a change.
+    """
+    saved, now = scrub_config(saved), scrub_config(current.to_dict())
     breaking = [f"{key}: {_lookup(saved, key)!r} -> {_lookup(now, key)!r}" for key in RESUME_KEYS
-                if _lookup(saved, key) != _lookup(now, key)]
+                if not _absent(saved, key) and _lookup(saved, key) != _lookup(now, key)]
     if breaking:
         raise CheckpointError("cannot resume: the config changed in ways that change the data order or the model:\n  "
                               + "\n  ".join(breaking)
@@ -109,7 +274,7 @@ def check_resume(saved: dict[str, Any], current: Config) -> list[str]:
     for section, values in now.items():
         if isinstance(values, dict):
             for key, value in values.items():
-                if _lookup(saved, f"{section}.{key}") != value:
+                if not _absent(saved, f"{section}.{key}") and _lookup(saved, f"{section}.{key}") != value:
                     harmless.append(f"{section}.{key}: {_lookup(saved, f'{section}.{key}')!r} -> {value!r}")
     return harmless
 
@@ -133,7 +298,7 @@ def save(accelerator: Accelerator, output_dir: str, state: TrainerState, keep_la
         if accelerator.is_main_process:
             if best_metric and score is not None:
                 state.scores[name] = score
-            _write_json(os.path.join(tmp, STATE_FILE), asdict(state))
+            _write_json(os.path.join(tmp, STATE_FILE), {**asdict(state), "config": scrub_config(state.config)})
             _fsync_dir(tmp)
     except OSError as exc:
         error = exc
