@@ -3,6 +3,12 @@
 Every side effect happens on the main process only. Besides the tracker, the output folder gets
 ``config.yaml``, ``training_metrics.jsonl``, ``training_progress.json``, ``logs/train.log``,
 ``rejected.jsonl`` (when records are skipped) and ``final_model/``.
+
+Secrets never reach any of them: the config is written and sent to W&B with the values of
+secret-looking environment variables (``WANDB_API_KEY``, ``HF_TOKEN``, any ``*_TOKEN``,
+``*KEY*``, ``*SECRET*``, ``*PASSWORD*``) and credentials in URLs blanked out, every log line is
+scrubbed the same way, and when the command line itself holds a secret W&B is told not to
+record it (its system metadata, which includes the command line, is turned off for the run).
 """
 
 from __future__ import annotations
@@ -15,11 +21,30 @@ import sys
 from typing import Any
 from urllib.parse import urlparse
 
+import yaml
 from accelerate import Accelerator
 
-from embedtune.config import Config, dump_yaml
+from embedtune.config import Config
+from embedtune.model_card import scrub_config, scrub_text
 
 logger = logging.getLogger("embedtune")
+
+
+class ScrubbedFormatter(logging.Formatter):
+    """A formatter whose lines never hold a secret of the environment or a URL's credentials."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub_text(super().format(record))
+
+
+def public_config(cfg: Config) -> dict[str, Any]:
+    """The config as written to config.yaml, checkpoints and W&B: secrets scrubbed."""
+    return scrub_config(cfg.to_dict())
+
+
+def command_line_holds_secret() -> bool:
+    line = " ".join(sys.argv)
+    return scrub_text(line) != line
 
 
 def setup_logging(output_dir: str, is_main: bool) -> None:
@@ -31,12 +56,12 @@ def setup_logging(output_dir: str, is_main: bool) -> None:
         root.removeHandler(handler)
         handler.close()
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    console.setFormatter(ScrubbedFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     root.addHandler(console)
     if is_main:
         os.makedirs(os.path.join(output_dir, "logs"), exist_ok=True)
         file = logging.FileHandler(os.path.join(output_dir, "logs", "train.log"), encoding="utf-8")
-        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        file.setFormatter(ScrubbedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(file)
 
 
@@ -101,7 +126,8 @@ class RunLog:
         self.step = 0  # the step being trained, for the rows of rejected.jsonl
         if self.main:
             os.makedirs(self.out, exist_ok=True)
-            write_atomic(os.path.join(self.out, "config.yaml"), dump_yaml(cfg))
+            write_atomic(os.path.join(self.out, "config.yaml"),
+                         yaml.safe_dump(public_config(cfg), sort_keys=False, allow_unicode=True))
             for name in (METRICS, BATCHES, REJECTED, EXAMPLES):
                 path = os.path.join(self.out, name)
                 if resume_step is None:
@@ -116,10 +142,17 @@ class RunLog:
             tracking = cfg.tracking
             # The same id with resume="allow" continues the run (online) or writes a new segment
             # of it (offline; `wandb sync` joins them). Steps are always passed explicitly.
-            init = {"name": tracking.run_name, "tags": tracking.tags or None, "entity": tracking.entity,
+            init = {"name": tracking.run_name and scrub_text(tracking.run_name),
+                    "tags": [scrub_text(t) for t in tracking.tags] or None, "entity": tracking.entity,
                     "dir": self.out, "mode": wandb_mode() if self.main else "disabled",
                     "id": wandb_id, "resume": "allow" if wandb_id else None}
-            accelerator.init_trackers(tracking.project, config=cfg.to_dict(),
+            if command_line_holds_secret():
+                # W&B records the command line with the system metadata; leave both out.
+                init["settings"] = {"x_disable_meta": True}
+                if self.main:
+                    logger.warning("the command line holds a secret (an environment variable's value or a URL's "
+                                   "credentials): W&B will not record the command line or system metadata")
+            accelerator.init_trackers(tracking.project, config=public_config(cfg),
                                       init_kwargs={"wandb": {k: v for k, v in init.items() if v is not None}})
             if self.main:
                 self.wandb_run = accelerator.get_tracker("wandb", unwrap=True)
@@ -165,7 +198,8 @@ class RunLog:
                 run = self.wandb_run
                 fields["wandb"] = {"id": run.id, "offline": run.offline, "dir": str(run.settings.sync_dir),
                                    "url": None if run.offline else run.url}
-            write_atomic(os.path.join(self.out, "training_progress.json"), json.dumps(fields, indent=2) + "\n")
+            write_atomic(os.path.join(self.out, "training_progress.json"),
+                         scrub_text(json.dumps(fields, indent=2)) + "\n")
 
     def reject(self, rejects: list[Any], first_epoch: bool) -> None:
         """Skipped records go to rejected.jsonl once (the first epoch) and to the log."""
@@ -174,7 +208,7 @@ class RunLog:
         with open(os.path.join(self.out, REJECTED), "a", encoding="utf-8") as f:
             for r in rejects:
                 logger.warning("skipped %s", r.message())
-                f.write(json.dumps({"file": r.file, "line": r.line, "reason": r.reason, "record": r.raw,
+                f.write(json.dumps({"file": scrub_text(r.file), "line": r.line, "reason": r.reason, "record": r.raw,
                                     "step": self.step}, ensure_ascii=False) + "\n")
 
     def save_model(self, model: Any, tokenizer: Any) -> str:
