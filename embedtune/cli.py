@@ -14,9 +14,11 @@ COMMANDS = {
     "validate": "check the environment, data, config and disk before a run (same options as train)",
     "report": "PNG plots of a run from its training_metrics.jsonl (no W&B needed)",
     "mine": "add hard negatives to a Q&A file, mined with a model",
+    "soak": "kill a 2-process CPU training at random moments, resume it each time, and compare it with an "
+            "uninterrupted run (embedtune soak --cycles 20)",
 }
 MODULES = {"eval": "embedtune.evaluate", "validate": "embedtune.validate", "report": "embedtune.report",
-           "mine": "embedtune.mine"}
+           "mine": "embedtune.mine", "soak": "embedtune.soak"}
 
 
 def main(argv: list[str] | None = None) -> int:

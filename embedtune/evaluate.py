@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from embedtune.data import DataError, Pair, _read_file, file_format, resolve_files
+from embedtune.data import DataError, Pair, _read_file, file_format, line_problem, resolve_files
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,9 @@ def _objects(path: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
             if isinstance(raw, str):
                 if not raw.strip():
                     continue
+                problem = line_problem(raw)
+                if problem:
+                    raise DataError(f"{file}:{line}: {problem}")
                 try:
                     raw = json.loads(raw)
                 except json.JSONDecodeError as exc:

@@ -47,6 +47,7 @@ from embedtune.data import (
     _read_file,
     file_format,
     is_held_out,
+    line_problem,
     parse_record,
     resolve_files,
     text_key,
@@ -215,8 +216,9 @@ def _decode(path: str, line: int, raw: Any) -> dict[str, Any] | Reject | None:
         return raw if isinstance(raw, dict) else Reject(path, line, "expected a record", str(raw)[:SHOWN])
     if not raw.strip():
         return None
-    if "\ufffd" in raw:
-        return Reject(path, line, "not valid UTF-8; re-encode the file as UTF-8", raw[:SHOWN])
+    problem = line_problem(raw)
+    if problem:
+        return Reject(path, line, problem, raw[:SHOWN])
     try:
         record = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -246,7 +248,7 @@ def bad_record(reject: Reject, hint: str) -> DataError:
 def read_records(files: list[str], cfg: DataConfig) -> Iterator[tuple[dict[str, Any], Pair]]:
     """Every input record with its pair, in file order; the first bad record stops the run."""
     for path in files:
-        for line, raw in _read_file(path, file_format(path, cfg.format)):
+        for line, raw in _read_file(path, file_format(path, cfg.format), cfg.max_record_bytes):
             item = parse_record(path, line, raw, cfg)
             if item is None:
                 continue

@@ -208,7 +208,7 @@ def train(cfg: Config) -> dict[str, Any]:
         # every batch, hence dynamic.
         accelerator.unwrap_model(model).encoder.compile(dynamic=True)
     if resume_dir:
-        accelerator.load_state(resume_dir)  # weights, optimizer, schedule, scaler, RNG
+        checkpoint.load(accelerator, resume_dir)  # weights, optimizer, schedule, scaler, RNG; weights-only
         logger.info("resumed from %s: step %d, epoch %d, %d batches into it", resume_dir, state.step,
                     state.epoch, state.batches_in_epoch)
 

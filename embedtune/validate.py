@@ -374,7 +374,7 @@ def _records(files: list[str], cfg: Any) -> Iterable[tuple[Pair | Reject, Any]]:
     """Like ``read_pairs``, but with each record's raw line or row, for the empty-text count."""
     for path in files:
         fmt = file_format(path, cfg.format)
-        for line, raw in _read_file(path, fmt):
+        for line, raw in _read_file(path, fmt, cfg.max_record_bytes):
             item = parse_record(path, line, raw, cfg)
             if item is not None:
                 yield item, raw
