@@ -238,19 +238,12 @@ class GradCacheStep:
         self.mini_batch_size = mini_batch_size
 
     def _chunks(self, inputs: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        if "lengths" in inputs:  # ragged: cut the token ids at the texts' boundaries
-            lengths, ids = inputs["lengths"], inputs["input_ids"]
-            bounds = [0, *lengths.cumsum(0).tolist()]
-            return [{"input_ids": ids[bounds[start]:bounds[min(start + self.mini_batch_size, len(lengths))]],
-                     "lengths": lengths[start:start + self.mini_batch_size]}
-                    for start in range(0, len(lengths), self.mini_batch_size)]
-        rows = inputs["input_ids"].shape[0]
-        chunks = []
-        for start in range(0, rows, self.mini_batch_size):
-            chunk = {k: v[start:start + self.mini_batch_size] for k, v in inputs.items()}
-            width = int(chunk["attention_mask"].sum(dim=1).max())  # drop the columns that are all padding
-            chunks.append({k: v[:, :width] for k, v in chunk.items()})
-        return chunks
+        """Ragged inputs (as the collator gives them) cut at the texts' boundaries."""
+        lengths, ids = inputs["lengths"], inputs["input_ids"]
+        bounds = [0, *lengths.cumsum(0).tolist()]
+        return [{"input_ids": ids[bounds[start]:bounds[min(start + self.mini_batch_size, len(lengths))]],
+                 "lengths": lengths[start:start + self.mini_batch_size]}
+                for start in range(0, len(lengths), self.mini_batch_size)]
 
     def __call__(self, model: nn.Module, batch: dict, loss_fn: nn.Module, share: float,
                  accelerator: Any) -> torch.Tensor:

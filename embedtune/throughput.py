@@ -180,7 +180,6 @@ def run_st_trainer(model_dir: str, data: str, args: argparse.Namespace, out: str
     model = SentenceTransformer(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
     model.max_seq_length = args.max_length
     marks: dict[int, float] = {}
-    real = {"tokens": 0, "padded": 0}
 
     class Timer(TrainerCallback):
         def on_step_end(self, _args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -202,7 +201,6 @@ def run_st_trainer(model_dir: str, data: str, args: argparse.Namespace, out: str
     trainer.train()
     seconds = marks[2 * args.steps] - marks[args.steps]
     pairs = args.steps * args.batch_size
-    del real
     return {"pairs_per_s": pairs / seconds, "peak_mib": peak_memory_mib()}
 
 

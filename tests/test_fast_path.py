@@ -10,7 +10,7 @@ import torch
 from conftest import make_pairs, write_jsonl
 from test_gradcache import batch_of, grads_of, tiny
 
-from embedtune.losses import GradCacheStep, MultipleNegativesRankingLoss, embedded, plain_step
+from embedtune.losses import MultipleNegativesRankingLoss, plain_step
 from embedtune.model import EmbeddingModel
 
 
@@ -36,26 +36,6 @@ def test_packed_and_padded_give_the_same_loss_and_gradients(tokenizer_dir: Path,
     assert packed.keys() == padded.keys()
     for name, grad in padded.items():
         torch.testing.assert_close(packed[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_gradcache_stays_exact_on_the_packed_path_with_dropout(tokenizer_dir: Path, tmp_path: Path,
-                                                              accelerator) -> None:
-    model, tokenizer = EmbeddingModel.from_pretrained(str(tiny(tokenizer_dir, tmp_path, dropout=0.3)))
-    assert model.enable_packing(tokenizer)
-    model.train()
-    batch, loss_fn, step = batch_of(tokenizer), MultipleNegativesRankingLoss(), GradCacheStep(4)
-    torch.manual_seed(7)
-    cached_loss = step(model, batch, loss_fn, 1.0, accelerator)
-    cached = grads_of(model)
-    torch.manual_seed(7)
-    sides = [torch.cat([model(**model.prepare(c, torch.device("cpu"))) for c in step._chunks(batch[side])])
-             for side in ("query", "document")]
-    reference_loss = loss_fn(embedded(batch, *sides))
-    reference_loss.backward()
-    reference = grads_of(model)
-    assert cached_loss.item() == pytest.approx(reference_loss.item(), rel=1e-5)
-    for name, grad in reference.items():
-        torch.testing.assert_close(cached[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_a_model_that_fails_the_check_stays_padded_and_correct(tokenizer_dir: Path, tmp_path: Path) -> None:

@@ -68,11 +68,13 @@ def test_cached_loss_gives_the_uncached_gradients(tokenizer_dir: Path, tmp_path:
         torch.testing.assert_close(cached[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 def test_dropout_is_replayed_so_the_gradient_is_that_of_the_loss_computed(tokenizer_dir: Path, tmp_path: Path,
-                                                                           accelerator) -> None:
+                                                                           accelerator, packed: bool) -> None:
     """With dropout, the cached step must give the gradient of the very loss it computed: the
-    same mini-batches, embedded once with a graph, under the same random masks."""
+    same mini-batches, embedded once with a graph, under the same random masks (padded or packed)."""
     model, tokenizer = EmbeddingModel.from_pretrained(str(tiny(tokenizer_dir, tmp_path, dropout=0.3)))
+    assert model.enable_packing(tokenizer) if packed else not model.packed
     model.train()
     batch, loss_fn, step = batch_of(tokenizer), MultipleNegativesRankingLoss(), GradCacheStep(4)
     torch.manual_seed(7)
