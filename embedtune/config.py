@@ -121,6 +121,10 @@ class DataConfig(_Section):
     document_max_length: int = Field(256, ge=4)
     shuffle: bool = True
     shuffle_buffer: int = Field(10_000, ge=1, description="Records held for the streaming shuffle.")
+    group_by_length: int | None = Field(
+        None, ge=2, le=4096, description="Sort the pairs of every N consecutive global batches by the length of "
+        "their documents and cut the batches from that, so a batch holds texts of about one length (much less "
+        "padding); the batches then go in a seeded random order. null: off.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_eval_queries: int = Field(1000, ge=1)
     num_workers: int | None = Field(None, ge=0, le=256, description="DataLoader workers that read and tokenize; "

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 from conftest import make_pairs, write_jsonl
 
 from embedtune.config import DataConfig
-from embedtune.data import DataError, PairBatches, eval_pairs, is_held_out, make_loader, ordered_pairs, preflight
+from embedtune.data import (
+    DataError,
+    PairBatches,
+    eval_pairs,
+    is_held_out,
+    make_loader,
+    ordered_pairs,
+    preflight,
+    token_estimate,
+)
 
 
 def no_tokenize(pairs: list) -> dict:
@@ -48,13 +58,14 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
         preflight(DataConfig(train_files=[str(tmp_path / "nowhere.jsonl")]))
 
 
-def test_skip_policy_keeps_going_and_reports_every_bad_record(tmp_path: Path) -> None:
+@pytest.mark.parametrize("group", [None, 2])
+def test_skip_policy_keeps_going_and_reports_every_bad_record(tmp_path: Path, group: int | None) -> None:
     records = make_pairs(20)
     lines = [json.dumps(r) for r in records]
     lines[3] = "{broken"
     lines[11] = json.dumps({"question": "only a question"})
     path = write_jsonl(tmp_path / "mixed.jsonl", lines)
-    cfg = DataConfig(train_files=[str(path)], on_bad_record="skip", eval_fraction=0)
+    cfg = DataConfig(train_files=[str(path)], on_bad_record="skip", eval_fraction=0, group_by_length=group)
     assert [r.line for r in preflight(cfg)] == [4, 12]
     dataset = PairBatches(cfg, 6, 1, seed=0, collate=no_tokenize)
     batches = list(make_loader(dataset, 0, pin_memory=False))
@@ -91,12 +102,74 @@ def test_held_out_pairs_never_reach_training(qa_file: Path) -> None:
     assert trained.isdisjoint({p.query for p in held})
 
 
-def test_last_partial_batch_is_kept_or_dropped(tmp_path: Path) -> None:
+@pytest.mark.parametrize("group", [None, 2])
+def test_last_partial_batch_is_kept_or_dropped(tmp_path: Path, group: int | None) -> None:
     path = write_jsonl(tmp_path / "p.jsonl", make_pairs(21))
-    kept = batch_ids(DataConfig(train_files=[str(path)], eval_fraction=0), 0, batch_size=8)
+    kept = batch_ids(DataConfig(train_files=[str(path)], eval_fraction=0, group_by_length=group), 0, batch_size=8)
     assert [len(b) for b in kept] == [8, 8, 5]
-    dropped = batch_ids(DataConfig(train_files=[str(path)], eval_fraction=0, drop_last=True), 0, batch_size=8)
+    dropped = batch_ids(DataConfig(train_files=[str(path)], eval_fraction=0, drop_last=True, group_by_length=group),
+                        0, batch_size=8)
     assert [len(b) for b in dropped] == [8, 8]
+    assert set(sum(dropped, [])) < set(sum(kept, []))
+
+
+def varied_pairs(n: int) -> list[dict]:
+    """Answers from a few words to a few hundred characters long."""
+    rng = random.Random(7)
+    return [{**r, "answer": r["answer"] + " and then, more of it" * rng.randint(0, 20)} for r in make_pairs(n)]
+
+
+def test_length_grouping_recuts_each_window_by_length_in_a_fixed_order(tmp_path: Path) -> None:
+    records = varied_pairs(150)
+    path = write_jsonl(tmp_path / "p.jsonl", records)
+    answers = {f"{path}:{i + 1}": r["answer"] for i, r in enumerate(records)}
+    plain_cfg = DataConfig(train_files=[str(path)], shuffle_buffer=16, eval_fraction=0)
+    cfg = plain_cfg.model_copy(update={"group_by_length": 4})
+    plain, grouped = batch_ids(plain_cfg, 0), batch_ids(cfg, 0)
+    assert grouped != plain
+    # The same batch sizes (the partial one last), and each window of 4 batches holds the pairs
+    # of the stream's 4: grouping never moves a pair far from where the shuffle put it.
+    assert [len(b) for b in grouped] == [len(b) for b in plain] == [8] * 18 + [6]
+    for start in range(0, len(plain), 4):
+        assert sorted(sum(grouped[start:start + 4], [])) == sorted(sum(plain[start:start + 4], []))
+    # Within a window the batches' answer lengths do not overlap: each batch is one stretch of
+    # the sorted lengths.
+    for start in range(0, 16, 4):
+        spans = sorted((min(lengths), max(lengths)) for lengths in
+                       ([token_estimate(answers[i]) for i in batch] for batch in grouped[start:start + 4]))
+        assert all(high <= low for (_, high), (low, _) in zip(spans, spans[1:]))
+    # Fixed by (data, seed, epoch): workers do not change it, another epoch does.
+    assert batch_ids(cfg, workers=2) == grouped
+    other = batch_ids(cfg, 0, epoch=1)
+    assert other != grouped and sorted(sum(other, [])) == sorted(sum(grouped, []))
+
+
+def test_length_grouping_resumes_from_any_batch(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", varied_pairs(100))
+    cfg = DataConfig(train_files=[str(path)], shuffle_buffer=16, eval_fraction=0, group_by_length=3)
+    full = batch_ids(cfg, 0)
+    for done in (3, 4, 11):  # at a window's start and inside windows
+        dataset = PairBatches(cfg, 8, 1, seed=3, collate=no_tokenize)
+        dataset.set_position(0, done)
+        assert [b["ids"] for b in make_loader(dataset, 2, pin_memory=False)] == full[done:]
+
+
+def test_length_grouping_cuts_padding_on_real_data(tokenizer_dir: Path) -> None:
+    """On the packaged Q&A set, documents padded per batch: a third of the tokens computed are
+    real in shuffled batches, four fifths when batches are grouped by length."""
+    from transformers import AutoTokenizer
+
+    from embedtune.collate import PairCollator
+
+    collate = PairCollator(AutoTokenizer.from_pretrained(tokenizer_dir), 64, 256)
+
+    def efficiency(group: int | None) -> float:
+        cfg = DataConfig(train_files=["embedtune:resources/python_docs_qa.jsonl.gz"], group_by_length=group)
+        lengths = [b["document"]["lengths"] for b in make_loader(PairBatches(cfg, 64, 1, 0, collate), 0, False)]
+        return sum(int(n.sum()) for n in lengths) / sum(len(n) * int(n.max()) for n in lengths)
+
+    plain, grouped = efficiency(None), efficiency(16)
+    assert plain < 0.4 and grouped > 0.75
 
 
 def test_parquet_csv_and_file_urls_give_the_same_pairs(tmp_path: Path) -> None:

@@ -122,9 +122,10 @@ def test_local_negatives_switch_changes_the_objective(tiny_model_no_dropout: Pat
     assert gathered["losses"][0] > local["losses"][0] + 0.1
 
 
-@pytest.mark.parametrize("processes", [2, 3])
-def test_processes_and_workers_see_disjoint_slices_that_cover_the_epoch(qa_file: Path, processes: int) -> None:
-    cfg = DataConfig(train_files=[str(qa_file)], shuffle_buffer=16, eval_fraction=0)
+@pytest.mark.parametrize("processes, group", [(2, None), (3, None), (3, 4)])
+def test_processes_and_workers_see_disjoint_slices_that_cover_the_epoch(qa_file: Path, processes: int,
+                                                                        group: int | None) -> None:
+    cfg = DataConfig(train_files=[str(qa_file)], shuffle_buffer=16, eval_fraction=0, group_by_length=group)
     reference = PairBatches(cfg, 10, 1, seed=4, collate=lambda pairs: {})
     global_batches = [b["ids"] for b in make_loader(reference, 0, pin_memory=False)]
     per_process = []

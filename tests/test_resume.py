@@ -178,6 +178,23 @@ def test_killed_twice_still_gives_the_same_run(models, data, reference, tmp_path
     assert_same_run(out, reference["dropout"])
 
 
+def test_length_grouped_batches_resume_into_the_same_run(models, data, reference, tmp_path: Path) -> None:
+    """Killed inside a window of length-grouped batches, the run rebuilds that window as it was."""
+    extra = ("tracking.report_to=none", "data.group_by_length=5")
+    grouped = tmp_path / "grouped"
+    finish(start(args_for(models["dropout"], data, grouped, *extra)))
+    plain = batches(reference["dropout"])
+    assert batches(grouped) != plain
+    assert sorted(i for _, ids in batches(grouped) for i in ids) == sorted(i for _, ids in plain for i in ids)
+    out = tmp_path / "out"
+    args = args_for(models["dropout"], data, out, *extra)
+    run = start(args)
+    kill_when(run, lambda: logged_steps(out) >= 10)  # checkpoints (every 4 steps) fall inside windows of 5
+    run.wait()
+    finish(start(args + ["--resume_from_checkpoint", "latest"]))
+    assert_same_run(out, grouped)
+
+
 def test_killed_during_a_checkpoint_save_resumes_from_the_previous_one(models, data, reference,
                                                                        tmp_path: Path) -> None:
     out = tmp_path / "out"
