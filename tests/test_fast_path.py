@@ -93,3 +93,39 @@ def test_the_collator_gives_the_tokenizer_s_own_ids(tokenizer_dir: Path) -> None
     padded = pad_ragged(ragged, tokenizer.pad_token_id)
     assert torch.equal(padded["input_ids"], expected["input_ids"])
     assert torch.equal(padded["attention_mask"], expected["attention_mask"])
+
+
+def bench(tiny_model: Path, tmp_path: Path, name: str, *extra: str, max_length: int = 64) -> tuple[dict, str]:
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / f"{name}.json"
+    done = subprocess.run([sys.executable, "-m", "embedtune", "bench", "throughput", "--model", str(tiny_model),
+                           "--batch_size", "16", "--max_length", str(max_length), "--steps", "2", "--workers", "1",
+                           "--json", str(out), *extra], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_the_throughput_benchmark_prints_its_figures_beside_the_sentence_transformers_trainer(
+        tiny_model: Path, tmp_path: Path) -> None:
+    result, printed = bench(tiny_model, tmp_path, "packed", "--compare")
+    ours, theirs = result["embedtune"], result["sentence_transformers"]
+    assert ours["packed"] and ours["padding_efficiency"] == 1.0
+    assert ours["pairs_per_s"] > 0 and theirs["pairs_per_s"] > 0 and 0 < ours["mfu"] < 1
+    assert result["speedup"] == pytest.approx(ours["pairs_per_s"] / theirs["pairs_per_s"])
+    assert result["loader_ratio"] == pytest.approx(result["loader_pairs_per_s"] / ours["pairs_per_s"])
+    assert 60 < result["workload"]["tokens_per_pair"] < 128  # real Q&A pairs, documents cut at 64 tokens
+    for figure in ("pairs/s", "speedup:", "data loader alone:", "MFU against"):
+        assert figure in printed
+
+
+def test_length_grouping_raises_the_padding_efficiency_of_padded_training(tiny_model: Path, tmp_path: Path) -> None:
+    padded, _ = bench(tiny_model, tmp_path, "padded", "--no-unpad", max_length=256)
+    grouped, _ = bench(tiny_model, tmp_path, "grouped", "--no-unpad", "--group_by_length", "8", max_length=256)
+    assert not padded["embedtune"]["packed"] and not grouped["embedtune"]["packed"]
+    assert grouped["embedtune"]["padding_efficiency"] > padded["embedtune"]["padding_efficiency"] + 0.15
