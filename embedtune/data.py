@@ -332,59 +332,33 @@ def line_problem(raw: Any) -> str | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class RecordFields:
-    """What ``parse_record`` reads of the data config, as plain attributes: it runs for every
-    record in every DataLoader worker, and reading the config's own attributes there costs about
-    a third of its time."""
+def parse_record(path: str, line: int, raw: Any, cfg: DataConfig) -> Pair | Reject | None:
+    """A Pair, a Reject saying what to fix, or None for a blank JSONL line."""
 
-    max_record_bytes: int
-    query_field: str
-    positive_field: str
-    negatives_field: str | None
-    max_negatives: int
-    max_negatives_per_record: int
-    require_negatives: bool
-    label_field: str | None
-    source_field: str | None
+    def shown() -> str:
+        return raw[:SHOWN] if isinstance(raw, str) else json.dumps(raw, default=str, ensure_ascii=False)[:SHOWN]
 
-    @classmethod
-    def of(cls, cfg: DataConfig | RecordFields) -> RecordFields:
-        if isinstance(cfg, RecordFields):
-            return cfg
-        return cls(cfg.max_record_bytes, cfg.query_field, cfg.positive_field, cfg.negatives_field, cfg.max_negatives,
-                   cfg.max_negatives_per_record, cfg._require_negatives, cfg.label_field, cfg.source_field)
+    def bad(reason: str) -> Reject:
+        return Reject(path, line, reason, shown())
 
-
-def _reject(path: str, line: int, raw: Any, reason: str) -> Reject:
-    shown = raw[:SHOWN] if isinstance(raw, str) else json.dumps(raw, default=str, ensure_ascii=False)[:SHOWN]
-    return Reject(path, line, reason, shown)
-
-
-def parse_record(path: str, line: int, raw: Any, cfg: DataConfig | RecordFields) -> Pair | Reject | None:
-    """A Pair, a Reject saying what to fix, or None for a blank JSONL line. In a loop over many
-    records, pass ``RecordFields.of(cfg)`` once rather than the config."""
-    cfg = RecordFields.of(cfg)
     if isinstance(raw, str):
         if problem := line_problem(raw):
-            return _reject(path, line, raw, problem)
+            return bad(problem)
         if not raw.strip(JSON_BLANK):
             return None
         if _over(raw, cfg.max_record_bytes):
-            return _reject(path, line, raw, f"longer than {cfg.max_record_bytes:,} bytes (data.max_record_bytes); "
-                           "shorten the record, or raise the limit")
+            return bad(f"longer than {cfg.max_record_bytes:,} bytes (data.max_record_bytes); shorten the record, "
+                       "or raise the limit")
         try:
             record = json.loads(raw)
         except json.JSONDecodeError as exc:
             hint = ("; the lines end in a bare carriage return (\\r): convert the line endings to \\n"
                     if "\r" in raw.rstrip(JSON_BLANK) else "; write one JSON object per line")
-            return _reject(path, line, raw, f"not valid JSON ({exc.msg} at column {exc.colno}){hint}")
+            return bad(f"not valid JSON ({exc.msg} at column {exc.colno}){hint}")
         except RecursionError:
-            return _reject(path, line, raw, "not valid JSON for a record: nested too deeply; write one flat JSON "
-                           "object per line")
+            return bad("not valid JSON for a record: nested too deeply; write one flat JSON object per line")
         except ValueError as exc:  # e.g. a number too long to convert
-            return _reject(path, line, raw, f"not valid JSON for a record ({str(exc)[:120]}); write one JSON object "
-                           "per line")
+            return bad(f"not valid JSON for a record ({str(exc)[:120]}); write one JSON object per line")
     elif isinstance(raw, dict):
         record = raw
         if _row_over(raw, cfg.max_record_bytes):
@@ -393,50 +367,47 @@ def parse_record(path: str, line: int, raw: Any, cfg: DataConfig | RecordFields)
     else:
         record = raw
     if not isinstance(record, dict):
-        return _reject(path, line, raw, f"expected a JSON object, got {type(record).__name__}")
+        return bad(f"expected a JSON object, got {type(record).__name__}")
     for role, name in (("query", cfg.query_field), ("positive", cfg.positive_field)):
         if name not in record:
             keys = ", ".join(str(k)[:40] for k in sorted(record, key=str)[:10]) or "none"
-            return _reject(path, line, raw, f"no '{name}' field for the {role} (fields here: {keys}); add it or set "
-                           f"data.{role}_field")
+            return bad(f"no '{name}' field for the {role} (fields here: {keys}); add it or set data.{role}_field")
         if _text(record[name]) is None:
-            return _reject(path, line, raw, f"'{name}' must be a non-empty string, got {record[name]!r:.60}")
+            return bad(f"'{name}' must be a non-empty string, got {record[name]!r:.60}")
     negatives: tuple[str, ...] = ()
     if cfg.negatives_field and record.get(cfg.negatives_field) is not None:
         value = record[cfg.negatives_field]
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or any(_text(v) is None for v in items):
-            return _reject(path, line, raw, f"'{cfg.negatives_field}' must be a string or a list of non-empty strings")
+            return bad(f"'{cfg.negatives_field}' must be a string or a list of non-empty strings")
         if len(items) > cfg.max_negatives_per_record:
-            return _reject(path, line, raw, f"'{cfg.negatives_field}' lists {len(items):,} hard negatives, more than "
+            return bad(f"'{cfg.negatives_field}' lists {len(items):,} hard negatives, more than "
                        f"data.max_negatives_per_record ({cfg.max_negatives_per_record:,}); keep the best ones, "
                        "or raise the limit")
         negatives = tuple(items[: cfg.max_negatives])
-    if cfg.require_negatives and not negatives:
-        return _reject(path, line, raw, f"the loss trains on triplets and this record has no hard negative in "
+    if cfg._require_negatives and not negatives:
+        return bad(f"the loss trains on triplets and this record has no hard negative in "
                    f"'{cfg.negatives_field}'; add one or choose a loss that trains on pairs")
     label = None
     if cfg.label_field:
         value = record.get(cfg.label_field)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return _reject(path, line, raw, f"'{cfg.label_field}' must be a finite number (the pair's label or "
-                           f"score), got {value!r:.60}")
+            return bad(f"'{cfg.label_field}' must be a finite number (the pair's label or score), got {value!r:.60}")
         label = float(value)
     query, positive = record[cfg.query_field], record[cfg.positive_field]
     if isinstance(raw, str) and ("\\ud" in raw or "\\uD" in raw):
         if surrogate := _unencodable([query, positive, *negatives]):
-            return _reject(path, line, raw, f"a text holds {surrogate}, half of a UTF-16 surrogate pair, which is "
-                           "no character; write the character itself or its complete pair")
+            return bad(f"a text holds {surrogate}, half of a UTF-16 surrogate pair, which is no character; "
+                       "write the character itself or its complete pair")
     source = record.get(cfg.source_field) if cfg.source_field else None
     return Pair(f"{path}:{line}", query, positive, negatives, label, None if source is None else str(source))
 
 
 def read_pairs(files: list[str], cfg: DataConfig) -> Iterator[Pair | Reject]:
-    fields = RecordFields.of(cfg)
     for path in files:
         fmt = file_format(path, cfg.format)
         for line, raw in _read_file(path, fmt, cfg.max_record_bytes):
-            item = parse_record(path, line, raw, fields)
+            item = parse_record(path, line, raw, cfg)
             if item is not None:
                 yield item
 

@@ -43,7 +43,6 @@ from embedtune.config import DataConfig
 from embedtune.data import (
     DataError,
     Pair,
-    RecordFields,
     Reject,
     _read_file,
     file_format,
@@ -248,10 +247,9 @@ def bad_record(reject: Reject, hint: str) -> DataError:
 
 def read_records(files: list[str], cfg: DataConfig) -> Iterator[tuple[dict[str, Any], Pair]]:
     """Every input record with its pair, in file order; the first bad record stops the run."""
-    fields = RecordFields.of(cfg)
     for path in files:
         for line, raw in _read_file(path, file_format(path, cfg.format), cfg.max_record_bytes):
-            item = parse_record(path, line, raw, fields)
+            item = parse_record(path, line, raw, cfg)
             if item is None:
                 continue
             if isinstance(item, Reject):

@@ -34,7 +34,6 @@ from embedtune.data import (
     POSITIVE_LABEL,
     DataError,
     Pair,
-    RecordFields,
     Reject,
     _read_file,
     file_format,
@@ -373,11 +372,10 @@ def empty_texts(raw: Any, cfg: Any) -> Counter:
 
 def _records(files: list[str], cfg: Any) -> Iterable[tuple[Pair | Reject, Any]]:
     """Like ``read_pairs``, but with each record's raw line or row, for the empty-text count."""
-    fields = RecordFields.of(cfg)
     for path in files:
         fmt = file_format(path, cfg.format)
         for line, raw in _read_file(path, fmt, cfg.max_record_bytes):
-            item = parse_record(path, line, raw, fields)
+            item = parse_record(path, line, raw, cfg)
             if item is not None:
                 yield item, raw
 
