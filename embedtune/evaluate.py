@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from embedtune.data import DataError, Pair, _read_file, file_format, line_problem, resolve_files
+from embedtune.data import DataError, Pair, _read_file, file_format, line_problem, resolve_files, token_estimate
 
 logger = logging.getLogger(__name__)
 
@@ -232,10 +232,10 @@ def encode_texts(model: torch.nn.Module, tokenize: Callable[[list[str]], dict[st
                  texts: list[str], batch_size: int, accelerator: Any) -> torch.Tensor:
     """Embed texts in eval mode, split across processes; every process gets all rows (fp32, CPU).
 
-    Texts are sorted by length so batches carry little padding, and dealt out in turn so every
+    Texts are sorted by (estimated token) length so batches carry little padding, and dealt out in turn so every
     process gets a similar share of long and short ones.
     """
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    order = sorted(range(len(texts)), key=lambda i: -token_estimate(texts[i]))
     mine = order[accelerator.process_index::accelerator.num_processes]
     dim = accelerator.unwrap_model(model).dim
     local = torch.empty(len(mine), dim, device=accelerator.device)

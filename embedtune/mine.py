@@ -51,6 +51,7 @@ from embedtune.data import (
     parse_record,
     resolve_files,
     text_key,
+    token_estimate,
 )
 from embedtune.model import EmbeddingModel, ModelLoadError, read_st_settings, resolve_model_path
 
@@ -374,7 +375,7 @@ def gather_corpus(input_files: list[str], corpus_files: list[str], cfg: DataConf
 def encode(model: EmbeddingModel, tokenize: Any, texts: list[str], batch_size: int,
            device: torch.device) -> torch.Tensor:
     """Unit-length float32 embeddings in the order given; texts of similar length share a batch."""
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    order = sorted(range(len(texts)), key=lambda i: -token_estimate(texts[i]))
     out = torch.empty(len(texts), model.dim, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     with autocast:
