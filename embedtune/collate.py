@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from embedtune.data import Pair, text_key
+from embedtune.model import padded_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ class PairCollator:
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, query_max_length: int, document_max_length: int,
-                 query_prefix: str = "", document_prefix: str = "") -> None:
+                 query_prefix: str = "", document_prefix: str = "", padded_chunks: int = 1) -> None:
         self.tokenizer = tokenizer
+        self.padded_chunks = padded_chunks  # how padded training encodes (for the padded_tokens count)
         self.query_max_length = query_max_length
         self.document_max_length = document_max_length
         self.query_prefix = query_prefix
@@ -84,7 +86,7 @@ class PairCollator:
             "document": document,
             # Counted here, in the worker, so the loop needs no device sync to report them.
             "real_tokens": sum(int(n.sum()) for n in sides),
-            "padded_tokens": sum(len(n) * int(n.max()) for n in sides if len(n)),
+            "padded_tokens": sum(padded_tokens(n, self.padded_chunks) for n in sides),
             "num_positives": len(pairs),
             # For each negative, the row of its query; and text keys to find false negatives.
             "negative_owner": torch.tensor([i for i, p in enumerate(pairs) for _ in p.negatives], dtype=torch.long),

@@ -154,6 +154,9 @@ class ModelConfig(_Section):
     unpad: bool = Field(True, description="Encode texts packed end to end, without padding, when the "
                         "architecture gives the same embeddings that way (checked at start).")
     compile: bool | None = Field(None, description="torch.compile the encoder; None: on a GPU only.")
+    padded_chunks: int = Field(4, ge=1, le=64, description="Where training batches are padded (not packed), "
+                               "encode each process's texts in this many chunks sorted by length, each padded "
+                               "only to its own longest text (at least 16 texts a chunk). 1: one padded block.")
 
 
 LossName = Literal[

@@ -266,7 +266,7 @@ class GradCacheStep:
         for side, chunks in enumerate(parts):
             start = 0
             for index, chunk in enumerate(chunks):
-                rows = chunk["rows"] if "cu_seqlens" in chunk else chunk["input_ids"].shape[0]
+                rows = chunk["rows"] if "rows" in chunk else chunk["input_ids"].shape[0]
                 grad = grads[side][start:start + rows]
                 start += rows
                 states[side][index].restore(device)

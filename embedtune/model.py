@@ -251,6 +251,47 @@ def pad_ragged(inputs: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, 
     return {"input_ids": ids, "attention_mask": mask.long()}
 
 
+MIN_CHUNK_ROWS = 16  # a padded chunk holds at least this many texts, or the batch is not cut
+
+
+def length_chunks(lengths: torch.Tensor, chunks: int) -> tuple[torch.Tensor, list[slice]]:
+    """The texts longest first (a stable sort) and up to ``chunks`` runs of that order of equal
+    count (at least ``MIN_CHUNK_ROWS`` texts each): padded one run at a time, each is padded only
+    to its own longest text."""
+    rows = len(lengths)
+    count = max(1, min(chunks, rows // MIN_CHUNK_ROWS))
+    order = torch.argsort(lengths, descending=True, stable=True)
+    size = -(-rows // count) if rows else 1
+    return order, [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+def padded_tokens(lengths: torch.Tensor, chunks: int = 1) -> int:
+    """Tokens computed when these texts are padded in ``length_chunks`` (1: one padded block)."""
+    if not len(lengths):
+        return 0
+    if chunks <= 1:
+        return len(lengths) * int(lengths.max())
+    order, parts = length_chunks(lengths, chunks)
+    ordered = lengths[order]
+    return sum((part.stop - part.start) * int(ordered[part.start]) for part in parts)
+
+
+def pad_chunked(inputs: dict[str, torch.Tensor], pad_token_id: int, chunks: int) -> dict[str, Any]:
+    """Ragged -> ``length_chunks`` padded one by one, with ``restore``, the row of each text in their
+    concatenated output."""
+    padded = pad_ragged(inputs, pad_token_id)
+    order, parts = length_chunks(inputs["lengths"], chunks)
+    ordered = inputs["lengths"][order]
+    pieces = []
+    for part in parts:
+        rows, width = order[part], int(ordered[part.start])
+        pieces.append({"input_ids": padded["input_ids"][rows, :width],
+                       "attention_mask": padded["attention_mask"][rows, :width]})
+    restore = torch.empty_like(order)
+    restore[order] = torch.arange(len(order))
+    return {"chunks": pieces, "restore": restore, "rows": len(order)}
+
+
 def pool_packed(hidden: torch.Tensor, packing: Packing, mode: Pooling) -> torch.Tensor:
     """``pool`` for packed (tokens, hidden) states."""
     cu = packing.cu_seqlens.long()
@@ -263,6 +304,10 @@ def pool_packed(hidden: torch.Tensor, packing: Packing, mode: Pooling) -> torch.
     return sums / (cu[1:] - cu[:-1]).clamp(min=1).unsqueeze(1).to(hidden.dtype)
 
 
+def _to(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
 class EmbeddingModel(nn.Module):
     """Transformer encoder -> pooled sentence embedding (-> unit length when ``normalize``)."""
 
@@ -272,6 +317,8 @@ class EmbeddingModel(nn.Module):
         self.pooling: Pooling = pooling
         self.normalize = normalize
         self.packed = False  # see enable_packing
+        # Padded training batches are encoded in this many length-sorted chunks (see length_chunks).
+        self.padded_chunks = 1
         self.pad_token_id = int(getattr(encoder.config, "pad_token_id", None) or 0)
 
     @classmethod
@@ -367,17 +414,28 @@ class EmbeddingModel(nn.Module):
 
     def prepare(self, inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
         """Ragged or padded CPU inputs -> what ``forward`` takes, on ``device``: packed when
-        enabled, else padded."""
-        if "lengths" in inputs:
-            ready = pack_ragged(inputs) if self.packed else pad_ragged(inputs, self.pad_token_id)
+        enabled, else padded; in training, padded in length-sorted chunks when ``padded_chunks``
+        is above 1 (evaluation sorts its texts by length itself)."""
+        if "lengths" in inputs and self.packed:
+            ready = pack_ragged(inputs)
+        elif "lengths" in inputs and self.training and self.padded_chunks > 1:
+            ready = pad_chunked(inputs, self.pad_token_id, self.padded_chunks)
+            ready["chunks"] = [_to(chunk, device) for chunk in ready["chunks"]]
+        elif "lengths" in inputs:
+            ready = pad_ragged(inputs, self.pad_token_id)
         else:
             ready = pack_inputs(inputs) if self.packed else inputs
-        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in ready.items()}
+        return _to(ready, device)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 flat_index: torch.Tensor | None = None, rows: int = 0, width: int = 0,
-                max_length: int = 0, lengths: torch.Tensor | None = None) -> torch.Tensor:
+                max_length: int = 0, lengths: torch.Tensor | None = None,
+                chunks: list[dict[str, torch.Tensor]] | None = None, restore: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        if chunks is not None:  # padded chunk by chunk, then put back in the texts' order
+            return torch.cat([self(**chunk) for chunk in chunks])[restore]
+        assert input_ids is not None
         if lengths is not None:  # ragged, as the collator gives it (prepare does this off the device)
             return self(**self.prepare({"input_ids": input_ids.cpu(), "lengths": lengths.cpu()}, input_ids.device))
         if cu_seqlens is None:

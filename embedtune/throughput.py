@@ -138,7 +138,8 @@ def run_embedtune(model_dir: str, data: str, args: argparse.Namespace, out: str)
 
     cfg = Config.model_validate({
         "output_dir": out,
-        "model": {"base_model": model_dir, "unpad": args.unpad, "compile": args.compile},
+        "model": {"base_model": model_dir, "unpad": args.unpad, "compile": args.compile,
+                  "padded_chunks": args.padded_chunks},
         "data": {"train_files": [data], "eval_fraction": 0.0, "num_workers": args.workers,
                  "group_by_length": args.group_by_length,
                  "query_max_length": args.max_length, "document_max_length": args.max_length},
@@ -244,6 +245,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--st_workers", type=int, default=4 if gpu else 1,
                         help="SentenceTransformerTrainer's dataloader_num_workers")
     parser.add_argument("--unpad", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--padded_chunks", type=int, default=4, metavar="N",
+                        help="model.padded_chunks: padded batches encoded in N length-sorted chunks (default 4)")
     parser.add_argument("--group_by_length", type=int, default=None, metavar="N",
                         help="embedtune's data.group_by_length (batches of about one length; default off)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -277,7 +280,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "batch_size": args.batch_size, "max_length": args.max_length, "timed_steps": args.steps,
                          "tokens_per_pair": per_pair, "workers": auto_workers(args.workers),
                          "st_workers": args.st_workers,
-                         "unpad": args.unpad, "compile": args.compile, "group_by_length": args.group_by_length},
+                         "unpad": args.unpad, "compile": args.compile, "group_by_length": args.group_by_length,
+                         "padded_chunks": args.padded_chunks},
             "peak_flops": {"value": peak, "source": peak_source},
             "embedtune": ours, "loader_pairs_per_s": loader, "loader_ratio": loader / ours["pairs_per_s"],
         }
@@ -302,7 +306,7 @@ def report(result: dict[str, Any]) -> str:
              f"{w['tokens_per_pair']:.0f} tokens per pair, {w['timed_steps']} timed steps, workers {w['workers']} "
              f"(sentence-transformers {w['st_workers']}), "
              f"unpad={w['unpad']} (packed: {ours['packed']}) compile={w['compile']} "
-             f"group_by_length={w.get('group_by_length')}",
+             f"padded_chunks={w.get('padded_chunks')} group_by_length={w.get('group_by_length')}",
              f"{'trainer':<26}{'pairs/s':>10}{'tokens/s':>12}{'padding eff':>13}{'MFU':>8}{'peak MiB':>10}",
              f"{'embedtune':<26}{ours['pairs_per_s']:>10,.0f}{ours['tokens_per_s']:>12,.0f}"
              f"{ours['padding_efficiency']:>13.2f}{ours['mfu']:>8.1%}{ours['peak_mib']:>10,.0f}"]

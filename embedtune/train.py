@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -185,8 +185,14 @@ def train(cfg: Config) -> dict[str, Any]:
     # The W&B run starts once the data and the model are known to load.
     run = RunLog(cfg, accelerator, resume_step=state.step if resume_dir else None, wandb_id=state.wandb_run_id)
 
+    chunks = cfg.model.padded_chunks
+    if chunks > 1 and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        logger.info("model.padded_chunks=%d not used with %s: each chunk would gather the sharded weights again",
+                    chunks, accelerator.distributed_type.value)
+        chunks = 1
+    model.padded_chunks = chunks
     collate = PairCollator(tokenizer, cfg.data.query_max_length, cfg.data.document_max_length,
-                           cfg.data.query_prefix, cfg.data.document_prefix)
+                           cfg.data.query_prefix, cfg.data.document_prefix, padded_chunks=chunks)
     held_out = held_out_set(cfg)
     dataset = PairBatches(cfg.data, cfg.train.batch_size, cfg.train.gradient_accumulation_steps, cfg.train.seed,
                           collate, accelerator.num_processes, accelerator.process_index,

@@ -38,6 +38,31 @@ def test_packed_and_padded_give_the_same_loss_and_gradients(tokenizer_dir: Path,
         torch.testing.assert_close(packed[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("chunks", [2, 4])
+def test_padded_chunks_give_the_loss_and_gradients_of_one_padded_block(tokenizer_dir: Path, tmp_path: Path,
+                                                                       accelerator, chunks: int) -> None:
+    from embedtune.model import padded_tokens
+
+    model, tokenizer = EmbeddingModel.from_pretrained(str(tiny(tokenizer_dir, tmp_path, dropout=0.0)))
+    model.train()
+    batch, loss_fn = batch_of(tokenizer, n=64), MultipleNegativesRankingLoss(symmetric=True)
+    whole_loss = plain_step(model, batch, loss_fn, 1.0, accelerator)
+    whole = grads_of(model)
+    model.padded_chunks = chunks
+    inputs = model.prepare(batch["document"], torch.device("cpu"))
+    assert len(inputs["chunks"]) == chunks
+    computed = sum(c["input_ids"].numel() for c in inputs["chunks"])
+    lengths = batch["document"]["lengths"]
+    assert computed == padded_tokens(lengths, chunks) < padded_tokens(lengths)  # less padding, counted right
+    chunked_loss = plain_step(model, batch, loss_fn, 1.0, accelerator)
+    chunked = grads_of(model)
+    assert chunked_loss.item() == pytest.approx(whole_loss.item(), rel=1e-5)
+    for name, grad in whole.items():
+        torch.testing.assert_close(chunked[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    model.eval()  # evaluation sorts its own batches: no chunks
+    assert "chunks" not in model.prepare(batch["document"], torch.device("cpu"))
+
+
 def test_a_model_that_fails_the_check_stays_padded_and_correct(tokenizer_dir: Path, tmp_path: Path) -> None:
     model, tokenizer = EmbeddingModel.from_pretrained(str(tiny(tokenizer_dir, tmp_path, dropout=0.0)))
     inputs = tokenizer(["short", "a much longer text with many more words than the first"], padding=True,
@@ -51,30 +76,38 @@ def test_a_model_that_fails_the_check_stays_padded_and_correct(tokenizer_dir: Pa
         torch.testing.assert_close(model(**inputs), before)  # padding is still masked
 
 
-def test_training_unpadded_matches_training_padded(tokenizer_dir: Path, tmp_path: Path) -> None:
+def test_training_unpadded_or_padded_in_chunks_matches_training_padded(tokenizer_dir: Path, tmp_path: Path) -> None:
+    import random
+
     from safetensors.torch import load_file
 
     from embedtune.train import main
 
     base = tiny(tokenizer_dir, tmp_path / "base", dropout=0.0)
-    data = write_jsonl(tmp_path / "qa.jsonl", make_pairs(80, seed=3))
+    rng = random.Random(3)
+    records = [{**r, "answer": r["answer"] + " with more to say" * rng.randint(0, 6)} for r in make_pairs(120, seed=3)]
+    data = write_jsonl(tmp_path / "qa.jsonl", records)
     results = {}
-    for unpad in ("true", "false"):
-        out = tmp_path / f"out-{unpad}"
+    for name, extra in (("packed", ["model.unpad=true"]), ("padded", ["model.unpad=false", "model.padded_chunks=1"]),
+                        ("chunked", ["model.unpad=false", "model.padded_chunks=2"])):
+        out = tmp_path / f"out-{name}"
         assert main(["--input_jsonl", str(data), "--base_model", str(base), "--output_dir", str(out),
-                     "--batch_size", "16", "--learning_rate", "1e-3", "data.num_workers=0", "train.max_steps=3",
+                     "--batch_size", "32", "--learning_rate", "1e-3", "data.num_workers=0", "train.max_steps=3",
                      "tracking.log_every_n_steps=1", "tracking.report_to=none", "eval.before=false",
-                     "train.warmup_ratio=0", f"model.unpad={unpad}"]) == 0
+                     "train.warmup_ratio=0", *extra]) == 0
         rows = [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
-        results[unpad] = ([r["loss"] for r in rows if "loss" in r], [r["padding_efficiency"] for r in rows
+        results[name] = ([r["loss"] for r in rows if "loss" in r], [r["padding_efficiency"] for r in rows
                                                                     if "loss" in r],
-                          load_file(out / "final_model" / "model.safetensors"))
+                         load_file(out / "final_model" / "model.safetensors"))
         assert "embedtune" not in (out / "final_model" / "config.json").read_text()  # loads anywhere
-    (loss_a, eff_a, weights_a), (loss_b, eff_b, weights_b) = results["true"], results["false"]
-    assert loss_a == pytest.approx(loss_b, rel=1e-5)
-    assert eff_a == [1.0] * 3 and all(e < 1 for e in eff_b)
-    for name, tensor in weights_b.items():
-        torch.testing.assert_close(weights_a[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    losses, efficiency, weights = results["padded"]
+    assert all(e < 0.9 for e in efficiency)
+    assert results["packed"][1] == [1.0] * 3
+    assert all(c > e + 0.05 for c, e in zip(results["chunked"][1], efficiency))  # less padding computed
+    for name in ("packed", "chunked"):
+        assert results[name][0] == pytest.approx(losses, rel=1e-5), name
+        for key, tensor in weights.items():
+            torch.testing.assert_close(results[name][2][key], tensor, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
 
 
 def test_the_collator_gives_the_tokenizer_s_own_ids(tokenizer_dir: Path) -> None:

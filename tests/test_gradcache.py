@@ -68,15 +68,20 @@ def test_cached_loss_gives_the_uncached_gradients(tokenizer_dir: Path, tmp_path:
         torch.testing.assert_close(cached[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("layout", ["padded", "packed", "padded in chunks"])
 def test_dropout_is_replayed_so_the_gradient_is_that_of_the_loss_computed(tokenizer_dir: Path, tmp_path: Path,
-                                                                           accelerator, packed: bool) -> None:
+                                                                           accelerator, layout: str) -> None:
     """With dropout, the cached step must give the gradient of the very loss it computed: the
-    same mini-batches, embedded once with a graph, under the same random masks (padded or packed)."""
+    same mini-batches, embedded once with a graph, under the same random masks (padded, packed,
+    or padded in length-sorted chunks)."""
     model, tokenizer = EmbeddingModel.from_pretrained(str(tiny(tokenizer_dir, tmp_path, dropout=0.3)))
-    assert model.enable_packing(tokenizer) if packed else not model.packed
+    assert model.enable_packing(tokenizer) if layout == "packed" else not model.packed
     model.train()
     batch, loss_fn, step = batch_of(tokenizer), MultipleNegativesRankingLoss(), GradCacheStep(4)
+    if layout == "padded in chunks":
+        model.padded_chunks = 2
+        batch, step = batch_of(tokenizer, n=40), GradCacheStep(32)
+        assert len(model.prepare(step._chunks(batch["document"])[0], torch.device("cpu"))["chunks"]) == 2
     torch.manual_seed(7)
     cached_loss = step(model, batch, loss_fn, 1.0, accelerator)
     cached = grads_of(model)
