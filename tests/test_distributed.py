@@ -48,6 +48,7 @@ def run_training(processes: int, args: list[str], out: Path) -> dict:
     rows = [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
     return {"losses": [r["loss"] for r in rows if "loss" in r], "grad_norms": [r["grad_norm"] for r in rows if "loss" in r],
             "masked": [r["masked_false_negatives"] for r in rows if "masked_false_negatives" in r],
+            "padding_efficiency": [r["padding_efficiency"] for r in rows if "loss" in r],
             "progress": json.loads((out / "training_progress.json").read_text()),
             "weights": load_file(str(out / "final_model" / "model.safetensors"))}
 
@@ -96,6 +97,29 @@ def test_two_processes_give_the_losses_and_weights_of_one(tiny_model_no_dropout:
     run = read_run(run_file)
     assert [row["_step"] for row in run["history"] if "train/loss" in row] == [1, 2, 3, 4]
     assert len(list((tmp_path / "two").glob("final_model"))) == 1
+
+
+def test_padded_chunks_under_ddp_give_the_losses_and_weights_of_one_padded_process(tiny_model_no_dropout: Path,
+                                                                                     tmp_path: Path) -> None:
+    """Each process encodes its slice in length-sorted chunks inside one DDP forward; the result
+    is that of one process padding the whole batch in one block."""
+    import random
+
+    rng = random.Random(5)
+    records = [{**r, "answer": r["answer"] + " told at length" * rng.randint(0, 5)} for r in make_pairs(140, seed=2)]
+    train = write_jsonl(tmp_path / "train.jsonl", records)
+    args = ["--input_jsonl", str(train), "--base_model", str(tiny_model_no_dropout), "--batch_size", "64",
+            "--learning_rate", "5e-3", "data.eval_fraction=0", "data.num_workers=1", "data.query_max_length=24",
+            "data.document_max_length=48", "train.warmup_ratio=0", "tracking.log_every_n_steps=1",
+            "train.mixed_precision=no", "eval.before=false", "tracking.report_to=none", "model.unpad=false"]
+    one = run_training(1, args + ["model.padded_chunks=1"], tmp_path / "one")
+    two = run_training(2, args + ["model.padded_chunks=2"], tmp_path / "two")
+    assert len(one["losses"]) == 3  # 64 + 64 + 12 pairs
+    # The full batches were cut (32 texts a process: 2 chunks), so less padding was computed.
+    assert all(c > p for c, p in zip(two["padding_efficiency"][:2], one["padding_efficiency"][:2]))
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
+    for name, tensor in one["weights"].items():
+        torch.testing.assert_close(two["weights"][name], tensor, rtol=1e-4, atol=5e-5, msg=name)
 
 
 def test_a_micro_batch_smaller_than_the_process_count_is_refused(tiny_model_no_dropout: Path, tmp_path: Path) -> None:
