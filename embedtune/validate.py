@@ -36,6 +36,7 @@ from embedtune.data import (
     Pair,
     Reject,
     _read_file,
+    document_tokens,
     file_format,
     is_held_out,
     parse_record,
@@ -579,12 +580,54 @@ def length_checks(cfg: Config, stats: DataStats, model: LoadedModel) -> list[Che
             else f"a random sample of {_n(len(stats.sample))} of {_n(total)} records")
     queries = [d.query_prefix + p.query for p in stats.sample]
     documents = [d.document_prefix + t for p in stats.sample for t in (p.positive, *p.negatives)]
+    document_lengths = token_lengths(model.tokenizer, documents)
     return [
         length_check("query", token_lengths(model.tokenizer, queries), d.query_max_length,
                      "data.query_max_length", model.positions, note),
-        length_check("document", token_lengths(model.tokenizer, documents), d.document_max_length,
+        length_check("document", document_lengths, d.document_max_length,
                      "data.document_max_length", model.positions, note),
+        padding_check(cfg, stats.sample, document_lengths, note),
     ]
+
+
+def padding_check(cfg: Config, sample: list[Pair], document_lengths: list[int], note: str) -> Check:
+    """How much of a padded batch of documents is real text: in one block, in the model's
+    length-sorted chunks, and with batches grouped by length as well (full batches of the sample,
+    in its order, as one process would get them)."""
+    import torch
+
+    from embedtune.model import padded_tokens
+
+    per_batch = max(1, cfg.train.batch_size // cfg.train.gradient_accumulation_steps)
+    if len(sample) < per_batch:
+        return Check("data", "padding", OK, f"not estimated: the sample holds fewer pairs than a batch ({note})")
+    cut, per_pair, at = [min(n, cfg.data.document_max_length) for n in document_lengths], [], 0
+    for pair in sample:
+        per_pair.append(cut[at:at + 1 + len(pair.negatives)])
+        at += 1 + len(pair.negatives)
+
+    def efficiency(order: list[int], chunks: int) -> float:
+        real = computed = 0
+        for start in range(0, len(order) - per_batch + 1, per_batch):
+            lengths = torch.tensor([n for i in order[start:start + per_batch] for n in per_pair[i]])
+            real += int(lengths.sum())
+            computed += padded_tokens(lengths, chunks)
+        return real / max(computed, 1)
+
+    chunks, window = cfg.model.padded_chunks, cfg.data.group_by_length or 16
+    grouped: list[int] = []
+    for start in range(0, len(sample), window * per_batch):
+        grouped += sorted(range(start, min(start + window * per_batch, len(sample))),
+                          key=lambda i: document_tokens(sample[i]))
+    figures = {"batch": per_batch, "one_block": efficiency(list(range(len(sample))), 1),
+               "chunks": chunks, "in_chunks": efficiency(list(range(len(sample))), chunks),
+               "group_by_length": window, "grouped_in_chunks": efficiency(grouped, chunks)}
+    detail = (f"real share of the document tokens a padded batch of {per_batch} computes: "
+              f"{figures['one_block']:.2f} in one block, {figures['in_chunks']:.2f} in length-sorted chunks "
+              f"(model.padded_chunks={chunks}), {figures['grouped_in_chunks']:.2f} with data.group_by_length="
+              f"{window}{'' if cfg.data.group_by_length else ' as well (off now)'}; packed batches (model.unpad) "
+              f"compute no padding ({note})")
+    return Check("data", "padding", OK, detail, figures)
 
 
 # --- steps ------------------------------------------------------------------------------------

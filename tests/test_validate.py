@@ -218,6 +218,23 @@ def test_token_lengths_of_a_sample_say_so(tiny_model: Path, tmp_path: Path, caps
     assert rows["records"]["data"]["records"] == 20  # the sample bounds the tokenizing, not the count
 
 
+@pytest.mark.parametrize("chunks, in_chunks", [(2, 1.0), (1, 0.5625)])
+def test_padding_of_the_user_s_batches_in_one_block_in_chunks_and_grouped(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture, chunks: int, in_chunks: float) -> None:
+    # Documents of 4 and 32 tokens in turn: a batch of 32 holds 16 of each, so one padded block is
+    # 576 real tokens of 1,024; two length-sorted chunks pad nothing; nor do batches grouped by length.
+    records = [{"question": words(3, i), "answer": words(2 if i % 2 else 30, i)} for i in range(64)]
+    data = write_jsonl(tmp_path / "alternating.jsonl", records)
+    args = ["--input_jsonl", str(data), "--base_model", str(tiny_model), "--output_dir", str(tmp_path / "out"),
+            "--batch_size", "32", "data.eval_fraction=0", "data.shuffle=false", "data.document_max_length=64",
+            "tracking.report_to=none", f"model.padded_chunks={chunks}"]
+    code, out, rows = validate(args, tmp_path, capsys)
+    assert code == 0, out
+    assert rows["padding"]["data"] == {"batch": 32, "one_block": 0.5625, "chunks": chunks, "in_chunks": in_chunks,
+                                       "group_by_length": 16, "grouped_in_chunks": 1.0}
+    assert "0.56 in one block" in row_line(out, "padding")
+
+
 def test_checkpoint_estimate_and_disk_check() -> None:
     estimate = checkpoint_bytes(parameters=1000, trainable=900, keep_last=2, keep_best=True, saves=10)
     # 4 bytes a weight, 8 of AdamW state a trained weight; keep_last + the one being written + best.
