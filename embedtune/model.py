@@ -418,7 +418,8 @@ class EmbeddingModel(nn.Module):
         is above 1 (evaluation sorts its texts by length itself)."""
         if "lengths" in inputs and self.packed:
             ready = pack_ragged(inputs)
-        elif "lengths" in inputs and self.training and self.padded_chunks > 1:
+        elif ("lengths" in inputs and self.training and self.padded_chunks > 1
+              and len(inputs["lengths"]) >= 2 * MIN_CHUNK_ROWS):
             ready = pad_chunked(inputs, self.pad_token_id, self.padded_chunks)
             ready["chunks"] = [_to(chunk, device) for chunk in ready["chunks"]]
         elif "lengths" in inputs:
