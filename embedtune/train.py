@@ -186,9 +186,11 @@ def train(cfg: Config) -> dict[str, Any]:
     run = RunLog(cfg, accelerator, resume_step=state.step if resume_dir else None, wandb_id=state.wandb_run_id)
 
     chunks = cfg.model.padded_chunks
-    if chunks > 1 and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        logger.info("model.padded_chunks=%d not used with %s: each chunk would gather the sharded weights again",
-                    chunks, accelerator.distributed_type.value)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if chunks > 1 and (accelerator.distributed_type == DistributedType.FSDP
+                       or getattr(plugin, "zero_stage", 0) == 3):
+        logger.info("model.padded_chunks=%d not used with sharded weights (FSDP, ZeRO-3): each chunk would gather "
+                    "them again", chunks)
         chunks = 1
     model.padded_chunks = chunks
     collate = PairCollator(tokenizer, cfg.data.query_max_length, cfg.data.document_max_length,
