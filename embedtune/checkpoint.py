@@ -250,6 +250,13 @@ def _lookup(tree: dict[str, Any], dotted: str) -> Any:
     return tree
 
 
+def _default(dotted: str) -> Any:
+    """The default of a config key, e.g. ``data.group_by_length``."""
+    section, key = dotted.split(".")
+    model = Config.model_fields[section].annotation
+    return model.model_fields[key].get_default(call_default_factory=True)  # type: ignore[union-attr]
+
+
 def _absent(tree: dict[str, Any], dotted: str) -> bool:
     *sections, key = dotted.split(".")
     for part in sections:
@@ -261,11 +268,16 @@ def check_resume(saved: dict[str, Any], current: Config) -> list[str]:
     """Refuse changes that break an exact resume; return the harmless ones for the log.
 
     Both sides are compared as checkpoints store them, secrets scrubbed; a key the checkpoint
-    does not have (it predates the key) is not a change.
+    does not have (it predates the key) counts as its default, which is how that run behaved.
     """
     saved, now = scrub_config(saved), scrub_config(current.to_dict())
-    breaking = [f"{key}: {_lookup(saved, key)!r} -> {_lookup(now, key)!r}" for key in RESUME_KEYS
-                if not _absent(saved, key) and _lookup(saved, key) != _lookup(now, key)]
+    breaking = []
+    for key in RESUME_KEYS:
+        if not _absent(saved, key):
+            if _lookup(saved, key) != _lookup(now, key):
+                breaking.append(f"{key}: {_lookup(saved, key)!r} -> {_lookup(now, key)!r}")
+        elif _default(key) != _lookup(now, key):  # the run predates the key, so it ran as the default does
+            breaking.append(f"{key}: {_default(key)!r} (the checkpoint predates this key) -> {_lookup(now, key)!r}")
     if breaking:
         raise CheckpointError("cannot resume: the config changed in ways that change the data order or the model:\n  "
                               + "\n  ".join(breaking)

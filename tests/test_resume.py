@@ -256,6 +256,20 @@ def test_a_change_that_breaks_resume_is_refused_and_a_safe_one_is_not(models, da
     assert json.loads((out / "training_progress.json").read_text())["step"] == 6
 
 
+def test_a_checkpoint_that_predates_a_key_resumes_only_with_its_default(tmp_path: Path) -> None:
+    from embedtune.checkpoint import CheckpointError, check_resume
+    from embedtune.config import Config
+
+    def config(**data: object) -> Config:
+        return Config.model_validate({"data": {"train_files": [str(tmp_path / "a.jsonl")], **data}})
+
+    saved = config().to_dict()
+    del saved["data"]["group_by_length"]  # written before the key existed: that run never grouped
+    assert check_resume(saved, config()) == []
+    with pytest.raises(CheckpointError, match=r"data.group_by_length: None \(the checkpoint predates this key\) -> 4"):
+        check_resume(saved, config(group_by_length=4))
+
+
 def test_latest_without_checkpoints_is_explained(models, data, tmp_path: Path, capsys) -> None:
     from embedtune.train import main
 
