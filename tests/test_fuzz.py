@@ -100,6 +100,19 @@ def check_item(item: Any, path: str) -> None:
             text.encode("utf-8")  # hashing and tokenizing need real text
 
 
+def read_checked(path: str) -> str | None:
+    """Read ``path`` as training data, skipping bad records, and check every item; the message
+    of the DataError when the file is refused as a whole, else None."""
+    cfg = DataConfig(train_files=[path], on_bad_record="skip", max_record_bytes=LIMIT)
+    try:
+        items = list(read_pairs([path], cfg))
+    except DataError as exc:
+        return str(exc)
+    for item in items:
+        check_item(item, path)
+    return None
+
+
 # --- JSONL ---------------------------------------------------------------------------------------
 
 
@@ -181,14 +194,8 @@ def test_hostile_lines_are_bad_records_at_the_default_limits(tmp_path: Path, lin
                                                                        "junk.jsonl.xz", "junk.jsonl"]))
 def test_random_bytes_in_any_jsonl_file_are_named(tmp_path: Path, content: bytes, name: str) -> None:
     path = write(tmp_path, name, content)
-    cfg = DataConfig(train_files=[path], on_bad_record="skip", max_record_bytes=LIMIT)
-    try:
-        items = list(read_pairs([path], cfg))
-    except DataError as exc:
-        assert str(exc).startswith(path) and "\n" not in str(exc).strip()
-        return
-    for item in items:
-        check_item(item, path)
+    error = read_checked(path)
+    assert error is None or (error.startswith(path) and "\n" not in error.strip())
 
 
 # --- Parquet and CSV -------------------------------------------------------------------------
@@ -254,28 +261,16 @@ def test_csv_of_any_cells_gives_pairs_or_rejects(tmp_path: Path, header: list[st
     writer.writerow(header)
     writer.writerows(rows)
     path = write(tmp_path, "rows.csv", text.getvalue().encode())
-    cfg = DataConfig(train_files=[path], on_bad_record="skip", max_record_bytes=LIMIT)
-    try:
-        items = list(read_pairs([path], cfg))
-    except DataError as exc:  # e.g. a row with more cells than the header
-        assert str(exc).startswith(f"{path}: cannot be read as csv")
-        return
-    for item in items:
-        check_item(item, path)
+    error = read_checked(path)  # refused whole, e.g. for a row with more cells than the header
+    assert error is None or error.startswith(f"{path}: cannot be read as csv")
 
 
 @FEW
 @given(content=st.binary(min_size=1, max_size=300), name=st.sampled_from(["junk.parquet", "junk.csv"]))
 def test_random_bytes_as_parquet_or_csv_are_named(tmp_path: Path, content: bytes, name: str) -> None:
     path = write(tmp_path, name, content)
-    cfg = DataConfig(train_files=[path], on_bad_record="skip", max_record_bytes=LIMIT)
-    try:
-        items = list(read_pairs([path], cfg))
-    except DataError as exc:
-        assert str(exc).startswith(f"{path}: cannot be read as ")
-        return
-    for item in items:
-        check_item(item, path)
+    error = read_checked(path)
+    assert error is None or error.startswith(f"{path}: cannot be read as ")
 
 
 # --- the config ------------------------------------------------------------------------------
