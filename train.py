@@ -1,12 +1,12 @@
 """Entry point for `accelerate launch train.py --config ...` and `python train.py --config ...`.
 
-The program lives in embedtune/train.py, so the installed `embedtune train` command runs the
-very same loop; read it there.
+The program lives in embedtune/commands/train.py (the loop in embedtune/training/trainer.py), so
+the installed `embedtune train` command runs the very same loop; read it there.
 """
 
 import sys
 
-from embedtune.train import main
+from embedtune.commands.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="train.py"))

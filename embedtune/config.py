@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import reprlib
@@ -16,15 +17,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PACKAGED_CONFIGS = "embedtune.configs"
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few kilobytes; anything near this is the wrong file
 MAX_CONFIG_VALUES = 100_000  # values in a loaded config, counting repeats (YAML aliases can multiply them)
 CHECKPOINT_NAME = re.compile(r"^step-\d{8}$")
+# The losses a config may name (sentence-transformers' names); embedtune.losses builds each.
 LOSS_NAMES = ("MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss",
               "CachedMultipleNegativesRankingLoss", "ContrastiveLoss", "OnlineContrastiveLoss",
               "CosineSimilarityLoss", "CoSENTLoss", "TripletLoss")
+CACHED_LOSS_MINI_BATCH = 32  # the GradCache mini-batch of CachedMultipleNegativesRankingLoss by default
 
 
 class ConfigError(ValueError):
@@ -131,8 +134,6 @@ class DataConfig(_Section):
                                     "null: one per spare core, up to 8 per training process.")
     on_bad_record: Literal["error", "skip"] = "error"
     drop_last: bool = Field(False, description="Drop a last global batch smaller than train.batch_size.")
-    # Set by the trainer when the loss trains on triplets: a record without a negative is bad.
-    _require_negatives: bool = PrivateAttr(False)
 
     @model_validator(mode="after")
     def _negatives(self) -> DataConfig:
@@ -159,10 +160,7 @@ class ModelConfig(_Section):
                                "only to its own longest text (at least 16 texts a chunk). 1: one padded block.")
 
 
-LossName = Literal[
-    "MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss", "CachedMultipleNegativesRankingLoss",
-    "ContrastiveLoss", "OnlineContrastiveLoss", "CosineSimilarityLoss", "CoSENTLoss", "TripletLoss",
-]
+LossName = Literal[LOSS_NAMES]  # type: ignore[valid-type]
 
 
 class LossConfig(_Section):
@@ -177,14 +175,21 @@ class LossConfig(_Section):
     matryoshka_dims: list[int] | None = Field(None, description="Also train truncated embeddings of these sizes.")
     matryoshka_weights: list[float] | None = None
 
+    gather_across_processes: bool = Field(
+        True, description="Score each query against the documents of every process (false: local only)."
+    )
+
     @model_validator(mode="after")
     def _matryoshka(self) -> LossConfig:
         if self.matryoshka_weights and len(self.matryoshka_weights) != len(self.matryoshka_dims or []):
             raise ValueError("loss.matryoshka_weights needs one weight per entry of loss.matryoshka_dims")
         return self
-    gather_across_processes: bool = Field(
-        True, description="Score each query against the documents of every process (false: local only)."
-    )
+
+    def gradcache_mini_batch(self) -> int | None:
+        """The GradCache mini-batch size, or None for the plain step."""
+        if self.mini_batch_size is None and self.name == "CachedMultipleNegativesRankingLoss":
+            return CACHED_LOSS_MINI_BATCH
+        return self.mini_batch_size
 
 
 class TrainConfig(_Section):
@@ -219,6 +224,43 @@ class TrainConfig(_Section):
                 f"gradient_accumulation_steps ({self.gradient_accumulation_steps})"
             )
         return self
+
+    # Derived values: training and `embedtune validate` both ask these, never their own copies.
+
+    def micro_batch_size(self) -> int:
+        """Pairs in one micro-batch, across all processes."""
+        return self.batch_size // self.gradient_accumulation_steps
+
+    def pairs_per_process(self, processes: int) -> int:
+        """About how many pairs each process encodes per micro-batch (slices differ by at most one)."""
+        return self.micro_batch_size() // processes
+
+    def processes_problem(self, processes: int) -> str | None:
+        """Why this batch cannot be shared by ``processes`` processes, or None."""
+        micro = self.micro_batch_size()
+        if micro >= processes:
+            return None
+        return (f"train.batch_size {self.batch_size} / gradient_accumulation_steps {self.gradient_accumulation_steps} "
+                f"= {micro} pairs per micro-batch, fewer than the {processes} processes: raise the batch size or "
+                "lower the accumulation")
+
+    def steps_per_epoch(self, train_pairs: int, drop_last: bool) -> int:
+        """Optimizer steps in one epoch of ``train_pairs`` pairs (a last partial batch is a step
+        unless ``data.drop_last``)."""
+        full, rest = divmod(train_pairs, self.batch_size)
+        return full + (rest > 0 and not drop_last)
+
+    def planned_steps(self, train_pairs: int | None, drop_last: bool) -> int:
+        """Optimizer steps in the run: ``max_steps``, else every epoch's steps (at least 1).
+        ``train_pairs`` may be None only when ``max_steps`` is set."""
+        if self.max_steps:
+            return self.max_steps
+        if train_pairs is None:
+            raise ValueError("planned_steps needs the number of training pairs when train.max_steps is not set")
+        return max(1, self.steps_per_epoch(train_pairs, drop_last) * self.epochs)
+
+    def warmup_steps(self, total: int) -> int:
+        return math.ceil(self.warmup_ratio * total)
 
 
 class CheckpointConfig(_Section):

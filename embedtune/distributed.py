@@ -1,9 +1,20 @@
-"""Gathering embeddings across processes with their gradient."""
+"""Gathering embeddings across processes with their gradient, and the few process helpers."""
 
 from __future__ import annotations
 
+import gc
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import torch
 import torch.distributed as dist
+from accelerate import Accelerator
+
+logger = logging.getLogger("embedtune")
 
 
 def world() -> tuple[int, int]:
@@ -39,6 +50,7 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     rank, size = world()
     if size == 1:
         return tensor, 0
+    # Imported here: torch builds without distributed support have no such module.
     from torch.distributed.nn.functional import all_gather
 
     counts = _counts(tensor, size)
@@ -58,3 +70,48 @@ def gather_plain(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([part[:n] for part, n in zip(parts, counts)], dim=0)
+
+
+def cpu_processes() -> bool:
+    """Several processes but no GPU (torchrun, or accelerate launch's multi-process launcher):
+    Accelerate only sets up gloo when told it runs on the CPU, and would otherwise run each
+    process as if it were alone."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def release(accelerator: Accelerator) -> None:
+    """Free the DDP model on every process together, while all of them are still there.
+
+    Left to garbage collection when training returns, the DDP reducer takes the gloo process
+    group down with it, and a process whose peers had already exited could wait for them forever.
+    (``end_training`` then destroys the process group itself.)
+    """
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.wait_for_everyone()
+
+
+@contextmanager
+def stop_signals() -> Iterator[dict[str, bool]]:
+    """SIGTERM / SIGINT ask the loop to finish its step, save and exit; a second one kills."""
+    flag = {"stop": False}
+
+    def ask(signum: int, frame: Any) -> None:
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        logger.warning("%s received: finishing this step, saving a checkpoint, then exiting",
+                       signal.Signals(signum).name)
+
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, ask)
+    except ValueError:  # not the main thread: leave the signals alone
+        pass
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

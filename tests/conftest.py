@@ -6,6 +6,7 @@ import json
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 # Set before any Hugging Face or W&B import: tests never touch the network or a GPU.
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
@@ -42,6 +43,18 @@ def make_pairs(n: int, seed: int = 0) -> list[dict]:
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+def untokenized(pairs: list) -> Any:
+    """A collator for tests of the stream alone: the typed batch without tokens."""
+    import torch
+
+    from embedtune.data.collate import TrainBatch
+    from embedtune.model.packing import Ragged
+
+    none = Ragged(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    rows = torch.zeros(len(pairs), dtype=torch.long)
+    return TrainBatch(none, none, len(pairs), rows[:0], rows, rows, None, 0, 0)
 
 
 @pytest.fixture(scope="session")

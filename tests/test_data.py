@@ -7,29 +7,20 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import make_pairs, write_jsonl
+from conftest import make_pairs, untokenized, write_jsonl
 
 from embedtune.config import DataConfig
-from embedtune.data import (
-    DataError,
-    PairBatches,
-    eval_pairs,
-    is_held_out,
-    make_loader,
-    ordered_pairs,
-    preflight,
-    token_estimate,
-)
+from embedtune.data.records import DataError, token_estimate
+from embedtune.data.split import eval_pairs, is_held_out, preflight
+from embedtune.data.stream import PairBatches, make_loader, ordered_pairs
 
-
-def no_tokenize(pairs: list) -> dict:
-    return {}
+no_tokenize = untokenized
 
 
 def batch_ids(cfg: DataConfig, workers: int, epoch: int = 0, batch_size: int = 8, accumulation: int = 1) -> list[list[str]]:
     dataset = PairBatches(cfg, batch_size, accumulation, seed=3, collate=no_tokenize)
     dataset.set_epoch(epoch)
-    return [batch["ids"] for batch in make_loader(dataset, workers, pin_memory=False)]
+    return [batch.ids for batch in make_loader(dataset, workers, pin_memory=False)]
 
 
 def ids_of(path: Path, cfg: DataConfig) -> set[str]:
@@ -69,8 +60,8 @@ def test_skip_policy_keeps_going_and_reports_every_bad_record(tmp_path: Path, gr
     assert [r.line for r in preflight(cfg)] == [4, 12]
     dataset = PairBatches(cfg, 6, 1, seed=0, collate=no_tokenize)
     batches = list(make_loader(dataset, 0, pin_memory=False))
-    assert sorted(r.line for b in batches for r in b["rejects"]) == [4, 12]
-    assert sum(len(b["ids"]) for b in batches) == 18
+    assert sorted(r.line for b in batches for r in b.rejects) == [4, 12]
+    assert sum(len(b.ids) for b in batches) == 18
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -151,7 +142,7 @@ def test_length_grouping_resumes_from_any_batch(tmp_path: Path) -> None:
     for done in (3, 4, 11):  # at a window's start and inside windows
         dataset = PairBatches(cfg, 8, 1, seed=3, collate=no_tokenize)
         dataset.set_position(0, done)
-        assert [b["ids"] for b in make_loader(dataset, 2, pin_memory=False)] == full[done:]
+        assert [b.ids for b in make_loader(dataset, 2, pin_memory=False)] == full[done:]
 
 
 def test_length_grouping_cuts_padding_on_real_data(tokenizer_dir: Path) -> None:
@@ -159,13 +150,13 @@ def test_length_grouping_cuts_padding_on_real_data(tokenizer_dir: Path) -> None:
     real in shuffled batches, four fifths when batches are grouped by length."""
     from transformers import AutoTokenizer
 
-    from embedtune.collate import PairCollator
+    from embedtune.data.collate import PairCollator
 
     collate = PairCollator(AutoTokenizer.from_pretrained(tokenizer_dir), 64, 256)
 
     def efficiency(group: int | None) -> float:
         cfg = DataConfig(train_files=["embedtune:resources/python_docs_qa.jsonl.gz"], group_by_length=group)
-        lengths = [b["document"]["lengths"] for b in make_loader(PairBatches(cfg, 64, 1, 0, collate), 0, False)]
+        lengths = [b.document.lengths for b in make_loader(PairBatches(cfg, 64, 1, 0, collate), 0, False)]
         return sum(int(n.sum()) for n in lengths) / sum(len(n) * int(n.max()) for n in lengths)
 
     plain, grouped = efficiency(None), efficiency(16)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, free_port, make_pairs, write_jsonl
+from conftest import ROOT, free_port, make_pairs, untokenized, write_jsonl
 from safetensors.torch import load_file
 from wandb_reader import read_run, run_files
 
 from embedtune.config import DataConfig
-from embedtune.data import PairBatches, make_loader
+from embedtune.data.stream import PairBatches, make_loader
 
 
 @pytest.fixture(scope="module")
@@ -152,12 +152,12 @@ def test_local_negatives_switch_changes_the_objective(tiny_model_no_dropout: Pat
 def test_processes_and_workers_see_disjoint_slices_that_cover_the_epoch(qa_file: Path, processes: int,
                                                                         group: int | None) -> None:
     cfg = DataConfig(train_files=[str(qa_file)], shuffle_buffer=16, eval_fraction=0, group_by_length=group)
-    reference = PairBatches(cfg, 10, 1, seed=4, collate=lambda pairs: {})
-    global_batches = [b["ids"] for b in make_loader(reference, 0, pin_memory=False)]
+    reference = PairBatches(cfg, 10, 1, seed=4, collate=untokenized)
+    global_batches = [b.ids for b in make_loader(reference, 0, pin_memory=False)]
     per_process = []
     for rank in range(processes):
-        dataset = PairBatches(cfg, 10, 1, seed=4, collate=lambda pairs: {}, num_processes=processes, rank=rank)
-        per_process.append([b["ids"] for b in make_loader(dataset, 2, pin_memory=False)])
+        dataset = PairBatches(cfg, 10, 1, seed=4, collate=untokenized, num_processes=processes, rank=rank)
+        per_process.append([b.ids for b in make_loader(dataset, 2, pin_memory=False)])
     seen = [i for batches in per_process for batch in batches for i in batch]
     assert len(seen) == len(set(seen)) == 120
     # Step by step, the slices of the processes put back together are the one-process batch.
@@ -167,7 +167,7 @@ def test_processes_and_workers_see_disjoint_slices_that_cover_the_epoch(qa_file:
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_on_the_cpu(train_args: list[str], precision: str) -> None:
-    from embedtune.train import main
+    from embedtune.commands.train import main
 
     assert main(train_args + [f"train.mixed_precision={precision}", "tracking.report_to=none"]) == 0
     out = Path(train_args[train_args.index("--output_dir") + 1])

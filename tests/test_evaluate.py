@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import make_pairs, write_jsonl
 
-from embedtune.data import DataError
-from embedtune.evaluate import RetrievalSet, main, metrics_from_scores, query_metrics
+from embedtune.commands.eval import main
+from embedtune.data.records import DataError
+from embedtune.retrieval import RetrievalSet, metrics_from_scores, query_metrics
 
 WORDS = ["apple", "river", "engine", "violin", "glacier", "pepper", "compass", "lantern", "harbor", "meadow"]
 
@@ -53,7 +54,7 @@ def test_the_same_metrics_as_sentence_transformers(tiny_model: Path, tmp_path: P
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.evaluation import InformationRetrievalEvaluator
 
-    from embedtune.model import EmbeddingModel
+    from embedtune.model.encoder import EmbeddingModel
 
     model, tokenizer = EmbeddingModel.from_pretrained(str(tiny_model))
     st_dir = tmp_path / "st"
@@ -93,7 +94,7 @@ def test_beir_files_are_checked_line_by_line(tmp_path: Path) -> None:
 
 
 def test_chunked_scoring_matches_the_full_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
-    import embedtune.evaluate as ev
+    import embedtune.retrieval as ev
 
     torch.manual_seed(0)
     queries, corpus = torch.randn(50, 8), torch.randn(300, 8)
@@ -106,7 +107,7 @@ def test_chunked_scoring_matches_the_full_matrix(monkeypatch: pytest.MonkeyPatch
 
 
 def test_eval_command_gives_the_numbers_training_reports(train_args: list[str], tmp_path: Path) -> None:
-    from embedtune.train import main as train_main
+    from embedtune.commands.train import main as train_main
 
     out = Path(train_args[train_args.index("--output_dir") + 1])
     assert train_main(train_args + ["train.max_steps=1", "tracking.report_to=none"]) == 0

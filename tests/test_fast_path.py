@@ -10,8 +10,10 @@ import torch
 from conftest import make_pairs, write_jsonl
 from test_gradcache import batch_of, grads_of, tiny
 
-from embedtune.losses import MultipleNegativesRankingLoss, plain_step
-from embedtune.model import EmbeddingModel
+from embedtune.losses.ranking import MultipleNegativesRankingLoss
+from embedtune.model.encoder import EmbeddingModel
+from embedtune.model.packing import Chunked, Padded
+from embedtune.training.step import plain_step
 
 
 @pytest.fixture
@@ -26,7 +28,7 @@ def test_packed_and_padded_give_the_same_loss_and_gradients(tokenizer_dir: Path,
                                                              pooling: str) -> None:
     model, tokenizer = EmbeddingModel.from_pretrained(str(tiny(tokenizer_dir, tmp_path, dropout=0.0)), pooling)
     batch, loss_fn = batch_of(tokenizer, n=16), MultipleNegativesRankingLoss(symmetric=True)
-    assert batch["real_tokens"] < 0.9 * batch["padded_tokens"]  # there is padding to remove
+    assert batch.real_tokens < 0.9 * batch.padded_tokens  # there is padding to remove
     padded_loss = plain_step(model, batch, loss_fn, 1.0, accelerator)
     padded = grads_of(model)
     assert model.enable_packing(tokenizer)
@@ -41,7 +43,7 @@ def test_packed_and_padded_give_the_same_loss_and_gradients(tokenizer_dir: Path,
 @pytest.mark.parametrize("chunks", [2, 4])
 def test_padded_chunks_give_the_loss_and_gradients_of_one_padded_block(tokenizer_dir: Path, tmp_path: Path,
                                                                        accelerator, chunks: int) -> None:
-    from embedtune.model import padded_tokens
+    from embedtune.model.packing import padded_tokens
 
     model, tokenizer = EmbeddingModel.from_pretrained(str(tiny(tokenizer_dir, tmp_path, dropout=0.0)))
     model.train()
@@ -49,10 +51,10 @@ def test_padded_chunks_give_the_loss_and_gradients_of_one_padded_block(tokenizer
     whole_loss = plain_step(model, batch, loss_fn, 1.0, accelerator)
     whole = grads_of(model)
     model.padded_chunks = chunks
-    inputs = model.prepare(batch["document"], torch.device("cpu"))
-    assert len(inputs["chunks"]) == chunks
-    computed = sum(c["input_ids"].numel() for c in inputs["chunks"])
-    lengths = batch["document"]["lengths"]
+    inputs = model.prepare(batch.document, torch.device("cpu"))
+    assert len(inputs.chunks) == chunks
+    computed = sum(c.input_ids.numel() for c in inputs.chunks)
+    lengths = batch.document.lengths
     assert computed == padded_tokens(lengths, chunks) < padded_tokens(lengths)  # less padding, counted right
     chunked_loss = plain_step(model, batch, loss_fn, 1.0, accelerator)
     chunked = grads_of(model)
@@ -60,20 +62,20 @@ def test_padded_chunks_give_the_loss_and_gradients_of_one_padded_block(tokenizer
     for name, grad in whole.items():
         torch.testing.assert_close(chunked[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     model.eval()  # evaluation sorts its own batches: no chunks
-    assert "chunks" not in model.prepare(batch["document"], torch.device("cpu"))
+    assert not isinstance(model.prepare(batch.document, torch.device("cpu")), Chunked)
 
 
 def test_a_model_that_fails_the_check_stays_padded_and_correct(tokenizer_dir: Path, tmp_path: Path) -> None:
     model, tokenizer = EmbeddingModel.from_pretrained(str(tiny(tokenizer_dir, tmp_path, dropout=0.0)))
     inputs = tokenizer(["short", "a much longer text with many more words than the first"], padding=True,
                        return_tensors="pt")
-    inputs = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+    inputs = Padded(inputs["input_ids"], inputs["attention_mask"])
     with torch.no_grad():
-        before = model(**inputs)
+        before = model(inputs)
     assert not model.enable_packing(tokenizer, tolerance=-1.0)  # no architecture can pass this
-    assert model.prepare(inputs, torch.device("cpu")).keys() == inputs.keys()
+    assert isinstance(model.prepare(inputs, torch.device("cpu")), Padded)
     with torch.no_grad():
-        torch.testing.assert_close(model(**inputs), before)  # padding is still masked
+        torch.testing.assert_close(model(inputs), before)  # padding is still masked
 
 
 def test_training_unpadded_or_padded_in_chunks_matches_training_padded(tokenizer_dir: Path, tmp_path: Path) -> None:
@@ -81,7 +83,7 @@ def test_training_unpadded_or_padded_in_chunks_matches_training_padded(tokenizer
 
     from safetensors.torch import load_file
 
-    from embedtune.train import main
+    from embedtune.commands.train import main
 
     base = tiny(tokenizer_dir, tmp_path / "base", dropout=0.0)
     rng = random.Random(3)
@@ -113,8 +115,8 @@ def test_training_unpadded_or_padded_in_chunks_matches_training_padded(tokenizer
 def test_the_collator_gives_the_tokenizer_s_own_ids(tokenizer_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from embedtune.collate import PairCollator
-    from embedtune.model import pad_ragged
+    from embedtune.data.collate import PairCollator
+    from embedtune.model.packing import pad_ragged
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     collate = PairCollator(tokenizer, 12, 40, query_prefix="query: ")

@@ -16,11 +16,14 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import untokenized
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from embedtune.config import Config, ConfigError, DataConfig, parse_args
-from embedtune.data import DataError, Pair, PairBatches, Reject, eval_pairs, preflight, read_pairs
+from embedtune.data.records import DataError, Pair, Reject, read_pairs
+from embedtune.data.split import eval_pairs, preflight
+from embedtune.data.stream import PairBatches
 
 LIMIT = 600  # data.max_record_bytes in these tests: huge lines stay cheap to write
 # Examples per test (Parquet and CSV, slower to write, get fewer); raise it for a longer hunt.
@@ -162,7 +165,7 @@ def test_jsonl_lines_give_pairs_or_rejects_named_by_file_and_line(tmp_path: Path
             assert f"{path}: no records found" in str(exc)
     # Held-out and batched reads of the same stream hold up too.
     eval_pairs(cfg.model_copy(update={"eval_fraction": 0.5}))
-    dataset = PairBatches(cfg, 3, 1, seed=0, collate=lambda pairs: {})
+    dataset = PairBatches(cfg, 3, 1, seed=0, collate=untokenized)
     assert sum(len(pairs) for pairs, _ in dataset.global_batches()) == sum(isinstance(i, Pair) for i in items)
 
 

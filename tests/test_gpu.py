@@ -9,16 +9,17 @@ import pytest
 import torch
 from test_gradcache import batch_of, tiny
 
-from embedtune.model import EmbeddingModel
+from embedtune.model.encoder import EmbeddingModel
+from embedtune.model.packing import Ragged
 
 pytestmark = pytest.mark.gpu
 
 
-def embeddings_and_grads(model: EmbeddingModel, inputs: dict, device: torch.device,
+def embeddings_and_grads(model: EmbeddingModel, inputs: Ragged, device: torch.device,
                          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        out = model(**model.prepare(inputs, device))
+        out = model(model.prepare(inputs, device))
     weights = torch.linspace(-1, 1, out.shape[1], device=device)
     (out.float() @ weights).pow(2).sum().backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -33,7 +34,7 @@ def compare_layouts(tokenizer_dir: Path, tmp_path: Path, device: torch.device, d
     model.to(device).train()
     if compile:
         model.encoder.compile(dynamic=True)
-    documents = batch_of(tokenizer, n=64)["document"]
+    documents = batch_of(tokenizer, n=64).document
     reference = embeddings_and_grads(model, documents, device, dtype)
     found = {}
     model.padded_chunks = 4

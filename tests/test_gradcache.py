@@ -8,18 +8,15 @@ import pytest
 import torch
 from conftest import make_pairs
 
-from embedtune.collate import PairCollator
 from embedtune.config import LossConfig
-from embedtune.data import Pair
-from embedtune.losses import (
-    Embedded,
-    GradCacheStep,
-    MatryoshkaLoss,
-    MultipleNegativesRankingLoss,
-    build_loss,
-    plain_step,
-)
-from embedtune.model import EmbeddingModel
+from embedtune.data.collate import PairCollator
+from embedtune.data.records import Pair
+from embedtune.losses import build_loss
+from embedtune.losses.base import Embedded
+from embedtune.losses.matryoshka import MatryoshkaLoss
+from embedtune.losses.ranking import MultipleNegativesRankingLoss
+from embedtune.model.encoder import EmbeddingModel
+from embedtune.training.step import GradCacheStep, plain_step
 
 
 def tiny(tokenizer_dir: Path, tmp_path: Path, dropout: float) -> Path:
@@ -81,16 +78,16 @@ def test_dropout_is_replayed_so_the_gradient_is_that_of_the_loss_computed(tokeni
     if layout == "padded in chunks":
         model.padded_chunks = 2
         batch, step = batch_of(tokenizer, n=40), GradCacheStep(32)
-        assert len(model.prepare(step._chunks(batch["document"])[0], torch.device("cpu"))["chunks"]) == 2
+        assert len(model.prepare(step.mini_batches(batch.document)[0], torch.device("cpu")).chunks) == 2
     torch.manual_seed(7)
     cached_loss = step(model, batch, loss_fn, 1.0, accelerator)
     cached = grads_of(model)
 
     torch.manual_seed(7)
-    from embedtune.losses import embedded
+    from embedtune.training.step import embedded
 
-    sides = [torch.cat([model(**model.prepare(c, torch.device("cpu"))) for c in step._chunks(batch[side])])
-             for side in ("query", "document")]
+    sides = [torch.cat([model(model.prepare(c, torch.device("cpu"))) for c in step.mini_batches(side)])
+             for side in (batch.query, batch.document)]
     reference_loss = loss_fn(embedded(batch, *sides))
     reference_loss.backward()
     reference = grads_of(model)

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from embedtune.config import LossConfig
-from embedtune.losses import Embedded, MultipleNegativesRankingLoss, build_loss
+from embedtune.losses import build_loss
+from embedtune.losses.base import Embedded
+from embedtune.losses.ranking import MultipleNegativesRankingLoss
 
 
 def embeddings(*shape: int, seed: int) -> torch.Tensor:

@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import make_pairs, write_jsonl
 
-from embedtune.data import text_key
-from embedtune.mine import ModelDefaults, Selection, choose_negatives, main, model_defaults, search
+from embedtune.commands.mine import main
+from embedtune.data.records import text_key
+from embedtune.mining import ModelDefaults, Selection, choose_negatives, model_defaults, search
 
 # Hand-made scores: with one-hot documents, a query's row of "embedding" is its row of scores.
 # Document 0 is the answer (0.90); 1 scores above it, 2 just below, then a falling tail.
@@ -125,8 +126,8 @@ def test_duplicates_and_other_answers_to_the_same_question_are_left_out(
 
 def test_mined_file_keeps_every_record_and_the_trainer_takes_it(
         tiny_model: Path, qa_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from embedtune.collate import PairCollator
-    from embedtune.train import main as train_main
+    from embedtune.commands.train import main as train_main
+    from embedtune.data.collate import PairCollator
 
     records = read_jsonl(qa_file)
     records[5]["negatives"] = ["an old negative"]  # replaced by the mined ones
@@ -225,8 +226,8 @@ def test_the_input_is_never_overwritten_and_options_are_checked(
 
 def test_a_saved_model_folder_supplies_its_prompts(tiny_model: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    import embedtune.mine as mine
-    from embedtune.model import EmbeddingModel
+    import embedtune.mining as mine
+    from embedtune.model.encoder import EmbeddingModel
 
     model, tokenizer = EmbeddingModel.from_pretrained(str(tiny_model))
     folder = tmp_path / "final_model"
@@ -264,7 +265,8 @@ def test_random_texts_round_trip(tiny_model: Path, tmp_path: Path) -> None:
 
 
 def test_held_out_records_get_no_negatives_and_lend_none(tiny_model: Path, tmp_path: Path) -> None:
-    from embedtune.data import Pair, is_held_out
+    from embedtune.data.records import Pair
+    from embedtune.data.split import is_held_out
 
     records = make_pairs(60, seed=4)
     source = write_jsonl(tmp_path / "qa.jsonl", records)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from embedtune.collate import PairCollator
-from embedtune.model import EmbeddingModel, pool
+from embedtune.data.collate import PairCollator
+from embedtune.model.encoder import EmbeddingModel, pool
 
 TEXTS = ["how do I read a file?", "open() returns a file object; call read() on it for the whole text.",
          "a", "sorting a list in place with a key function and reverse order"]
@@ -29,8 +29,8 @@ def test_a_text_embeds_the_same_alone_or_in_a_padded_batch(tiny_model: Path) -> 
     model.eval()
     collate = PairCollator(tokenizer, 64, 64)
     with torch.no_grad():
-        batch = model(**collate.documents(TEXTS))
-        alone = model(**collate.documents(TEXTS[2:3]))
+        batch = model(collate.documents(TEXTS))
+        alone = model(collate.documents(TEXTS[2:3]))
     torch.testing.assert_close(batch[2:3], alone, rtol=1e-5, atol=1e-6)
 
 
@@ -43,8 +43,8 @@ def test_export_loads_in_sentence_transformers_with_our_embeddings(tiny_model: P
     model.eval()
     collate = PairCollator(tokenizer, 64, 64, query_prefix="query: ", document_prefix="passage: ")
     with torch.no_grad():
-        ours_q = model(**collate.queries(TEXTS))
-        ours_d = model(**collate.documents(TEXTS))
+        ours_q = model(collate.queries(TEXTS))
+        ours_d = model(collate.documents(TEXTS))
     path = tmp_path / "exported"
     model.save_sentence_transformer(str(path), tokenizer, 64, prompts={"query": "query: ", "document": "passage: "})
     assert (path / "model.safetensors").exists() and not list(path.rglob("*.bin"))
@@ -63,7 +63,7 @@ def test_export_loads_in_sentence_transformers_with_our_embeddings(tiny_model: P
 
 def test_training_runs_with_dropout_on(tiny_model: Path, tmp_path: Path) -> None:
     """A fine-tuned encoder trains with its dropout (from_pretrained hands it over in eval mode)."""
-    from embedtune.train import main
+    from embedtune.commands.train import main
 
     seen = []
     original = EmbeddingModel.forward

@@ -13,7 +13,8 @@ import yaml
 from conftest import make_pairs, write_jsonl
 
 from embedtune.config import build_config, dump_yaml
-from embedtune.model_card import REDACTED, data_fingerprint, hub_name, write_model_card, write_run_card
+from embedtune.secrets import REDACTED
+from embedtune.training.model_card import data_fingerprint, hub_name, write_model_card, write_run_card
 
 BEFORE = {"ndcg@10": 0.41234, "mrr@10": 0.35, "recall@10": 0.7, "docs/ndcg@10": 0.5}
 AFTER = {"ndcg@10": 0.8125, "mrr@10": 0.7751, "recall@10": 0.95, "map@100": 0.66, "docs/ndcg@10": 0.9}
@@ -107,7 +108,7 @@ def test_fingerprint_follows_the_bytes(tmp_path: Path) -> None:
 
 
 def test_fingerprint_of_packaged_data() -> None:
-    from embedtune.data import resolve_files
+    from embedtune.data.records import resolve_files
 
     name = "embedtune:resources/python_docs_qa.jsonl.gz"
     [entry] = data_fingerprint([name])["files"]
@@ -138,7 +139,7 @@ def test_card_replaces_the_sentence_transformers_readme_and_the_model_still_load
         tiny_model: Path, tmp_path: Path) -> None:
     from sentence_transformers import SentenceTransformer
 
-    from embedtune.model import EmbeddingModel
+    from embedtune.model.encoder import EmbeddingModel
 
     out = tmp_path / "out"
     model_dir = out / "final_model"

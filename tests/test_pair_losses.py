@@ -12,16 +12,20 @@ import pytest
 import torch
 from torch import nn
 
-import embedtune.pair_losses as pair_losses
-from embedtune.losses import Embedded
-from embedtune.pair_losses import (
-    PAIR_LOSSES,
+import embedtune.losses.pairs as pair_losses
+from embedtune.config import LOSS_NAMES, LossConfig
+from embedtune.losses import LOSSES, build_loss, required_data
+from embedtune.losses.base import Embedded
+from embedtune.losses.pairs import (
     ContrastiveLoss,
     CoSENTLoss,
     CosineSimilarityLoss,
     OnlineContrastiveLoss,
     TripletLoss,
 )
+
+PAIR_LOSSES = {cls.__name__: cls for cls in (ContrastiveLoss, OnlineContrastiveLoss, CosineSimilarityLoss, CoSENTLoss,
+                                             TripletLoss)}
 
 N, DIM = 12, 8
 
@@ -320,9 +324,11 @@ def test_without_gather_each_rank_sees_only_its_shard(monkeypatch: pytest.Monkey
     assert values[0].item() != pytest.approx(glob.item(), rel=1e-3)
 
 
-def test_registry_names_are_the_class_names_and_declare_their_data() -> None:
-    assert set(PAIR_LOSSES) == {"ContrastiveLoss", "OnlineContrastiveLoss", "CosineSimilarityLoss", "CoSENTLoss",
-                                "TripletLoss"}
-    for name, cls in PAIR_LOSSES.items():
-        assert cls.__name__ == name
-        assert cls.needs == ("triplets" if name == "TripletLoss" else "labelled")
+def test_every_loss_a_config_can_name_is_built_under_its_own_name_and_declares_its_data() -> None:
+    assert list(LOSSES) == list(LOSS_NAMES)
+    for name in LOSS_NAMES:
+        loss = build_loss(LossConfig(name=name))
+        if name in PAIR_LOSSES:
+            assert type(loss) is PAIR_LOSSES[name]
+        assert required_data(loss) == ("triplets" if name == "TripletLoss" else "labelled" if name in PAIR_LOSSES
+                                       else "pairs")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from embedtune.report import build_figures, collect_series, main, plot_run, read_metrics, smooth
+from embedtune.commands.report import build_figures, collect_series, main, plot_run, read_metrics, smooth
 
 METRICS = ("ndcg@10", "mrr@10", "recall@10", "map@100", "recall@1", "recall@100")
 
@@ -132,7 +132,7 @@ def test_smoothing_starts_at_the_first_value_and_passes_over_nan() -> None:
 
 
 def test_report_of_a_real_training_run(train_args: list[str]) -> None:
-    from embedtune.train import main as train_main
+    from embedtune.commands.train import main as train_main
 
     assert train_main(train_args + ["tracking.report_to=none"]) == 0
     run = Path(train_args[train_args.index("--output_dir") + 1])

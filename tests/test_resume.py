@@ -241,7 +241,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(models, data, referen
 
 
 def test_a_change_that_breaks_resume_is_refused_and_a_safe_one_is_not(models, data, tmp_path: Path) -> None:
-    from embedtune.train import main
+    from embedtune.commands.train import main
 
     out = tmp_path / "out"
     args = args_for(models["plain"], data, out, "tracking.report_to=none", "data.num_workers=0", "train.max_steps=5")
@@ -257,8 +257,8 @@ def test_a_change_that_breaks_resume_is_refused_and_a_safe_one_is_not(models, da
 
 
 def test_a_checkpoint_that_predates_a_key_resumes_only_with_its_default(tmp_path: Path) -> None:
-    from embedtune.checkpoint import CheckpointError, check_resume
     from embedtune.config import Config
+    from embedtune.training.checkpoint import CheckpointError, check_resume
 
     def config(**data: object) -> Config:
         return Config.model_validate({"data": {"train_files": [str(tmp_path / "a.jsonl")], **data}})
@@ -271,7 +271,7 @@ def test_a_checkpoint_that_predates_a_key_resumes_only_with_its_default(tmp_path
 
 
 def test_latest_without_checkpoints_is_explained(models, data, tmp_path: Path, capsys) -> None:
-    from embedtune.train import main
+    from embedtune.commands.train import main
 
     args = args_for(models["plain"], data, tmp_path / "out", "tracking.report_to=none")
     assert main(args + ["--resume_from_checkpoint", "latest"]) == 1
@@ -281,8 +281,8 @@ def test_latest_without_checkpoints_is_explained(models, data, tmp_path: Path, c
 def test_a_failed_save_never_harms_the_previous_checkpoint(models, data, tmp_path: Path, monkeypatch, capsys) -> None:
     from accelerate import Accelerator
 
-    from embedtune.checkpoint import complete_checkpoints
-    from embedtune.train import main
+    from embedtune.commands.train import main
+    from embedtune.training.checkpoint import complete_checkpoints
 
     real_save = Accelerator.save_state
     calls = {"n": 0}
@@ -314,14 +314,14 @@ def test_a_failed_save_never_harms_the_previous_checkpoint(models, data, tmp_pat
 
 
 def TrainerStateStep(path: Path) -> int:
-    from embedtune.checkpoint import TrainerState
+    from embedtune.training.checkpoint import TrainerState
 
     return TrainerState.load(str(path)).step
 
 
 def test_best_checkpoint_is_kept_beside_the_last_ones(models, data, tmp_path: Path) -> None:
-    from embedtune.checkpoint import TrainerState, complete_checkpoints
-    from embedtune.train import main
+    from embedtune.commands.train import main
+    from embedtune.training.checkpoint import TrainerState, complete_checkpoints
 
     out = tmp_path / "out"
     args = args_for(models["plain"], data, out, "tracking.report_to=none", "data.num_workers=0",
@@ -336,7 +336,8 @@ def test_best_checkpoint_is_kept_beside_the_last_ones(models, data, tmp_path: Pa
 
 def test_repeated_non_finite_steps_stop_the_run_with_a_checkpoint(models, data, tmp_path: Path, monkeypatch,
                                                                   capsys) -> None:
-    import embedtune.train as program
+    import embedtune.training.trainer as program
+    from embedtune.commands.train import main as train_main
 
     class Poisoned(torch.nn.Module):
         needs = "pairs"
@@ -348,7 +349,7 @@ def test_repeated_non_finite_steps_stop_the_run_with_a_checkpoint(models, data, 
     out = tmp_path / "out"
     args = args_for(models["plain"], data, out, "tracking.report_to=none", "data.num_workers=0",
                     "train.max_nonfinite_steps=3")
-    assert program.main(args) == 1
+    assert train_main(args) == 1
     assert "3 steps in a row had a non-finite gradient" in capsys.readouterr().err
     assert (out / "checkpoints" / "step-00000003" / "trainer_state.json").exists()
 

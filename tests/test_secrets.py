@@ -19,7 +19,8 @@ from conftest import ROOT, make_pairs, write_jsonl
 from wandb_reader import read_run, run_files
 
 from embedtune.config import build_config
-from embedtune.tracking import command_line_holds_secret, public_config, setup_logging
+from embedtune.secrets import command_line_holds_secret
+from embedtune.training.tracking import public_config, setup_logging
 
 SECRETS = {
     "WANDB_API_KEY": "0123456789abcdef0123456789abcdef0badcafe",

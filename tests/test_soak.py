@@ -29,7 +29,7 @@ def test_a_run_killed_three_times_ends_as_the_uninterrupted_one(tmp_path: Path) 
 
 
 def test_the_soak_refuses_a_folder_in_use(tmp_path: Path, capsys) -> None:
-    from embedtune.soak import main
+    from embedtune.tools.soak import main
 
     (tmp_path / "something").write_text("x")
     assert main(["--cycles", "1", "--out", str(tmp_path)]) == 2

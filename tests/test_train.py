@@ -14,7 +14,7 @@ import yaml
 from conftest import ROOT, make_pairs, write_jsonl
 from wandb_reader import read_run, run_files
 
-from embedtune.train import main
+from embedtune.commands.train import main
 
 
 def out_dir(args: list[str]) -> Path:
@@ -77,8 +77,8 @@ def test_training_improves_held_out_retrieval_and_export_matches_the_trainer(
         tiny_model: Path, tmp_path: Path) -> None:
     from sentence_transformers import SentenceTransformer
 
-    from embedtune.collate import PairCollator
-    from embedtune.model import EmbeddingModel
+    from embedtune.data.collate import PairCollator
+    from embedtune.model.encoder import EmbeddingModel
 
     data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(400))
     out = tmp_path / "out"
@@ -98,14 +98,14 @@ def test_training_improves_held_out_retrieval_and_export_matches_the_trainer(
     collate = PairCollator(tokenizer, 24, 32, query_prefix="query: ")
     queries = [p["question"] for p in make_pairs(5, seed=9)]
     with torch.no_grad():
-        ours = model(**collate.queries(queries))
+        ours = model(collate.queries(queries))
     theirs = SentenceTransformer(str(path), device="cpu").encode_query(queries, convert_to_tensor=True)
     assert torch.nn.functional.cosine_similarity(ours, theirs).min().item() >= 0.9999
 
 
 def len_held_out(path: Path) -> int:
     from embedtune.config import DataConfig
-    from embedtune.data import eval_pairs
+    from embedtune.data.split import eval_pairs
 
     return len(eval_pairs(DataConfig(train_files=[str(path)], eval_fraction=0.15, max_eval_queries=10**6)))
 
@@ -186,7 +186,7 @@ def test_a_non_finite_loss_never_reaches_the_weights(train_args: list[str], monk
                                                      tiny_model: Path) -> None:
     from safetensors.torch import load_file
 
-    import embedtune.train as program
+    import embedtune.training.trainer as program
 
     class Poisoned(torch.nn.Module):
         needs = "pairs"
@@ -207,7 +207,7 @@ def test_a_non_finite_loss_never_reaches_the_weights(train_args: list[str], monk
 def test_every_epoch_uses_every_training_pair_once(tiny_model: Path, tmp_path: Path) -> None:
     """The step count comes from an exact count of the split, so no epoch is cut short."""
     from embedtune.config import DataConfig
-    from embedtune.data import count_train_pairs
+    from embedtune.data.split import count_train_pairs
 
     data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(120))
     args = ["--input_jsonl", str(data), "--base_model", str(tiny_model), "--output_dir", str(tmp_path / "out"),

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, make_pairs, write_jsonl
+from conftest import ROOT, make_pairs, untokenized, write_jsonl
 
-from embedtune import checkpoint
-from embedtune.checkpoint import CheckpointError, TrainerState
 from embedtune.config import ConfigError, DataConfig, build_config, parse_args
-from embedtune.data import DataError, Pair, PairBatches, Reject, make_loader, preflight, read_pairs
+from embedtune.data.records import DataError, Pair, Reject, read_pairs
+from embedtune.data.split import preflight
+from embedtune.data.stream import PairBatches, make_loader
+from embedtune.training import checkpoint
+from embedtune.training.checkpoint import CheckpointError, TrainerState
 
 
 class Payload:
@@ -48,7 +50,7 @@ def plain_pickle(path: Path, marker: Path) -> None:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> tuple[Path, list[str]]:
     """A real run with checkpoints at steps 2 and 4 (as arguments with a placeholder output_dir)."""
-    from embedtune.train import main
+    from embedtune.commands.train import main
 
     root = tmp_path_factory.mktemp("run")
     data = write_jsonl(root / "pairs.jsonl", make_pairs(60))
@@ -80,7 +82,7 @@ def copy_run(finished_run, tmp_path: Path) -> tuple[Path, list[str]]:
 ])
 def test_a_checkpoint_with_a_malicious_pickle_is_refused_and_never_run(finished_run, tmp_path: Path, capsys,
                                                                       name: str, writer) -> None:
-    from embedtune.train import main
+    from embedtune.commands.train import main
 
     out, args = copy_run(finished_run, tmp_path)
     marker = tmp_path / "code-ran"
@@ -271,7 +273,7 @@ def test_a_batch_with_too_much_text_stops_before_it_is_tokenized(tmp_path: Path,
     path = write_jsonl(tmp_path / "p.jsonl", records)
     cfg = DataConfig(train_files=[str(path)], shuffle=False, eval_fraction=0, max_batch_chars=900)
     tokenized = []
-    dataset = PairBatches(cfg, 4, 1, seed=0, collate=lambda pairs: tokenized.append(len(pairs)) or {})
+    dataset = PairBatches(cfg, 4, 1, seed=0, collate=lambda pairs: tokenized.append(len(pairs)) or untokenized(pairs))
     with pytest.raises(DataError) as err:
         list(make_loader(dataset, workers, pin_memory=False))
     text = str(err.value)

@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import make_pairs, write_jsonl
 
-from embedtune.config import parse_args
-from embedtune.data import Pair, is_held_out
-from embedtune.validate import (
+from embedtune.commands.validate import (
     FAIL,
     OK,
     WARN,
@@ -23,6 +21,9 @@ from embedtune.validate import (
     precision_check,
     run_checks,
 )
+from embedtune.config import parse_args
+from embedtune.data.records import Pair
+from embedtune.data.split import count_train_pairs, is_held_out
 
 # Single WordPiece tokens of the MiniLM vocabulary: n of them make n + 2 tokens with [CLS] and [SEP].
 WORDS = ["apple", "river", "engine", "violin", "pepper", "compass", "harbor", "copper", "falcon", "thunder"]
@@ -54,7 +55,7 @@ def words(count: int, offset: int) -> str:
 
 def test_a_good_setup_passes_and_reports_the_counts_of_the_file(
         tiny_model: Path, qa_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from embedtune.train import planned_steps
+
 
     args = args_for(tiny_model, qa_file, tmp_path, "data.eval_fraction=0.2")
     code, out, rows = validate(args, tmp_path, capsys)
@@ -68,7 +69,9 @@ def test_a_good_setup_passes_and_reports_the_counts_of_the_file(
     assert rows["duplicates"]["data"] == {"questions": 0, "pairs": 0}
     # Steps as the trainer plans them, from its own count of the data.
     steps = rows["optimizer steps"]["data"]
-    assert steps["total"] == steps["per_epoch"] == planned_steps(parse_args(args)) == math.ceil((120 - held) / 16)
+    cfg = parse_args(args)
+    planned = cfg.train.planned_steps(count_train_pairs(cfg.data), cfg.data.drop_last)
+    assert steps["total"] == steps["per_epoch"] == planned == math.ceil((120 - held) / 16)
     assert f"{steps['per_epoch']} per epoch ({120 - held} pairs / batch 16" in out
     assert rows["model load"]["status"] == OK and rows["model load"]["data"]["parameters"] > 0
     assert "FAIL" not in out and out.rstrip().splitlines()[-1].startswith("ready to train (0 blocking")

@@ -38,22 +38,23 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from embedtune.collate import PairCollator
 from embedtune.config import DataConfig
-from embedtune.data import (
+from embedtune.data.collate import PairCollator
+from embedtune.data.records import (
     DataError,
     Pair,
     Reject,
-    _read_file,
     file_format,
-    is_held_out,
     line_problem,
     parse_record,
+    read_file,
     resolve_files,
     text_key,
     token_estimate,
 )
-from embedtune.model import EmbeddingModel, ModelLoadError, read_st_settings, resolve_model_path
+from embedtune.data.split import is_held_out
+from embedtune.model.encoder import EmbeddingModel
+from embedtune.model.folder import read_model_folder, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +250,7 @@ def bad_record(reject: Reject, hint: str) -> DataError:
 def read_records(files: list[str], cfg: DataConfig) -> Iterator[tuple[dict[str, Any], Pair]]:
     """Every input record with its pair, in file order; the first bad record stops the run."""
     for path in files:
-        for line, raw in _read_file(path, file_format(path, cfg.format), cfg.max_record_bytes):
+        for line, raw in read_file(path, file_format(path, cfg.format), cfg.max_record_bytes):
             item = parse_record(path, line, raw, cfg)
             if item is None:
                 continue
@@ -262,7 +263,7 @@ def read_records(files: list[str], cfg: DataConfig) -> Iterator[tuple[dict[str, 
 
 def read_documents(files: list[str]) -> Iterator[str]:
     for path in files:
-        for line, raw in _read_file(path, file_format(path, "auto")):
+        for line, raw in read_file(path, file_format(path, "auto")):
             record = _decode(path, line, raw)
             if record is None:
                 continue
@@ -382,7 +383,7 @@ def encode(model: EmbeddingModel, tokenize: Any, texts: list[str], batch_size: i
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             inputs = model.prepare(tokenize([texts[i] for i in rows]), device)
-            out[torch.as_tensor(rows, device=device)] = F.normalize(model(**inputs).float(), dim=-1)
+            out[torch.as_tensor(rows, device=device)] = F.normalize(model(inputs).float(), dim=-1)
     return out
 
 
@@ -418,34 +419,11 @@ class ModelDefaults:
     max_seq_length: int | None = None
 
 
-def _json_file(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        value = json.load(f)
-    return value if isinstance(value, dict) else {}
-
-
 def model_defaults(name: str) -> ModelDefaults:
     """Prompts and max length that a model folder was saved with (embedtune saves the training
     prefixes as the sentence-transformers ``query`` and ``document`` prompts)."""
-    path = resolve_model_path(name)
-    if not os.path.isdir(path):
-        return ModelDefaults()
-    prompts = _json_file(os.path.join(path, "config_sentence_transformers.json")).get("prompts") or {}
-    # Older sentence-transformers folders say max_seq_length; newer ones keep it as the tokenizer's
-    # model_max_length, which a plain Hugging Face folder has too.
-    transformer_dir = read_st_settings(path).transformer_dir
-    length = _json_file(os.path.join(transformer_dir, "sentence_bert_config.json")).get("max_seq_length")
-    if not isinstance(length, int):
-        length = _json_file(os.path.join(transformer_dir, "tokenizer_config.json")).get("model_max_length")
-    if not isinstance(length, int) or not 0 < length < 1_000_000:  # transformers' "no limit" is 1e30
-        length = None
-
-    def prompt(*names: str) -> str:
-        return next((prompts[n] for n in names if isinstance(prompts.get(n), str)), "")
-
-    return ModelDefaults(prompt("query"), prompt("document", "passage"), length)
+    folder = read_model_folder(name)
+    return ModelDefaults(folder.prompt("query"), folder.prompt("document", "passage"), folder.max_seq_length)
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -612,93 +590,3 @@ def mine(args: argparse.Namespace) -> Summary:
 
         logger.info("peak memory (RSS) %.0f MiB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return summary
-
-
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="embedtune mine",
-        description="Add hard negatives to Q&A records: for each question, the documents the model ranks "
-                    "closest to it that are not its answer. The corpus is the distinct answers of the input "
-                    "plus any --corpus documents.",
-    )
-    parser.add_argument("--model", required=True, help="model folder (a fine-tuned final_model/ too), or "
-                        f"{DEFAULT_MODEL}, which ships with the package")
-    parser.add_argument("--input", required=True, help="Q&A records (JSONL, Parquet or CSV)")
-    parser.add_argument("--output", required=True, help="JSONL: every input record, in order, with negatives")
-    parser.add_argument("--corpus", action="append", metavar="DOCS.jsonl",
-                        help="extra documents: records with 'text' (and an optional 'title'); repeatable")
-    parser.add_argument("--num-negatives", type=int, default=5, help="negatives per record (default 5)")
-    parser.add_argument("--skip-top", type=int, default=0, help="pass over the N closest candidates first")
-    parser.add_argument("--held-out", type=float, default=0.0, metavar="FRACTION",
-                        help="training's data.eval_fraction: those records get no negatives and their answers "
-                        "are never negatives, so evaluation stays untouched by mining")
-    margins = parser.add_mutually_exclusive_group()
-    margins.add_argument("--margin", type=float, help="keep candidates scored below positive - M")
-    margins.add_argument("--relative-margin", type=float, help="keep candidates scored below positive * (1 - R)")
-    parser.add_argument("--max-candidates", type=int, default=1000,
-                        help="how deep the ranking is searched for candidates that pass the margin (default 1000)")
-    parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
-    parser.add_argument("--chunk-size", type=int, default=4096, help="questions read, encoded and searched at once")
-    parser.add_argument("--corpus-chunk-size", type=int, help="documents scored at once (default: a budget of "
-                        f"{SCORE_BUDGET:,} scores per chunk)")
-    parser.add_argument("--query-max-length", type=int, help="default 64, capped by the model's max length")
-    parser.add_argument("--document-max-length", type=int, help="default 256, capped by the model's max length")
-    parser.add_argument("--query-prefix", help="default: the model folder's 'query' prompt, else none")
-    parser.add_argument("--document-prefix", help="default: the model folder's 'document' prompt, else none")
-    parser.add_argument("--query-field", default="question")
-    parser.add_argument("--positive-field", default="answer")
-    parser.add_argument("--negatives-field", default="negatives", help="the field written (replaced if present)")
-    parser.add_argument("--backend", choices=["auto", "faiss", "torch"], default="auto",
-                        help="auto: faiss when installed and no GPU is used, else torch")
-    parser.add_argument("--dtype", choices=["float16", "float32"], default="float16",
-                        help="how the corpus embeddings are held (scores are computed in float32)")
-    return parser
-
-
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in ("num_negatives", "batch_size", "chunk_size", "corpus_chunk_size", "query_max_length",
-                 "document_max_length", "max_candidates"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.skip_top < 0:
-        parser.error(f"--skip-top must be 0 or more, got {args.skip_top}")
-    if args.margin is not None and not args.margin >= 0:
-        parser.error(f"--margin must be 0 or more, got {args.margin}")
-    if args.relative_margin is not None and not 0 <= args.relative_margin < 1:
-        parser.error(f"--relative-margin must be in [0, 1), got {args.relative_margin}")
-
-
-def _console_logging() -> None:
-    """Progress on stderr when nothing else set logging up (the trainer configures its own)."""
-    root = logging.getLogger("embedtune")
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
-    try:
-        args = parser.parse_args(argv)
-        check_args(parser, args)
-    except SystemExit as exc:  # --help, or a usage error argparse has already explained
-        return int(exc.code or 0)
-    _console_logging()
-    try:
-        summary = mine(args)
-    except (DataError, MineError, ModelLoadError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print("\n".join(summary.lines(args.num_negatives, args.output)))
-    return 0
-
-
-if __name__ == "__main__":
-    # Through the package's module, so the log lines carry its name (not __main__).
-    from embedtune.mine import main as package_main
-
-    sys.exit(package_main())

@@ -124,7 +124,7 @@ def start(args: list[str], launch_config: Path, log: Path, **env: str) -> subpro
     """``accelerate launch`` of the training program on 2 CPU processes, in a session of its own."""
     package_root = str(Path(__file__).resolve().parents[1])
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config),
-               "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "embedtune.train", *args]
+               "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "embedtune.commands.train", *args]
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
                 "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "",
                 "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env}
@@ -227,7 +227,7 @@ def fresh_saves(out: Path, since: float) -> list[Path]:
 
 
 def latest_step(out: Path) -> int | None:
-    from embedtune.checkpoint import complete_checkpoints
+    from embedtune.training.checkpoint import complete_checkpoints
 
     found = complete_checkpoints(str(out))
     return int(Path(found[-1]).name.split("-")[1]) if found else None
@@ -235,7 +235,7 @@ def latest_step(out: Path) -> int | None:
 
 def check_checkpoints(out: Path) -> list[str]:
     """Every checkpoint that looks complete must be whole: its state readable, its files safe."""
-    from embedtune.checkpoint import CheckpointError, TrainerState, complete_checkpoints, verify
+    from embedtune.training.checkpoint import CheckpointError, TrainerState, complete_checkpoints, verify
 
     problems = []
     for path in complete_checkpoints(str(out)):
@@ -363,7 +363,8 @@ def compare(killed: Path, reference: Path, expected: list[tuple[int, list[str]]]
     """What differs between the killed run and the reference, and whether each epoch used every
     training example exactly once."""
     from embedtune.config import parse_args
-    from embedtune.data import Pair, ordered_pairs
+    from embedtune.data.records import Pair
+    from embedtune.data.stream import ordered_pairs
 
     problems = []
     cfg = parse_args(train_args(Path("unused"), data, reference))

@@ -1,6 +1,6 @@
 """Losses on labelled pairs and on triplets, matching sentence-transformers' definitions and defaults.
 
-Each takes an ``Embedded`` batch and keeps the contract of ``embedtune.losses``: either the mean
+Each takes an ``Embedded`` batch and keeps the contract of ``embedtune.losses.base``: either the mean
 over this process's pairs (ContrastiveLoss, CosineSimilarityLoss, TripletLoss), or a statistic of
 the whole global batch that is the same on every process (OnlineContrastiveLoss, CoSENTLoss, which
 gather embeddings and labels first). Everything is computed in fp32 whatever the input dtype.
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedtune.distributed import gather_plain, gather_with_grad, world
-from embedtune.losses import DataShape, Embedded
+from embedtune.losses.base import DataShape, Embedded, no_pairs
 
 Distance = Literal["cosine", "euclidean", "manhattan"]
 DistanceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -83,7 +83,7 @@ class ContrastiveLoss(nn.Module):
         # The global count is a collective: every process takes part, one without pairs too.
         scale = 1 if self.size_average else _global_count(batch.queries.shape[0], batch.queries.device)
         if not batch.queries.shape[0]:
-            return _no_pairs(batch)
+            return no_pairs(batch)
         first, second, labels = _labelled(batch, type(self).__name__)
         distances = self.distance(first, second)
         losses = 0.5 * (labels * distances.pow(2) + (1 - labels) * F.relu(self.margin - distances).pow(2))
@@ -136,7 +136,7 @@ class CosineSimilarityLoss(nn.Module):
 
     def forward(self, batch: Embedded) -> torch.Tensor:
         if not batch.queries.shape[0]:
-            return _no_pairs(batch)
+            return no_pairs(batch)
         first, second, scores = _labelled(batch, type(self).__name__)
         return F.mse_loss(torch.cosine_similarity(first, second), scores)
 
@@ -188,7 +188,7 @@ class TripletLoss(nn.Module):
 
     def forward(self, batch: Embedded) -> torch.Tensor:
         if not batch.queries.shape[0]:
-            return _no_pairs(batch)
+            return no_pairs(batch)
         anchors, positives = batch.queries.float(), batch.positives.float()
         negatives = _first_negatives(batch, type(self).__name__).float()
         losses = F.relu(self.distance(anchors, positives) - self.distance(anchors, negatives) + self.margin)
@@ -210,17 +210,3 @@ def _first_negatives(batch: Embedded, loss: str) -> torch.Tensor:
         raise ValueError(f"{loss} needs a hard negative per record: {missing} of {n} records in this batch "
                          "have none (set data.negatives_field and keep only records that have one)")
     return batch.negatives[first]
-
-
-PAIR_LOSSES: dict[str, type[nn.Module]] = {
-    "ContrastiveLoss": ContrastiveLoss,
-    "OnlineContrastiveLoss": OnlineContrastiveLoss,
-    "CosineSimilarityLoss": CosineSimilarityLoss,
-    "CoSENTLoss": CoSENTLoss,
-    "TripletLoss": TripletLoss,
-}
-
-
-def _no_pairs(batch: Embedded) -> torch.Tensor:
-    """Zero, on the graph: a process with no pairs in a micro-batch of a small last batch."""
-    return batch.queries.float().sum() * 0.0 + batch.positives.float().sum() * 0.0

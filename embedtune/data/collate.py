@@ -1,7 +1,8 @@
-"""Tokenization of pairs into model inputs; runs inside DataLoader workers.
+"""Tokenization of pairs into the typed training batch; runs inside DataLoader workers.
 
 Texts leave the workers ragged: all token ids end to end plus each text's length, with no
 padding. ``EmbeddingModel.prepare`` turns that into packed or padded inputs on the device.
+``TrainBatch`` is the one contract between the workers, the loop and the training step.
 """
 
 from __future__ import annotations
@@ -9,16 +10,51 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from embedtune.data import Pair, text_key
-from embedtune.model import padded_tokens
+from embedtune.data.records import Pair, Reject, text_key
+from embedtune.model.packing import Ragged, padded_tokens
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainBatch:
+    """One process's slice of one micro-batch, tokenized.
+
+    Documents are the positives in pair order, then every hard negative of the slice. The
+    collator fills the texts; the stream adds where the slice sits in the global batch.
+    """
+
+    query: Ragged
+    document: Ragged
+    num_positives: int
+    negative_owner: torch.Tensor  # (negatives,): for each hard negative, the row of its query
+    query_keys: torch.Tensor  # (pairs,): text keys, to find false negatives
+    document_keys: torch.Tensor  # (documents,)
+    labels: torch.Tensor | None  # (pairs,): a float label or score, for losses on labelled pairs
+    # Counted in the worker, so the loop needs no device sync to report them.
+    real_tokens: int
+    padded_tokens: int  # what a padded encoding computes (packed batches compute real_tokens)
+    ids: list[str] = field(default_factory=list)  # this process's pairs
+    global_size: int = 0  # pairs in the micro-batch across processes
+    step_size: int = 0  # pairs in the global batch (all micro-batches, all processes); 0: no pairs
+    all_ids: list[str] | None = None  # every pair of the micro-batch (tracking.log_batch_ids)
+    rejects: list[Reject] = field(default_factory=list)  # bad records met while filling the batch
+    empty: bool = False  # no pair here: a stand-in pair that weighs nothing keeps collectives in step
+
+    def pin_memory(self) -> TrainBatch:
+        """The DataLoader calls this when pinning memory (CUDA)."""
+        tensors = {name: getattr(self, name).pin_memory()
+                   for name in ("query", "document", "negative_owner", "query_keys", "document_keys")}
+        labels = self.labels.pin_memory() if self.labels is not None else None
+        return replace(self, **tensors, labels=labels)
+
 
 PROBE = ["A probe sentence, with punctuation: and ÜNICODE ünïcödé, numbers 3.14 and   spaces?", "x",
          "another one that runs on for a while so that truncation has something to cut " * 3]
@@ -59,41 +95,40 @@ class PairCollator:
                 return None
         return fast
 
-    def encode(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    def encode(self, texts: list[str], max_length: int) -> Ragged:
         """Ragged: ``input_ids`` of every text end to end, and each text's ``lengths``."""
-        if self.fast is not None:
+        if not texts:
+            ids: list[list[int]] = []
+        elif self.fast is not None:
             self.fast.enable_truncation(max_length, direction=getattr(self.tokenizer, "truncation_side", "right"))
             ids = [e.ids for e in self.fast.encode_batch_fast(texts)]
         else:
             ids = self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
-        return {"input_ids": torch.from_numpy(flat), "lengths": torch.from_numpy(lengths)}
+        return Ragged(torch.from_numpy(flat), torch.from_numpy(lengths))
 
-    def queries(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def queries(self, texts: list[str]) -> Ragged:
         return self.encode([self.query_prefix + t for t in texts], self.query_max_length)
 
-    def documents(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def documents(self, texts: list[str]) -> Ragged:
         return self.encode([self.document_prefix + t for t in texts], self.document_max_length)
 
-    def __call__(self, pairs: list[Pair]) -> dict[str, Any]:
+    def __call__(self, pairs: list[Pair]) -> TrainBatch:
         negatives = [n for p in pairs for n in p.negatives]
         query = self.queries([p.query for p in pairs])
         document = self.documents([p.positive for p in pairs] + negatives)
-        sides = (query["lengths"], document["lengths"])
-        out: dict[str, Any] = {
-            "query": query,
-            "document": document,
-            # Counted here, in the worker, so the loop needs no device sync to report them.
-            "real_tokens": sum(int(n.sum()) for n in sides),
-            "padded_tokens": sum(padded_tokens(n, self.padded_chunks) for n in sides),
-            "num_positives": len(pairs),
-            # For each negative, the row of its query; and text keys to find false negatives.
-            "negative_owner": torch.tensor([i for i, p in enumerate(pairs) for _ in p.negatives], dtype=torch.long),
-            "query_keys": torch.tensor([text_key(p.query) for p in pairs], dtype=torch.long),
-            "document_keys": torch.tensor([text_key(t) for t in [p.positive for p in pairs] + negatives],
-                                          dtype=torch.long),
-        }
-        if pairs and pairs[0].label is not None:
-            out["labels"] = torch.tensor([p.label for p in pairs], dtype=torch.float)
-        return out
+        sides = (query.lengths, document.lengths)
+        return TrainBatch(
+            query=query,
+            document=document,
+            num_positives=len(pairs),
+            negative_owner=torch.tensor([i for i, p in enumerate(pairs) for _ in p.negatives], dtype=torch.long),
+            query_keys=torch.tensor([text_key(p.query) for p in pairs], dtype=torch.long),
+            document_keys=torch.tensor([text_key(t) for t in [p.positive for p in pairs] + negatives],
+                                       dtype=torch.long),
+            labels=torch.tensor([p.label for p in pairs], dtype=torch.float)
+            if pairs and pairs[0].label is not None else None,
+            real_tokens=sum(int(n.sum()) for n in sides),
+            padded_tokens=sum(padded_tokens(n, self.padded_chunks) for n in sides),
+        )

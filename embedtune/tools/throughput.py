@@ -66,11 +66,11 @@ def model_folder(name: str, out: str) -> str:
     becomes that architecture with random weights: speed does not depend on the values."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    from embedtune.model import read_st_settings, resolve_model_path
+    from embedtune.model.folder import read_model_folder, resolve_model_path
 
     path = resolve_model_path(name)
     if os.path.isdir(path):
-        transformer_dir = read_st_settings(path).transformer_dir
+        transformer_dir = read_model_folder(path).transformer_dir
         has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(transformer_dir))
         if has_weights:
             return path
@@ -84,7 +84,7 @@ def model_folder(name: str, out: str) -> str:
 
 def workload(data: str, pairs: int, path: str) -> int:
     """Write ``pairs`` records cycling through the Q&A file; returns the distinct pairs."""
-    from embedtune.data import resolve_files
+    from embedtune.data.records import resolve_files
 
     [source] = resolve_files([data])
     opener = gzip.open if source.endswith(".gz") else open
@@ -100,9 +100,9 @@ def workload(data: str, pairs: int, path: str) -> int:
 def tokens_per_pair(model_dir: str, path: str, max_length: int, sample: int = 2000) -> float:
     from transformers import AutoTokenizer
 
-    from embedtune.model import read_st_settings
+    from embedtune.model.folder import read_model_folder
 
-    tokenizer = AutoTokenizer.from_pretrained(read_st_settings(model_dir).transformer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(read_model_folder(model_dir).transformer_dir)
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line, _ in zip(f, range(sample))]
     total = 0
@@ -116,9 +116,9 @@ def flops_per_token(model_dir: str, mean_length: float) -> float:
     """Training FLOPs per real token: 6 x non-embedding parameters, plus attention scores."""
     from transformers import AutoConfig
 
-    from embedtune.model import read_st_settings
+    from embedtune.model.folder import read_model_folder
 
-    config = AutoConfig.from_pretrained(read_st_settings(model_dir).transformer_dir)
+    config = AutoConfig.from_pretrained(read_model_folder(model_dir).transformer_dir)
     h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     dense = layers * (4 * h * h + 2 * h * inter)
     return 6 * dense + 12 * layers * h * mean_length
@@ -133,8 +133,8 @@ def peak_memory_mib() -> float:
 def run_embedtune(model_dir: str, data: str, args: argparse.Namespace, out: str) -> dict[str, float]:
     from accelerate.state import AcceleratorState
 
+    from embedtune.training.trainer import run_training as train
     from embedtune.config import Config
-    from embedtune.train import train
 
     cfg = Config.model_validate({
         "output_dir": out,
@@ -210,12 +210,12 @@ def loader_pairs_per_s(model_dir: str, data: str, args: argparse.Namespace, batc
     """The DataLoader alone: reading, shuffling and tokenizing in workers, nothing trained."""
     from transformers import AutoTokenizer
 
-    from embedtune.collate import PairCollator
     from embedtune.config import DataConfig
-    from embedtune.data import PairBatches, auto_workers, make_loader
-    from embedtune.model import read_st_settings
+    from embedtune.data.collate import PairCollator
+    from embedtune.data.stream import PairBatches, auto_workers, make_loader
+    from embedtune.model.folder import read_model_folder
 
-    tokenizer = AutoTokenizer.from_pretrained(read_st_settings(model_dir).transformer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(read_model_folder(model_dir).transformer_dir)
     cfg = DataConfig(train_files=[data], eval_fraction=0.0, num_workers=args.workers,
                      group_by_length=args.group_by_length, query_max_length=args.max_length,
                      document_max_length=args.max_length)
@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import transformers
 
     import embedtune
-    from embedtune.data import auto_workers
+    from embedtune.data.stream import auto_workers
 
     tmp = tempfile.mkdtemp(prefix="embedtune-bench-")
     try:

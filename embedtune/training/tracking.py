@@ -2,7 +2,8 @@
 
 Every side effect happens on the main process only. Besides the tracker, the output folder gets
 ``config.yaml``, ``training_metrics.jsonl``, ``training_progress.json``, ``logs/train.log``,
-``rejected.jsonl`` (when records are skipped) and ``final_model/``.
+``rejected.jsonl`` (when records are skipped) and ``eval_examples.jsonl``; ``export`` writes
+``final_model/``.
 
 Secrets never reach any of them: the config is written and sent to W&B with the values of
 secret-looking environment variables (``WANDB_API_KEY``, ``HF_TOKEN``, any ``*_TOKEN``,
@@ -25,7 +26,8 @@ import yaml
 from accelerate import Accelerator
 
 from embedtune.config import Config
-from embedtune.model_card import scrub_config, scrub_text
+from embedtune.files import write_atomic
+from embedtune.secrets import command_line_holds_secret, scrub_config, scrub_text
 
 logger = logging.getLogger("embedtune")
 
@@ -40,11 +42,6 @@ class ScrubbedFormatter(logging.Formatter):
 def public_config(cfg: Config) -> dict[str, Any]:
     """The config as written to config.yaml, checkpoints and W&B: secrets scrubbed."""
     return scrub_config(cfg.to_dict())
-
-
-def command_line_holds_secret() -> bool:
-    line = " ".join(sys.argv)
-    return scrub_text(line) != line
 
 
 def setup_logging(output_dir: str, is_main: bool) -> None:
@@ -102,13 +99,6 @@ def truncate_jsonl(path: str, last_step: int) -> None:
         if step is None or step <= last_step:
             kept.append(line if line.endswith("\n") else line + "\n")
     write_atomic(path, "".join(kept))
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class RunLog:
@@ -210,23 +200,6 @@ class RunLog:
                 logger.warning("skipped %s", r.message())
                 f.write(json.dumps({"file": scrub_text(r.file), "line": r.line, "reason": r.reason, "record": r.raw,
                                     "step": self.step}, ensure_ascii=False) + "\n")
-
-    def save_model(self, model: Any, tokenizer: Any) -> str:
-        """Export ``final_model/`` in sentence-transformers format (main process)."""
-        path = os.path.join(self.out, "final_model")
-        self.accelerator.wait_for_everyone()
-        # Collective: under FSDP or DeepSpeed the full weights are assembled on the main process.
-        state = self.accelerator.get_state_dict(model)
-        if self.main:
-            data = self.cfg.data
-            prompts = ({"query": data.query_prefix, "document": data.document_prefix}
-                       if data.query_prefix or data.document_prefix else None)
-            encoder_state = {k.removeprefix("encoder."): v for k, v in state.items()}
-            self.accelerator.unwrap_model(model).save_sentence_transformer(
-                path, tokenizer, max(data.query_max_length, data.document_max_length), prompts, encoder_state)
-            logger.info("saved %s", path)
-        self.accelerator.wait_for_everyone()
-        return path
 
     def finish(self) -> None:
         run = self.wandb_run

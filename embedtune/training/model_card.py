@@ -20,20 +20,16 @@ from typing import IO, Any
 import yaml
 
 from embedtune import __version__
-from embedtune.data import PACKAGE_PREFIX, resolve_files
-from embedtune.model import EMBEDDED_MODELS, read_st_settings
+from embedtune.data.records import PACKAGE_PREFIX, resolve_files
+from embedtune.files import human_bytes, read_json, write_atomic
+from embedtune.model.folder import EMBEDDED_MODELS, read_model_folder
+from embedtune.secrets import scrub_config, scrub_text
 
 CARD = "README.md"
 CHUNK = 1 << 20  # bytes read at a time when hashing: data files can be larger than memory
-SECRET_WORDS = ("key", "token", "secret", "password")
-REDACTED = "<redacted>"
 TAGS = ["sentence-transformers", "sentence-similarity", "embedtune"]
 # A Hub repository id: owner/name, letters, digits and - _ . only.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)[^/\s@]+@")
-URL_SECRET_PARAM = re.compile(
-    r"(?P<name>[?&][^=&\s]*(?:key|token|secret|password|signature|sig|credential)[^=&\s]*=)[^&\s#)`'\"]+", re.I)
-MIN_SECRET_LEN = 8  # shorter environment values ("true", "1") are settings, not secrets
 
 
 # --- data fingerprint ------------------------------------------------------------------------
@@ -90,38 +86,6 @@ def data_fingerprint(files: list[str]) -> dict[str, Any]:
             "size": sum(e["size"] or 0 for e in entries), "sha256": combined}
 
 
-# --- secrets ---------------------------------------------------------------------------------
-
-
-def _secret_key(key: Any) -> bool:
-    return isinstance(key, str) and any(word in key.lower() for word in SECRET_WORDS)
-
-
-def scrub_config(value: Any) -> Any:
-    """A copy with the value under any key containing key/token/secret/password replaced."""
-    if isinstance(value, dict):
-        return {k: (REDACTED if _secret_key(k) and v not in (None, "") else scrub_config(v)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [scrub_config(v) for v in value]
-    if isinstance(value, str):
-        return scrub_text(value)
-    return value
-
-
-def scrub_text(text: str) -> str:
-    """Blank out credentials in URLs (user:password@, ?token=...) and secret environment values.
-
-    The environment is only read here to take its secrets back out of the text, in case one
-    slipped into a config value such as a file URL or a tag.
-    """
-    text = URL_USERINFO.sub(rf"\g<scheme>{REDACTED}@", text)
-    text = URL_SECRET_PARAM.sub(rf"\g<name>{REDACTED}", text)
-    for name, value in os.environ.items():
-        if _secret_key(name) and len(value) >= MIN_SECRET_LEN and value in text:
-            text = text.replace(value, REDACTED)
-    return text
-
-
 # --- the card --------------------------------------------------------------------------------
 
 
@@ -143,38 +107,15 @@ def _get(config: dict[str, Any], dotted: str, default: Any = None) -> Any:
     return node
 
 
-def _read_json(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def folder_facts(model_dir: str) -> dict[str, Any]:
     """What the exported sentence-transformers folder itself says: pooling, normalize, size, prompts."""
-    facts: dict[str, Any] = {}
     try:
-        st = read_st_settings(model_dir)
-        facts.update(pooling=st.pooling, normalize=st.normalize if st.pooling else None)
-    except (OSError, ValueError):
-        pass
-    for module in _read_json(os.path.join(model_dir, "modules.json")) or []:
-        if str(module.get("type", "")).endswith("Pooling"):
-            conf = _read_json(os.path.join(model_dir, module.get("path", ""), "config.json")) or {}
-            facts["dim"] = conf.get("embedding_dimension") or conf.get("word_embedding_dimension")
-    # Older sentence-transformers versions keep the limit in sentence_bert_config.json, newer ones
-    # in the tokenizer's model_max_length (a huge number there means "not set").
-    max_seq = (_read_json(os.path.join(model_dir, "sentence_bert_config.json")) or {}).get("max_seq_length")
-    if not max_seq:
-        max_seq = (_read_json(os.path.join(model_dir, "tokenizer_config.json")) or {}).get("model_max_length")
-    facts["max_seq_length"] = max_seq if isinstance(max_seq, int) and 0 < max_seq < 1_000_000 else None
-    st_config = _read_json(os.path.join(model_dir, "config_sentence_transformers.json")) or {}
-    facts["prompts"] = st_config.get("prompts") or {}
-    facts["similarity"] = st_config.get("similarity_fn_name") or "cosine"
-    if not facts.get("dim"):
-        facts["dim"] = (_read_json(os.path.join(model_dir, "config.json")) or {}).get("hidden_size")
-    return facts
+        folder = read_model_folder(model_dir)
+    except ValueError:  # a pooling it cannot name: the card falls back on the config
+        return {"prompts": {}, "similarity": "cosine"}
+    return {"pooling": folder.pooling, "normalize": folder.normalize if folder.pooling else None,
+            "dim": folder.dim, "max_seq_length": folder.max_seq_length, "prompts": folder.prompts,
+            "similarity": folder.similarity}
 
 
 def _duration(seconds: float) -> str:
@@ -184,13 +125,7 @@ def _duration(seconds: float) -> str:
 
 
 def _size(size: int | None) -> str:
-    if size is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024  # type: ignore[assignment]
-    return str(size)
+    return "?" if size is None else human_bytes(size)
 
 
 def _cell(value: Any) -> str:
@@ -408,10 +343,7 @@ def write_model_card(model_dir: str, *, base_model: str, config: dict[str, Any],
                        num_examples=num_examples, steps=steps, duration_s=duration_s, embedding_dim=embedding_dim,
                        precision=precision)
     path = os.path.join(model_dir, CARD)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
     return path
 
 
@@ -423,7 +355,7 @@ def write_run_card(output_dir: str, model_dir: str | None = None) -> str:
     """
     with open(os.path.join(output_dir, "config.yaml"), encoding="utf-8") as f:
         config = yaml.safe_load(f) or {}
-    progress = _read_json(os.path.join(output_dir, "training_progress.json")) or {}
+    progress = read_json(os.path.join(output_dir, "training_progress.json")) or {}
     wandb = progress.get("wandb") or {}
     return write_model_card(
         model_dir or progress.get("final_model") or os.path.join(output_dir, "final_model"),

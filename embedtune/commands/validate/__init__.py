@@ -29,20 +29,18 @@ from importlib import metadata
 from typing import Any
 
 from embedtune.config import Config, ConfigError, make_parser, parse_args, resolve_config_path
-from embedtune.data import (
-    MAX_REJECTS_SHOWN,
-    POSITIVE_LABEL,
+from embedtune.data.records import (
     DataError,
     Pair,
     Reject,
-    _read_file,
-    document_tokens,
     file_format,
-    is_held_out,
     parse_record,
+    read_file,
     resolve_files,
     text_key,
 )
+from embedtune.data.split import MAX_REJECTS_SHOWN, POSITIVE_LABEL, is_held_out
+from embedtune.data.stream import document_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +219,7 @@ def environment_checks(cfg: Config | None) -> list[Check]:
 
 
 def wandb_check(cfg: Config) -> Check:
-    from embedtune.tracking import wandb_mode
+    from embedtune.training.tracking import wandb_mode
 
     if cfg.tracking.report_to != "wandb":
         return Check("environment", "W&B", OK, "off (tracking.report_to=none)", {"mode": None})
@@ -243,7 +241,8 @@ class LoadedModel:
 
 def model_check(cfg: Config) -> tuple[Check, LoadedModel | None]:
     """Load the model the way a run does, and say where it came from."""
-    from embedtune.model import EmbeddingModel, resolve_model_path
+    from embedtune.model.encoder import EmbeddingModel
+    from embedtune.model.folder import resolve_model_path
 
     name = cfg.model.base_model
     path = resolve_model_path(name)
@@ -310,11 +309,11 @@ def config_checks(cfg: Config, source: str, loss: Check) -> list[Check]:
 def loss_check(cfg: Config) -> Check:
     """The trainer's own check that the loss gets the data it needs (it also marks triplet losses,
     so records without a negative count as bad below)."""
-    from embedtune.losses import build_loss, check_data_shape
+    from embedtune.losses import build_loss, check_loss_data, required_data
 
     try:
         loss = build_loss(cfg.loss)
-        check_data_shape(loss, cfg.data, cfg.loss.name)
+        check_loss_data(required_data(loss), cfg.data, cfg.loss.name)
     except (ConfigError, ValueError) as exc:
         return Check("config", "loss", FAIL, str(exc), {"name": cfg.loss.name})
     needs = getattr(loss, "needs", "pairs")
@@ -375,7 +374,7 @@ def _records(files: list[str], cfg: Any) -> Iterable[tuple[Pair | Reject, Any]]:
     """Like ``read_pairs``, but with each record's raw line or row, for the empty-text count."""
     for path in files:
         fmt = file_format(path, cfg.format)
-        for line, raw in _read_file(path, fmt, cfg.max_record_bytes):
+        for line, raw in read_file(path, fmt, cfg.max_record_bytes):
             item = parse_record(path, line, raw, cfg)
             if item is not None:
                 yield item, raw
@@ -596,7 +595,7 @@ def padding_check(cfg: Config, sample: list[Pair], document_lengths: list[int], 
     in its order, as one process would get them)."""
     import torch
 
-    from embedtune.model import padded_tokens
+    from embedtune.model.packing import padded_tokens
 
     per_batch = max(1, cfg.train.batch_size // cfg.train.gradient_accumulation_steps)
     if len(sample) < per_batch:

@@ -21,9 +21,8 @@ import math
 import os
 import re
 import shutil
-import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -32,7 +31,8 @@ from accelerate import Accelerator
 
 from embedtune.config import Config
 from embedtune.distributed import any_process
-from embedtune.model_card import scrub_config
+from embedtune.files import fsync_dir, write_json
+from embedtune.secrets import scrub_config
 
 logger = logging.getLogger("embedtune")
 
@@ -53,6 +53,12 @@ RESUME_KEYS = (
     "data.eval_fraction", "data.drop_last", "data.max_record_bytes", "data.max_negatives_per_record",
     "train.batch_size", "train.gradient_accumulation_steps", "train.seed",
 )
+
+
+# Called on every process inside each save, once Accelerate's state is written to the temporary
+# folder and before the checkpoint is complete, with that folder. Production code installs none;
+# the kill soak and its test install one that sleeps, to widen the window for a kill mid-save.
+SAVE_HOOKS: list[Callable[[str], None]] = []
 
 
 class CheckpointError(RuntimeError):
@@ -305,13 +311,15 @@ def save(accelerator: Accelerator, output_dir: str, state: TrainerState, keep_la
     error: BaseException | None = None
     try:
         accelerator.save_state(tmp, safe_serialization=True)
-        if delay := float(os.environ.get("EMBEDTUNE_FAULT_SAVE_DELAY_S", "0")):
-            time.sleep(delay)  # fault injection for tests: widens the window for a kill mid-save
+        for hook in SAVE_HOOKS:
+            hook(tmp)
         if accelerator.is_main_process:
             if best_metric and score is not None:
                 state.scores[name] = score
-            _write_json(os.path.join(tmp, STATE_FILE), {**asdict(state), "config": scrub_config(state.config)})
-            _fsync_dir(tmp)
+            # Written last and made durable: a folder without it is never resumed from.
+            write_json(os.path.join(tmp, STATE_FILE), {**asdict(state), "config": scrub_config(state.config)},
+                       durable=True)
+            fsync_dir(tmp)
     except OSError as exc:
         error = exc
     # Agree on the outcome, so that no process renames or retries alone.
@@ -325,7 +333,7 @@ def save(accelerator: Accelerator, output_dir: str, state: TrainerState, keep_la
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         _retain(output_dir, keep_last, state.scores, best_metric)
     accelerator.wait_for_everyone()
     return final
@@ -342,18 +350,3 @@ def _retain(output_dir: str, keep_last: int, scores: dict[str, float], best_metr
     for path in found:
         if path not in keep:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _write_json(path: str, data: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

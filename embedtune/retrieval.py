@@ -12,7 +12,6 @@ import csv
 import json
 import logging
 import math
-import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,8 @@ from typing import Any
 
 import torch
 
-from embedtune.data import DataError, Pair, _read_file, file_format, line_problem, resolve_files, token_estimate
+from embedtune.data.records import DataError, Pair, file_format, line_problem, read_file, resolve_files, token_estimate
+from embedtune.model.packing import Ragged
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _field(record: dict[str, Any], names: Sequence[str]) -> Any:
 def _objects(path: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """(file, line, record) per JSONL / Parquet / CSV record; a record that is no object is {}."""
     for file in resolve_files([path]):
-        for line, raw in _read_file(file, file_format(file, "auto")):
+        for line, raw in read_file(file, file_format(file, "auto")):
             if isinstance(raw, str):
                 if not raw.strip():
                     continue
@@ -228,7 +228,7 @@ def metrics_from_scores(scores: torch.Tensor, relevant: list[set[int]], k: int =
 # --- encoding --------------------------------------------------------------------------------
 
 
-def encode_texts(model: torch.nn.Module, tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
+def encode_texts(model: torch.nn.Module, tokenize: Callable[[list[str]], Ragged],
                  texts: list[str], batch_size: int, accelerator: Any) -> torch.Tensor:
     """Embed texts in eval mode, split across processes; every process gets all rows (fp32, CPU).
 
@@ -248,7 +248,7 @@ def encode_texts(model: torch.nn.Module, tokenize: Callable[[list[str]], dict[st
         for start in range(0, passes * batch_size, batch_size):
             rows = mine[start:start + batch_size]
             chunk = [texts[i] for i in rows] or texts[:1]  # an idle process embeds one text for nothing
-            out = model(**accelerator.unwrap_model(model).prepare(tokenize(chunk), accelerator.device)).float()
+            out = model(accelerator.unwrap_model(model).prepare(tokenize(chunk), accelerator.device)).float()
             if rows:
                 local[start:start + len(rows)] = out
     model.train(was_training)
@@ -334,108 +334,3 @@ def metrics_table(metrics: dict[str, float]) -> str:
         rows.append(f"{source[:23]:<24}" + "".join(f"{metrics.get(f'{source}/{name}', float('nan')):>12.4f}"
                                                    for name in overall))
     return "\n".join(rows)
-
-
-def write_json(path: str, payload: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-
-
-# --- the `embedtune eval` command ------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``embedtune eval MODEL``: retrieval metrics of a model on Q&A pairs or on BEIR-style files.
-
-    Run it under ``accelerate launch -m embedtune eval ...`` to split the encoding across processes.
-    """
-    import argparse
-    import logging
-    import sys
-
-    from accelerate import Accelerator
-
-    from embedtune.collate import PairCollator
-    from embedtune.config import DataConfig
-    from embedtune.data import eval_pairs
-    from embedtune.model import EmbeddingModel, ModelLoadError, saved_prompts
-    from embedtune.train import cpu_processes
-
-    parser = argparse.ArgumentParser(prog="embedtune eval", description=main.__doc__)
-    parser.add_argument("model", help="a model folder (e.g. OUTPUT_DIR/final_model) or "
-                        "sentence-transformers/all-MiniLM-L6-v2")
-    data = parser.add_argument_group("data: Q&A pairs, or queries / corpus / qrels")
-    data.add_argument("--qa", nargs="+", metavar="FILE", help="Q&A files: each question against all answers")
-    data.add_argument("--held-out", type=float, default=None, metavar="FRACTION",
-                      help="only the pairs training holds out with data.eval_fraction=FRACTION")
-    data.add_argument("--queries", help="BEIR-style queries JSONL (_id, text, optional source)")
-    data.add_argument("--corpus", help="BEIR-style corpus JSONL (_id, text, optional title)")
-    data.add_argument("--qrels", help="relevance judgements: TSV query-id, corpus-id, score (or JSONL)")
-    data.add_argument("--query-field", default="question")
-    data.add_argument("--positive-field", default="answer")
-    data.add_argument("--source-field", default="source")
-    data.add_argument("--max-queries", type=int, default=1_000_000)
-    data.add_argument("--on-bad-record", choices=["error", "skip"], default="error",
-                      help="a bad Q&A record stops the evaluation (error) or is skipped with a warning")
-    enc = parser.add_argument_group("encoding")
-    enc.add_argument("--batch-size", type=int, default=64)
-    enc.add_argument("--query-max-length", type=int, default=64)
-    enc.add_argument("--document-max-length", type=int, default=256)
-    enc.add_argument("--query-prefix", default=None, help="default: the model's saved query prompt")
-    enc.add_argument("--document-prefix", default=None, help="default: the model's saved document prompt")
-    enc.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    out = parser.add_argument_group("output")
-    out.add_argument("--k", type=int, default=10, help="cutoff of nDCG and MRR")
-    out.add_argument("--json", metavar="PATH", help="also write the metrics (and worst queries) as JSON")
-    out.add_argument("--examples", type=int, default=5, help="worst queries to print")
-    args = parser.parse_args(argv)
-    if bool(args.qa) == bool(args.queries or args.corpus or args.qrels):
-        parser.error("give either --qa FILE..., or --queries, --corpus and --qrels")
-    if args.queries and not (args.corpus and args.qrels):
-        parser.error("--queries, --corpus and --qrels go together")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-
-    accelerator = Accelerator(cpu=cpu_processes(), mixed_precision=args.mixed_precision)
-    try:
-        if args.qa:
-            cfg = DataConfig(train_files=args.qa, eval_files=[] if args.held_out else args.qa,
-                             eval_fraction=args.held_out or 0.0, query_field=args.query_field,
-                             positive_field=args.positive_field, source_field=args.source_field or None,
-                             max_eval_queries=args.max_queries, on_bad_record=args.on_bad_record)
-            data_set = RetrievalSet.from_pairs(eval_pairs(cfg))
-        else:
-            data_set = RetrievalSet.from_files(args.queries, args.corpus, args.qrels, args.max_queries)
-        if not len(data_set):
-            raise DataError("no query to evaluate: the files hold no usable pair (or none is held out)")
-        model, tokenizer = EmbeddingModel.from_pretrained(args.model)
-    except (DataError, ModelLoadError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    prompts = saved_prompts(args.model)
-    collate = PairCollator(tokenizer, args.query_max_length, args.document_max_length,
-                           prompts.get("query", "") if args.query_prefix is None else args.query_prefix,
-                           prompts.get("document", "") if args.document_prefix is None else args.document_prefix)
-    model.to(accelerator.device)
-
-    def encode(texts: list[str], kind: str) -> torch.Tensor:
-        return encode_texts(model, collate.queries if kind == "query" else collate.documents, texts,
-                            args.batch_size, accelerator)
-
-    result = run_retrieval(encode, data_set, args.k, compute=accelerator.is_main_process)
-    if result is not None:
-        print(f"{args.model}: {len(data_set)} queries, {len(data_set.corpus)} documents")
-        print(metrics_table(result.metrics))
-        rows = example_rows(result, data_set, args.examples, args.k)
-        worst = [dict(zip(example_columns(args.k), row)) for row in rows if row[0] == "worst"]
-        def line(text: str | None) -> str:
-            return " ".join((text or "").split())[:110]
-        for row in worst:
-            print(f"\nworst: {line(row['query'])}\n  relevant, ranked {row['rank'] or '>100'}: {line(row['relevant'])}"
-                  f"\n  ranked first ({row['score 1']}): {line(row['top 1'])}")
-        if args.json:
-            write_json(args.json, {"model": args.model, "queries": len(data_set), "documents": len(data_set.corpus),
-                                   "metrics": result.metrics, "worst": worst})
-    accelerator.end_training()
-    return 0

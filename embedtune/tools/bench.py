@@ -15,9 +15,9 @@ import random
 import tempfile
 import time
 
-from embedtune.collate import PairCollator
 from embedtune.config import DataConfig
-from embedtune.data import PairBatches, make_loader
+from embedtune.data.collate import PairCollator
+from embedtune.data.stream import PairBatches, make_loader
 
 WORDS = ("how do i read write open close parse format join split sort filter map reduce encode decode "
          "file path string list dict set tuple number date time socket thread process queue lock "
@@ -44,7 +44,7 @@ def first_batch_seconds(dataset: PairBatches, workers: int, done: int) -> float:
 def bench_resume(examples: int, batch_size: int, workers: int, tokenizer_name: str) -> dict[str, float]:
     from transformers import AutoTokenizer
 
-    from embedtune.model import resolve_model_path
+    from embedtune.model.folder import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_name))
     collate = PairCollator(tokenizer, 64, 256)
@@ -77,8 +77,9 @@ def gradcache_case(batch: int, mini: int | None, query_len: int, doc_len: int, s
     import torch
     from accelerate import Accelerator
 
-    from embedtune.losses import GradCacheStep, MultipleNegativesRankingLoss, plain_step
-    from embedtune.model import EmbeddingModel
+    from embedtune.losses.ranking import MultipleNegativesRankingLoss
+    from embedtune.model.encoder import EmbeddingModel
+    from embedtune.training.step import GradCacheStep, plain_step
 
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
     model, tokenizer = EmbeddingModel.from_pretrained(model_name)
@@ -95,7 +96,7 @@ def gradcache_case(batch: int, mini: int | None, query_len: int, doc_len: int, s
     loss_fn = MultipleNegativesRankingLoss()
     times = []
     for _ in range(steps + 1):  # the first step warms up
-        from embedtune.data import Pair
+        from embedtune.data.records import Pair
 
         pairs = [Pair(str(i), text(query_len), text(doc_len)) for i in range(batch)]
         inputs = collate(pairs)
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     cache.add_argument("--doc_len", type=int, default=None, help="words per document (GPU 192, CPU 48)")
     cache.add_argument("--steps", type=int, default=2)
     cache.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
-    from embedtune import throughput
+    from embedtune.tools import throughput
 
     throughput.add_arguments(sub.add_parser("throughput", help="training pairs/s, tokens/s, padding, MFU, memory; "
                                             "--compare runs SentenceTransformerTrainer on the same workload"))

@@ -1,0 +1,1 @@
+"""The ``embedtune`` commands, each ``main(argv) -> int``; they parse arguments and call the library."""

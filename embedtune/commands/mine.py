@@ -1,0 +1,101 @@
+"""``embedtune mine``: add hard negatives to Q&A records, mined with a model (see ``embedtune.mining``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from embedtune.data.records import DataError
+from embedtune.mining import DEFAULT_MODEL, SCORE_BUDGET, MineError, mine
+from embedtune.model.folder import ModelLoadError
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embedtune mine",
+        description="Add hard negatives to Q&A records: for each question, the documents the model ranks "
+                    "closest to it that are not its answer. The corpus is the distinct answers of the input "
+                    "plus any --corpus documents.",
+    )
+    parser.add_argument("--model", required=True, help="model folder (a fine-tuned final_model/ too), or "
+                        f"{DEFAULT_MODEL}, which ships with the package")
+    parser.add_argument("--input", required=True, help="Q&A records (JSONL, Parquet or CSV)")
+    parser.add_argument("--output", required=True, help="JSONL: every input record, in order, with negatives")
+    parser.add_argument("--corpus", action="append", metavar="DOCS.jsonl",
+                        help="extra documents: records with 'text' (and an optional 'title'); repeatable")
+    parser.add_argument("--num-negatives", type=int, default=5, help="negatives per record (default 5)")
+    parser.add_argument("--skip-top", type=int, default=0, help="pass over the N closest candidates first")
+    parser.add_argument("--held-out", type=float, default=0.0, metavar="FRACTION",
+                        help="training's data.eval_fraction: those records get no negatives and their answers "
+                        "are never negatives, so evaluation stays untouched by mining")
+    margins = parser.add_mutually_exclusive_group()
+    margins.add_argument("--margin", type=float, help="keep candidates scored below positive - M")
+    margins.add_argument("--relative-margin", type=float, help="keep candidates scored below positive * (1 - R)")
+    parser.add_argument("--max-candidates", type=int, default=1000,
+                        help="how deep the ranking is searched for candidates that pass the margin (default 1000)")
+    parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
+    parser.add_argument("--chunk-size", type=int, default=4096, help="questions read, encoded and searched at once")
+    parser.add_argument("--corpus-chunk-size", type=int, help="documents scored at once (default: a budget of "
+                        f"{SCORE_BUDGET:,} scores per chunk)")
+    parser.add_argument("--query-max-length", type=int, help="default 64, capped by the model's max length")
+    parser.add_argument("--document-max-length", type=int, help="default 256, capped by the model's max length")
+    parser.add_argument("--query-prefix", help="default: the model folder's 'query' prompt, else none")
+    parser.add_argument("--document-prefix", help="default: the model folder's 'document' prompt, else none")
+    parser.add_argument("--query-field", default="question")
+    parser.add_argument("--positive-field", default="answer")
+    parser.add_argument("--negatives-field", default="negatives", help="the field written (replaced if present)")
+    parser.add_argument("--backend", choices=["auto", "faiss", "torch"], default="auto",
+                        help="auto: faiss when installed and no GPU is used, else torch")
+    parser.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                        help="how the corpus embeddings are held (scores are computed in float32)")
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("num_negatives", "batch_size", "chunk_size", "corpus_chunk_size", "query_max_length",
+                 "document_max_length", "max_candidates"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.skip_top < 0:
+        parser.error(f"--skip-top must be 0 or more, got {args.skip_top}")
+    if args.margin is not None and not args.margin >= 0:
+        parser.error(f"--margin must be 0 or more, got {args.margin}")
+    if args.relative_margin is not None and not 0 <= args.relative_margin < 1:
+        parser.error(f"--relative-margin must be in [0, 1), got {args.relative_margin}")
+
+
+def _console_logging() -> None:
+    """Progress on stderr when nothing else set logging up (the trainer configures its own)."""
+    root = logging.getLogger("embedtune")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    try:
+        args = parser.parse_args(argv)
+        check_args(parser, args)
+    except SystemExit as exc:  # --help, or a usage error argparse has already explained
+        return int(exc.code or 0)
+    _console_logging()
+    try:
+        summary = mine(args)
+    except (DataError, MineError, ModelLoadError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(summary.lines(args.num_negatives, args.output)))
+    return 0
+
+
+if __name__ == "__main__":
+    # Through the package's module, so the log lines carry its name (not __main__).
+    from embedtune.commands.mine import main as package_main
+
+    sys.exit(package_main())

@@ -1,0 +1,144 @@
+"""The held-out split and the reads before training: preflight, held-out pairs, the pair count.
+
+A held-out pair comes from ``data.eval_files``, or, when there are none, is carved off the
+training stream by a stable hash of its question, so the same question lands on the same side
+on any machine and is never trained on. Training, ``embedtune eval``, ``mine`` and ``validate``
+all split through ``is_held_out`` and choose evaluation questions through ``HeldOutQuestions``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+from embedtune.config import DataConfig
+from embedtune.data.records import DataError, Pair, Reject, normalize_text, read_pairs, resolve_files, text_key
+
+logger = logging.getLogger(__name__)
+
+PREFLIGHT_RECORDS = 1000
+MAX_REJECTS_SHOWN = 5
+POSITIVE_LABEL = 0.5  # labelled pairs at or above this count as question and answer for evaluation
+
+
+def is_held_out(pair: Pair, fraction: float) -> bool:
+    """Stable per query text: duplicates of a question land on the same side, on any machine."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha1(normalize_text(pair.query).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+class HeldOutQuestions:
+    """Which held-out pairs evaluation uses: a labelled pair below ``POSITIVE_LABEL`` is no
+    question with its answer, and a question asked again is evaluated once."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+
+    def admit(self, pair: Pair) -> bool:
+        if pair.label is not None and pair.label < POSITIVE_LABEL:
+            return False
+        key = text_key(pair.query)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+@dataclass
+class DataPlan:
+    """What training needs to know of its data before step 1."""
+
+    eval_pairs: list[Pair]
+    train_pairs: int | None  # training pairs in one epoch; None when not counted
+
+
+def plan_data(cfg: DataConfig, count: bool, held_out: bool = True, require_negatives: bool = False) -> DataPlan:
+    """The held-out pairs (when ``held_out``) and the training pairs of an epoch (when ``count``),
+    reading each file once: when the held-out pairs are carved off the training files, one pass
+    does both."""
+    carved = not cfg.eval_files
+    held: list[Pair] = []
+    if held_out and not carved:
+        held = _eval_file_pairs(cfg, require_negatives)
+    collect = held_out and carved and cfg.eval_fraction > 0
+    if not count and not collect:
+        return DataPlan(held, None)
+    questions, train = HeldOutQuestions(), 0
+    for item in read_pairs(resolve_files(cfg.train_files), cfg, require_negatives):
+        if isinstance(item, Reject):
+            continue  # the training stream reports its own bad records
+        if not (carved and is_held_out(item, cfg.eval_fraction)):
+            train += 1
+        elif collect and len(held) < cfg.max_eval_queries and questions.admit(item):
+            held.append(item)
+            if not count and len(held) >= cfg.max_eval_queries:
+                break
+    return DataPlan(held, train if count else None)
+
+
+def _eval_file_pairs(cfg: DataConfig, require_negatives: bool) -> list[Pair]:
+    questions, pairs = HeldOutQuestions(), []
+    for item in read_pairs(resolve_files(cfg.eval_files), cfg, require_negatives):
+        if isinstance(item, Reject):
+            if cfg.on_bad_record == "error":
+                raise DataError(format_stream_reject(item))
+            logger.warning("held-out record skipped: %s", item.message())
+        elif questions.admit(item):
+            pairs.append(item)
+            if len(pairs) >= cfg.max_eval_queries:
+                break
+    return pairs
+
+
+def eval_pairs(cfg: DataConfig, require_negatives: bool = False) -> list[Pair]:
+    """The held-out pairs: the eval files, or the hashed fraction carved off the train stream."""
+    return plan_data(cfg, count=False, require_negatives=require_negatives).eval_pairs
+
+
+def count_train_pairs(cfg: DataConfig, require_negatives: bool = False) -> int:
+    """The training pairs of one epoch, counted exactly (parsed and split, not tokenized)."""
+    carve = not cfg.eval_files
+    return sum(1 for item in read_pairs(resolve_files(cfg.train_files), cfg, require_negatives)
+               if isinstance(item, Pair) and not (carve and is_held_out(item, cfg.eval_fraction)))
+
+
+# --- checks before training ------------------------------------------------------------------
+
+
+def preflight(cfg: DataConfig, require_negatives: bool = False) -> list[Reject]:
+    """Read the first records of every file so a broken file stops the run before any work."""
+    rejects: list[Reject] = []
+    for pattern_list in (cfg.train_files, cfg.eval_files):
+        for path in resolve_files(pattern_list):
+            good = bad = 0
+            for count, item in enumerate(read_pairs([path], cfg, require_negatives)):
+                if isinstance(item, Reject):
+                    rejects.append(item)
+                    bad += 1
+                else:
+                    good += 1
+                if count + 1 >= PREFLIGHT_RECORDS:
+                    break
+            if good == 0 and not bad:
+                raise DataError(f"{path}: no records found; give it one JSON record per line")
+    if rejects and cfg.on_bad_record == "error":
+        raise DataError(format_rejects(rejects))
+    return rejects
+
+
+def format_rejects(rejects: list[Reject]) -> str:
+    lines = [f"{len(rejects)} bad record(s) in the first {PREFLIGHT_RECORDS} of each file:"]
+    lines += [f"  {r.message()}" for r in rejects[:MAX_REJECTS_SHOWN]]
+    if len(rejects) > MAX_REJECTS_SHOWN:
+        lines.append(f"  ... and {len(rejects) - MAX_REJECTS_SHOWN} more")
+    lines.append("Fix these records, or set data.on_bad_record=skip to skip them "
+                 "(they are then kept in output_dir/rejected.jsonl).")
+    return "\n".join(lines)
+
+
+def format_stream_reject(reject: Reject) -> str:
+    return (f"bad record: {reject.message()}\nFix it, or set data.on_bad_record=skip to skip "
+            "bad records (they are then kept in output_dir/rejected.jsonl).")

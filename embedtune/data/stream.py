@@ -1,0 +1,296 @@
+"""The training stream: every pair of an epoch in one deterministic global order, cut into batches.
+
+The order of pairs depends only on (files, seed, epoch): the files are shuffled per epoch, then
+a seeded buffer shuffle runs over the concatenated stream. The stream is cut into global batches
+(with ``data.group_by_length``, every N of them are re-cut by document length and reordered, by
+the seed), each global batch into ``gradient_accumulation_steps`` micro-batches, and each
+micro-batch into one slice per process. DataLoader worker ``w`` builds micro-batches ``u`` with
+``u % num_workers == w``, which the DataLoader's round-robin hands back in order, so neither the
+number of workers nor of processes changes what is trained on. A global batch with more text
+than ``data.max_batch_chars`` stops the run before it is tokenized.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import multiprocessing.util  # noqa: F401 - registers multiprocessing's exit handler before ours
+import os
+import random
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.sharedctypes import RawValue
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from embedtune.config import DataConfig
+from embedtune.data.collate import TrainBatch
+from embedtune.data.records import DataError, Pair, Reject, read_pairs, resolve_files, token_estimate
+from embedtune.data.split import is_held_out
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of all processes, still as text (each process tokenizes its own slice)."""
+
+    index: int  # micro-batch number in the epoch
+    pairs: list[Pair]
+    global_size: int  # pairs in the whole micro-batch across processes
+    step_size: int  # pairs in the whole global batch (all micro-batches, all processes)
+    rejects: list[Reject] = field(default_factory=list)
+    stand_in: Pair | None = None  # a pair of the global batch, for a process whose slice is empty
+
+
+
+def _rng(seed: int, epoch: int, purpose: str) -> random.Random:
+    return random.Random(f"{seed}:{epoch}:{purpose}")
+
+
+def ordered_pairs(cfg: DataConfig, seed: int, epoch: int, require_negatives: bool = False) -> Iterator[Pair | Reject]:
+    """All training pairs of one epoch in their global order; rejects pass straight through."""
+    files = resolve_files(cfg.train_files)
+    carve = not cfg.eval_files
+    if cfg.shuffle:
+        _rng(seed, epoch, "files").shuffle(files)
+    source = read_pairs(files, cfg, require_negatives)
+    if not cfg.shuffle:
+        for item in source:
+            if isinstance(item, Reject) or not (carve and is_held_out(item, cfg.eval_fraction)):
+                yield item
+        return
+    rng = _rng(seed, epoch, "buffer")
+    buffer: list[Pair] = []
+    for item in source:
+        if isinstance(item, Reject):
+            yield item
+            continue
+        if carve and is_held_out(item, cfg.eval_fraction):
+            continue
+        if len(buffer) < cfg.shuffle_buffer:
+            buffer.append(item)
+            continue
+        slot = rng.randrange(len(buffer))
+        yield buffer[slot]
+        buffer[slot] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def micro_batch_sizes(size: int, accumulation: int) -> list[int]:
+    """Split a global batch into equal micro-batches (sizes differ by at most one)."""
+    base, extra = divmod(size, accumulation)
+    return [base + (i < extra) for i in range(accumulation)]
+
+
+def process_slice(size: int, num_processes: int, rank: int) -> slice:
+    base, extra = divmod(size, num_processes)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+class PairBatches(IterableDataset):
+    """Yields this process's slice of each micro-batch, tokenized by ``collate`` in the worker.
+
+    ``set_position(epoch, done)`` starts the epoch after its first ``done`` global batches: the
+    records before are read again (the order must be rebuilt) but not tokenized.
+    """
+
+    def __init__(self, cfg: DataConfig, batch_size: int, accumulation: int, seed: int,
+                 collate: Callable[[list[Pair]], TrainBatch], num_processes: int = 1, rank: int = 0,
+                 all_ids: bool = False, require_negatives: bool = False) -> None:
+        self.cfg = cfg
+        self.require_negatives = require_negatives
+        self.batch_size = batch_size
+        self.accumulation = accumulation
+        self.seed = seed
+        self.collate = collate
+        self.num_processes = num_processes
+        self.rank = rank
+        self.all_ids = all_ids
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.set_position(epoch, 0)
+
+    def set_position(self, epoch: int, done: int) -> None:
+        self.epoch, self.skip = epoch, done
+
+    def global_batches(self) -> Iterator[tuple[list[Pair], list[Reject]]]:
+        """The epoch's global batches with the bad records met while filling each."""
+        if self.cfg.group_by_length:
+            return self._grouped(self._stream_batches(), self.cfg.group_by_length)
+        return self._stream_batches()
+
+    def _grouped(self, batches: Iterator[tuple[list[Pair], list[Reject]]],
+                 window: int) -> Iterator[tuple[list[Pair], list[Reject]]]:
+        """``window`` stream batches at a time, re-cut by document length (``data.group_by_length``).
+
+        The pairs of the window are sorted by the estimated token count of their longest document
+        (stable, so ties keep the stream order) and cut into batches of the same sizes. The full
+        batches go in a seeded random order, each shuffled within (so the processes' slices carry
+        similar work); a last partial batch stays last. The window's bad records come with its
+        first batch. All of it depends on (data, seed, epoch) only, never on processes or workers.
+        """
+        number = 0
+        for part in itertools.count():
+            taken = list(itertools.islice(batches, window))
+            if not taken:
+                return
+            pairs = [p for chunk, _ in taken for p in chunk]
+            rejects = [r for _, chunk in taken for r in chunk]
+            pairs.sort(key=document_tokens)
+            rng = _rng(self.seed, self.epoch, f"length-groups:{part}")
+            full = len(pairs) // self.batch_size * self.batch_size
+            cut = [pairs[i:i + self.batch_size] for i in range(0, full, self.batch_size)]
+            rng.shuffle(cut)
+            if full < len(pairs):
+                cut.append(pairs[full:])
+            if not cut:
+                cut = [[]]
+            for i, batch in enumerate(cut):
+                rng.shuffle(batch)
+                if sum(map(pair_chars, batch)) > self.cfg.max_batch_chars:
+                    raise DataError(too_much_text(batch, number, self.epoch, self.cfg.max_batch_chars))
+                yield batch, rejects if i == 0 else []
+                number += 1
+
+    def _stream_batches(self) -> Iterator[tuple[list[Pair], list[Reject]]]:
+        pending: list[Pair] = []
+        rejects: list[Reject] = []
+        chars, number = 0, 0
+        for item in ordered_pairs(self.cfg, self.seed, self.epoch, self.require_negatives):
+            if isinstance(item, Reject):
+                rejects.append(item)
+                continue
+            pending.append(item)
+            chars += pair_chars(item)
+            if chars > self.cfg.max_batch_chars:
+                raise DataError(too_much_text(pending, number, self.epoch, self.cfg.max_batch_chars))
+            if len(pending) == self.batch_size:
+                yield pending, rejects
+                pending, rejects, chars = [], [], 0
+                number += 1
+        # The last, partial global batch is used whatever the number of processes (a process
+        # whose slice is empty still takes part in the step), unless drop_last says otherwise.
+        if pending and not self.cfg.drop_last:
+            yield pending, rejects
+            return
+        if pending:
+            logger.info("dropped the last %d pairs of epoch %d (a partial global batch)", len(pending), self.epoch)
+        if rejects:
+            yield [], rejects
+
+    def micro_batches(self) -> Iterator[MicroBatch]:
+        """Every micro-batch of the epoch from the start position (all processes), as text."""
+        index = 0
+        for number, (pairs, rejects) in enumerate(self.global_batches()):
+            if number < self.skip:
+                continue
+            start = 0
+            for part, size in enumerate(micro_batch_sizes(len(pairs), self.accumulation) if pairs else [0]):
+                yield MicroBatch(index, pairs[start:start + size], size, len(pairs), rejects if part == 0 else [],
+                            pairs[0] if pairs else None)
+                index += 1
+                start += size
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for batch in self.micro_batches():
+            if batch.index % workers != worker:
+                continue
+            mine = batch.pairs[process_slice(len(batch.pairs), self.num_processes, self.rank)]
+            if mine or batch.stand_in is None:
+                out = self.collate(mine)
+            else:
+                # Nothing for this process in this micro-batch (a small last batch): it still runs
+                # the step, on a stand-in pair whose loss weighs nothing, so collectives match.
+                out = self.collate([batch.stand_in])
+                out.empty = True
+            out.global_size = batch.global_size
+            out.step_size = batch.step_size
+            out.ids = [p.id for p in mine]
+            if self.all_ids:
+                out.all_ids = [p.id for p in batch.pairs]
+            # Every process sees the rejects (so all stop together under on_bad_record=error);
+            # only the main process writes them.
+            out.rejects = list(batch.rejects)
+            yield out
+
+
+def pair_chars(pair: Pair) -> int:
+    return len(pair.query) + len(pair.positive) + sum(map(len, pair.negatives))
+
+def document_tokens(pair: Pair) -> int:
+    """The estimated length of a pair's longest document: what its row costs in a padded batch."""
+    return max([token_estimate(pair.positive), *map(token_estimate, pair.negatives)])
+
+
+def too_much_text(pairs: list[Pair], number: int, epoch: int, limit: int) -> str:
+    longest = sorted(pairs, key=pair_chars, reverse=True)[:3]
+    return (f"global batch {number + 1} of epoch {epoch} holds more than {limit:,} characters of text "
+            f"(data.max_batch_chars) in its first {len(pairs)} pairs; the longest records: "
+            + ", ".join(f"{p.id} ({pair_chars(p):,})" for p in longest)
+            + ". Lower train.batch_size or data.max_record_bytes, or raise data.max_batch_chars if the "
+            "machine has the memory to tokenize that much.")
+
+
+
+
+# Set in the main process once it is exiting: from then on a SIGTERM stops a worker. Without it,
+# a worker the main process never shut down (its iterator kept alive by an exception that is
+# still referenced) would ignore multiprocessing's SIGTERM at exit, which then waits for it forever.
+_EXITING = RawValue("b", 0)
+
+
+def _mark_exiting() -> None:
+    _EXITING.value = 1
+
+
+# Registered after multiprocessing's own exit handler (imported above), so it runs before it.
+atexit.register(_mark_exiting)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if _EXITING.value:
+        os._exit(0)
+
+
+def _worker_init(worker_id: int) -> None:
+    # A preemption signal goes to every process of the job; the workers leave it to the main
+    # process, which finishes its step, saves and then shuts them down. Only once the main
+    # process is exiting does a SIGTERM stop them.
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def auto_workers(num_workers: int | None) -> int:
+    """``data.num_workers``, or when unset: the cores left after one per training process on this
+    machine, shared among those processes, between 1 and 8 each."""
+    if num_workers is not None:
+        return num_workers
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // local - 1))
+
+
+def make_loader(dataset: PairBatches, num_workers: int | None, pin_memory: bool) -> torch.utils.data.DataLoader:
+    num_workers = auto_workers(num_workers)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,  # the dataset yields whole, already collated micro-batches
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers else None,
+        # Its own generator: starting an iterator would otherwise draw from the global torch RNG,
+        # and a resumed run (which starts one mid-epoch) would get other dropout masks.
+        generator=torch.Generator().manual_seed(0),
+        worker_init_fn=_worker_init,
+    )

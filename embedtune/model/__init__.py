@@ -1,0 +1,2 @@
+"""The embedding model: ``encoder`` (load, pool, export), ``packing`` (input layouts and packed
+attention), ``folder`` (the one reader of a model folder)."""

@@ -1,0 +1,206 @@
+"""The embedding model: a transformer encoder, pooling and optional normalization; its export.
+
+``EmbeddingModel.forward`` takes one input object per layout (``model.packing``), so the same
+module serves padded evaluation, packed or chunked training, and GradCache's mini-batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from embedtune.model.folder import ST_POOLING, ModelLoadError, Pooling, read_model_folder
+from embedtune.model.packing import (
+    MIN_CHUNK_ROWS,
+    PACKED_ATTENTION,
+    Chunked,
+    Layout,
+    Packed,
+    Padded,
+    Ragged,
+    attention_dropout,
+    choose_cuda_routes,
+    pack_padded,
+    pack_ragged,
+    packed_attention,
+    pad_chunked,
+    pad_ragged,
+    pool_packed,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: Pooling) -> torch.Tensor:
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "last":
+        # The last real token, whichever side the padding is on.
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+
+class EmbeddingModel(nn.Module):
+    """Transformer encoder -> pooled sentence embedding (-> unit length when ``normalize``)."""
+
+    def __init__(self, encoder: PreTrainedModel, pooling: Pooling = "mean", normalize: bool = True) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.pooling: Pooling = pooling
+        self.normalize = normalize
+        self.packed = False  # see enable_packing
+        # Padded training batches are encoded in this many length-sorted chunks (see length_chunks).
+        self.padded_chunks = 1
+        self.pad_token_id = int(getattr(encoder.config, "pad_token_id", None) or 0)
+
+    @classmethod
+    def from_pretrained(cls, name: str, pooling: str = "auto", normalize: bool | None = None
+                        ) -> tuple[EmbeddingModel, PreTrainedTokenizerBase]:
+        st = read_model_folder(name)
+        path = st.path
+        chosen_pooling: Pooling = (st.pooling or "mean") if pooling == "auto" else pooling  # type: ignore[assignment]
+        chosen_normalize = normalize if normalize is not None else (st.normalize if st.normalize is not None else True)
+        try:
+            # fp32 master weights; mixed precision is applied by Accelerate's autocast.
+            encoder = AutoModel.from_pretrained(st.transformer_dir, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(st.transformer_dir)
+        except OSError as exc:
+            offline = " (HF_HUB_OFFLINE is set, so only local folders and cached models load)" \
+                if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false") else ""
+            raise ModelLoadError(f"cannot load model.base_model={name!r}: not a model folder here, and not "
+                                 f"loadable from the Hugging Face Hub{offline}. Give a local folder with "
+                                 f"config.json and weights, or a Hub name with network access.\n  ({exc})") from exc
+        logger.info("model %s: pooling=%s normalize=%s", path, chosen_pooling, chosen_normalize)
+        model = cls(encoder, chosen_pooling, chosen_normalize)
+        model.freeze_unused(tokenizer)
+        return model, tokenizer
+
+    def freeze_unused(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """Freeze weights that never reach the embedding (e.g. BERT's pooler head).
+
+        They would get no gradient, and DDP waits for every trainable parameter; freezing them
+        keeps them in the saved model unchanged, so the export still loads without warnings.
+        """
+        inputs = tokenizer(["a short probe sentence"], return_tensors="pt")
+        self.zero_grad(set_to_none=True)
+        self(Padded(inputs["input_ids"], inputs["attention_mask"])).sum().backward()
+        unused = [name for name, p in self.named_parameters() if p.requires_grad and p.grad is None]
+        for name, param in self.named_parameters():
+            param.grad = None
+            if name in unused:
+                param.requires_grad_(False)
+        if unused:
+            logger.info("frozen (not used by the embedding): %s", ", ".join(unused))
+        return unused
+
+    @property
+    def dim(self) -> int:
+        return int(self.encoder.config.hidden_size)
+
+    def enable_packing(self, tokenizer: PreTrainedTokenizerBase, tolerance: float = 1e-4) -> bool:
+        """Encode without padding from now on, if this architecture gives the same embeddings that
+        way (checked here on a probe batch); otherwise stay on the padded path and say why."""
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+        # Padded inputs (evaluation) still go through SDPA, with SDPA's padding mask.
+        ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        previous = self.encoder.config._attn_implementation
+        probe = tokenizer(["a short probe", "a somewhat longer probe sentence with more words in it", "x"],
+                          padding=True, return_tensors="pt")
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                padded = Padded(probe["input_ids"], probe["attention_mask"])
+                expected = self(padded.to(device))
+                self.encoder.set_attn_implementation(PACKED_ATTENTION)
+                self.packed = True
+                got = self(pack_padded(padded).to(device))
+            error = float((got - expected).abs().max())
+            if not error <= tolerance:
+                raise ValueError(f"packed embeddings differ by {error:.2e}")
+        except Exception as exc:  # any architecture that does not follow the attention interface
+            self.packed = False
+            self.encoder.set_attn_implementation(previous)
+            logger.info("unpadded encoding is off for this model (%s); batches are padded", exc)
+        finally:
+            self.train(was_training)
+        if self.packed:
+            logger.info("unpadded encoding on: texts are packed end to end, attention is per text")
+            choose_cuda_routes(device)
+        return self.packed
+
+    def keep_packing_for(self, device: torch.device, half: bool) -> bool:
+        """On CUDA, training packed pays only with the varlen kernel (half precision, no attention
+        dropout); otherwise padded batches are faster, and packing is turned off for training."""
+        if not self.packed or device.type != "cuda":
+            return self.packed
+        dropout = attention_dropout(self.encoder.config) > 0
+        if choose_cuda_routes(device).get((dropout, half)) != "varlen":
+            self.packed = False
+            logger.info("padded batches on this GPU: packed attention has no fast kernel here for %s",
+                        "attention dropout" if dropout else "this precision")
+        return self.packed
+
+    def prepare(self, inputs: Ragged | Padded, device: torch.device) -> Layout:
+        """CPU inputs -> the layout ``forward`` takes, on ``device``: packed when enabled, else
+        padded; in training, padded in length-sorted chunks when ``padded_chunks`` is above 1
+        (evaluation sorts its texts by length itself)."""
+        ready: Layout
+        if isinstance(inputs, Padded):
+            ready = pack_padded(inputs) if self.packed else inputs
+        elif self.packed:
+            ready = pack_ragged(inputs)
+        elif self.training and self.padded_chunks > 1 and inputs.rows >= 2 * MIN_CHUNK_ROWS:
+            ready = pad_chunked(inputs, self.pad_token_id, self.padded_chunks)
+        else:
+            ready = pad_ragged(inputs, self.pad_token_id)
+        return ready.to(device)
+
+    def forward(self, inputs: Layout | Ragged) -> torch.Tensor:
+        if isinstance(inputs, Chunked):  # padded chunk by chunk, then put back in the texts' order
+            return torch.cat([self(chunk) for chunk in inputs.chunks])[inputs.restore]
+        if isinstance(inputs, Ragged):  # as the collator gives it (prepare does this off the device)
+            device = inputs.input_ids.device
+            return self(self.prepare(Ragged(inputs.input_ids.cpu(), inputs.lengths.cpu()), device))
+        if isinstance(inputs, Packed):
+            hidden = self.encoder(input_ids=inputs.input_ids[None], position_ids=inputs.position_ids[None],
+                                  embedtune_packing=inputs.packing).last_hidden_state[0]
+            embeddings = pool_packed(hidden, inputs.packing, self.pooling)
+        else:
+            hidden = self.encoder(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).last_hidden_state
+            embeddings = pool(hidden, inputs.attention_mask, self.pooling)
+        return F.normalize(embeddings, dim=-1) if self.normalize else embeddings
+
+    def save_sentence_transformer(self, path: str, tokenizer: PreTrainedTokenizerBase, max_seq_length: int,
+                                  prompts: dict[str, str] | None = None,
+                                  state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write a folder that ``SentenceTransformer(path)`` loads, with safetensors weights.
+
+        ``state_dict`` is the encoder's full state when it was sharded (FSDP, DeepSpeed).
+        """
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers import models as st_models
+
+        os.makedirs(path, exist_ok=True)
+        self.encoder.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+        modules: list[nn.Module] = [
+            st_models.Transformer(path, max_seq_length=max_seq_length),
+            st_models.Pooling(self.dim, pooling_mode=ST_POOLING[self.pooling]),
+        ]
+        if self.normalize:
+            modules.append(st_models.Normalize())
+        st_model = SentenceTransformer(modules=modules, prompts=prompts or None, device="cpu")
+        st_model.save(path, safe_serialization=True)

@@ -1,0 +1,300 @@
+"""Input layouts of the encoder and the attention that packed texts need.
+
+Texts leave the DataLoader workers ``Ragged``: every token id end to end, and each text's
+length. ``EmbeddingModel.prepare`` turns that into one of three layouts on the device:
+
+- ``Padded``: one block, each text padded on the right to the longest (evaluation, and any
+  architecture that fails the packing check);
+- ``Chunked``: the texts sorted by length and padded in a few chunks, each only to its own
+  longest text, then put back in order (padded training batches);
+- ``Packed``: all texts end to end in one row, so the dense layers (most of the compute) never
+  see a padding token. Attention keeps each text to itself: with FlashAttention's varlen kernel
+  where torch has it (CUDA, no attention dropout), by scattering queries, keys and values back
+  into a padded block for one SDPA call per layer on other GPUs, and with one SDPA call per text
+  on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embedtune.model.folder import Pooling
+
+logger = logging.getLogger(__name__)
+
+PACKED_ATTENTION = "embedtune_packed"
+MIN_CHUNK_ROWS = 16  # a padded chunk holds at least this many texts, or the batch is not cut
+
+
+@dataclass(frozen=True)
+class Ragged:
+    """Texts as a worker tokenizes them: ``input_ids`` of every text end to end, and ``lengths``."""
+
+    input_ids: torch.Tensor  # (tokens,) long
+    lengths: torch.Tensor  # (rows,) long
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def pin_memory(self) -> Ragged:
+        return Ragged(self.input_ids.pin_memory(), self.lengths.pin_memory())
+
+    def select(self, start: int, stop: int) -> Ragged:
+        """Texts ``start`` to ``stop`` (GradCache's mini-batches)."""
+        bounds = F.pad(self.lengths.cumsum(0), (1, 0))
+        stop = min(stop, self.rows)
+        return Ragged(self.input_ids[int(bounds[start]):int(bounds[stop])], self.lengths[start:stop])
+
+
+@dataclass(frozen=True)
+class Padded:
+    """One padded block: (rows, width) ``input_ids`` and its ``attention_mask``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to(self, device: torch.device) -> Padded:
+        return Padded(_to(self.input_ids, device), _to(self.attention_mask, device))
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where each packed token sits: ``cu_seqlens`` bounds the texts, ``flat_index`` is its place in
+    the (rows x width) padded layout."""
+
+    cu_seqlens: torch.Tensor  # (rows + 1,) int32
+    flat_index: torch.Tensor  # (tokens,) long
+    rows: int
+    width: int
+    max_length: int
+
+    def to(self, device: torch.device) -> Packing:
+        return Packing(_to(self.cu_seqlens, device), _to(self.flat_index, device), self.rows, self.width,
+                       self.max_length)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """All texts end to end in one row, with their positions and where each one sits."""
+
+    input_ids: torch.Tensor  # (tokens,)
+    position_ids: torch.Tensor  # (tokens,)
+    packing: Packing
+
+    @property
+    def rows(self) -> int:
+        return self.packing.rows
+
+    def to(self, device: torch.device) -> Packed:
+        return Packed(_to(self.input_ids, device), _to(self.position_ids, device), self.packing.to(device))
+
+
+@dataclass(frozen=True)
+class Chunked:
+    """Padded blocks of length-sorted texts; ``restore`` puts their embeddings back in text order."""
+
+    chunks: list[Padded]
+    restore: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return len(self.restore)
+
+    def to(self, device: torch.device) -> Chunked:
+        return Chunked([chunk.to(device) for chunk in self.chunks], _to(self.restore, device))
+
+
+Layout = Padded | Packed | Chunked
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return tensor.to(device, non_blocking=True)
+
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # older torch: the other routes serve
+    varlen_attn = None
+
+# On CUDA, how packed attention runs, by (attention dropout on, half precision): "varlen"
+# (FlashAttention over the packed rows: half precision, no dropout) or "padded" (scatter into a
+# padded block for SDPA, which is slower than padding the batch in the first place). Chosen once
+# per process by ``choose_cuda_routes``. The CPU takes "per_text": one SDPA call per text.
+CUDA_ROUTES: dict[tuple[bool, bool], str] = {}
+
+
+def _padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, scaling: float | None,
+                      dropout: float) -> torch.Tensor:
+    heads, head_dim = q.shape[1], q.shape[2]
+
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        block = t.new_zeros(packing.rows * packing.width, heads, head_dim).index_copy(0, packing.flat_index, t)
+        return block.view(packing.rows, packing.width, heads, head_dim).transpose(1, 2)
+
+    keep = torch.zeros(packing.rows * packing.width, dtype=torch.bool, device=q.device)
+    keep[packing.flat_index] = True
+    mask = keep.view(packing.rows, 1, 1, packing.width)
+    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, dropout_p=dropout,
+                                         scale=scaling)
+    return out.transpose(1, 2).reshape(packing.rows * packing.width, heads, head_dim)[packing.flat_index]
+
+
+def _attend(route: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing,
+            scaling: float | None, dropout: float) -> torch.Tensor:
+    """Attention of packed (tokens, heads, head_dim) inputs, each text to itself."""
+    if route == "per_text":
+        bounds = packing.cu_seqlens.tolist()
+        return torch.cat([
+            F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), dropout_p=dropout,
+                                           scale=scaling)[0].transpose(0, 1)
+            for a, b in zip(bounds[:-1], bounds[1:])])
+    if route == "varlen":
+        return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), packing.cu_seqlens, packing.cu_seqlens,
+                           packing.max_length, packing.max_length, scale=scaling)
+    return _padded_attention(q, k, v, packing, scaling, dropout)
+
+
+def choose_cuda_routes(device: torch.device) -> dict[tuple[bool, bool], str]:
+    """Use varlen where it gives the padded route's result here, for each case it can serve."""
+    if CUDA_ROUTES or device.type != "cuda":
+        return CUDA_ROUTES
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([5, 37, 1, 64, 20, 128, 3])
+    packing = pack_ragged(Ragged(torch.zeros(int(lengths.sum()), dtype=torch.long), lengths)).packing.to(device)
+    base = [torch.randn(int(lengths.sum()), 4, 32, generator=generator).to(device) for _ in range(3)]
+    for dropout in (False, True):
+        for half in (False, True):
+            CUDA_ROUTES[dropout, half] = "padded"
+    if varlen_attn is not None:
+        try:
+            q, k, v = (t.to(torch.bfloat16).requires_grad_() for t in base)
+            expected = _padded_attention(q, k, v, packing, None, 0.0)
+            got = _attend("varlen", q, k, v, packing, None, 0.0)
+            error = float((got.float() - expected.float()).abs().max())
+            if not error <= 3e-2:
+                raise ValueError(f"differs from padded attention by {error:.1e}")
+            got.float().sum().backward()
+            CUDA_ROUTES[False, True] = "varlen"
+        except Exception as exc:  # a kernel this torch or GPU lacks, or a wrong answer
+            logger.info("varlen attention not used: %s", exc)
+    logger.info("packed attention on %s: %s", torch.cuda.get_device_name(device),
+                ", ".join(f"{'dropout' if d else 'no dropout'}/{'half' if h else 'fp32'}: {r}"
+                          for (d, h), r in CUDA_ROUTES.items()))
+    return CUDA_ROUTES
+
+
+def attention_dropout(config: Any) -> float:
+    for name in ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop"):
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return 0.0
+
+
+def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """An attention function for transformers' attention interface: packed inputs carry a
+    ``Packing`` in ``embedtune_packing``; anything else goes to the usual SDPA attention."""
+    packing: Packing | None = kwargs.pop("embedtune_packing", None)
+    if packing is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    # On the CPU one attention call per text computes no padding at all; the calls are cheap
+    # next to the dense layers there (on a GPU they would not be).
+    route = CUDA_ROUTES.get((dropout > 0, half), "padded") if q.is_cuda else "per_text"
+    return _attend(route, q, k, v, packing, scaling, dropout).unsqueeze(0), None
+
+
+
+def pack_padded(inputs: Padded) -> Packed:
+    """A padded block -> the same texts packed."""
+    mask = inputs.attention_mask.bool()
+    return pack_ragged(Ragged(inputs.input_ids[mask], mask.sum(dim=1)))
+
+
+def pack_ragged(inputs: Ragged) -> Packed:
+    """Ragged -> packed. Done on the host, where the lengths are known without a device sync."""
+    lengths = inputs.lengths
+    rows = len(lengths)
+    width = int(lengths.max()) if rows else 0
+    cu = F.pad(lengths.cumsum(0), (1, 0))
+    positions = torch.arange(len(inputs.input_ids)) - cu[:-1].repeat_interleave(lengths)
+    flat_index = torch.arange(rows).repeat_interleave(lengths) * width + positions
+    return Packed(inputs.input_ids, positions, Packing(cu.to(torch.int32), flat_index, rows, width, width))
+
+
+def pad_ragged(inputs: Ragged, pad_token_id: int) -> Padded:
+    """Ragged -> one padded block, padding on the right."""
+    lengths = inputs.lengths
+    width = int(lengths.max()) if len(lengths) else 0
+    mask = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+    ids = torch.full(mask.shape, pad_token_id, dtype=torch.long, device=lengths.device)
+    ids[mask] = inputs.input_ids
+    return Padded(ids, mask.long())
+
+
+def length_chunks(lengths: torch.Tensor, chunks: int) -> tuple[torch.Tensor, list[slice]]:
+    """The texts longest first (a stable sort) and up to ``chunks`` runs of that order of equal
+    count (at least ``MIN_CHUNK_ROWS`` texts each): padded one run at a time, each is padded only
+    to its own longest text."""
+    rows = len(lengths)
+    count = max(1, min(chunks, rows // MIN_CHUNK_ROWS))
+    order = torch.argsort(lengths, descending=True, stable=True)
+    size = -(-rows // count) if rows else 1
+    return order, [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+def padded_tokens(lengths: torch.Tensor, chunks: int = 1) -> int:
+    """Tokens computed when these texts are padded in ``length_chunks`` (1: one padded block)."""
+    if not len(lengths):
+        return 0
+    if chunks <= 1:
+        return len(lengths) * int(lengths.max())
+    order, parts = length_chunks(lengths, chunks)
+    ordered = lengths[order]
+    return sum((part.stop - part.start) * int(ordered[part.start]) for part in parts)
+
+
+
+def pad_chunked(inputs: Ragged, pad_token_id: int, chunks: int) -> Chunked:
+    """Ragged -> ``length_chunks`` padded one by one, with the row of each text in their
+    concatenated output."""
+    padded = pad_ragged(inputs, pad_token_id)
+    order, parts = length_chunks(inputs.lengths, chunks)
+    ordered = inputs.lengths[order]
+    pieces = []
+    for part in parts:
+        rows, width = order[part], int(ordered[part.start])
+        pieces.append(Padded(padded.input_ids[rows, :width], padded.attention_mask[rows, :width]))
+    restore = torch.empty_like(order)
+    restore[order] = torch.arange(len(order))
+    return Chunked(pieces, restore)
+
+
+def pool_packed(hidden: torch.Tensor, packing: Packing, mode: Pooling) -> torch.Tensor:
+    """``pool`` for packed (tokens, hidden) states."""
+    cu = packing.cu_seqlens.long()
+    if mode == "cls":
+        return hidden[cu[:-1]]
+    if mode == "last":
+        return hidden[cu[1:] - 1]
+    text = torch.div(packing.flat_index, packing.width, rounding_mode="floor")
+    sums = hidden.new_zeros(packing.rows, hidden.shape[1]).index_add_(0, text, hidden)
+    return sums / (cu[1:] - cu[:-1]).clamp(min=1).unsqueeze(1).to(hidden.dtype)
+

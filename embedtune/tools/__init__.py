@@ -1,0 +1,1 @@
+"""Maintainers' instruments, apart from the library: benchmarks and the kill soak."""

@@ -1,0 +1,53 @@
+"""The one place that writes ``final_model/``: a sentence-transformers folder and its model card."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from accelerate import Accelerator
+
+from embedtune.config import Config
+from embedtune.training.model_card import data_fingerprint, write_model_card
+
+logger = logging.getLogger("embedtune")
+
+FINAL_MODEL = "final_model"
+
+
+@dataclass
+class RunFacts:
+    """What the card says of the run that made the model."""
+
+    eval_before: dict[str, float] | None
+    eval_after: dict[str, float] | None
+    wandb_url: str | None
+    examples_seen: int
+    steps: int
+    duration_s: float
+
+
+def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Config, facts: RunFacts) -> str:
+    """Write ``output_dir/final_model`` (collective: every process calls it; the main one writes)
+    with safetensors weights, the training prefixes as its prompts, and the model card."""
+    path = os.path.join(cfg.output_dir, FINAL_MODEL)
+    accelerator.wait_for_everyone()
+    # Collective: under FSDP or DeepSpeed the full weights are assembled on the main process.
+    state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        data = cfg.data
+        prompts = ({"query": data.query_prefix, "document": data.document_prefix}
+                   if data.query_prefix or data.document_prefix else None)
+        encoder_state = {k.removeprefix("encoder."): v for k, v in state.items()}
+        accelerator.unwrap_model(model).save_sentence_transformer(
+            path, tokenizer, max(data.query_max_length, data.document_max_length), prompts, encoder_state)
+        logger.info("saved %s", path)
+        # After the save: sentence-transformers writes a generic README.md, which the card replaces.
+        write_model_card(path, base_model=cfg.model.base_model, config=cfg.to_dict(),
+                         fingerprint=data_fingerprint(data.train_files), eval_before=facts.eval_before,
+                         eval_after=facts.eval_after, wandb_url=facts.wandb_url, num_examples=facts.examples_seen,
+                         steps=facts.steps, duration_s=facts.duration_s, precision=accelerator.mixed_precision)
+    accelerator.wait_for_everyone()
+    return path

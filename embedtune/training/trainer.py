@@ -1,0 +1,378 @@
+"""The trainer: ``setup()`` builds the parts, ``train()`` runs the loop, ``finish()`` ends the run.
+
+``Trainer.train`` is the loop to read: a few labelled stanzas (micro-step, after the update,
+log, evaluate, save or stop), each a call. ``setup`` visits the data in one order: the fail-fast
+reads, then the parts (model, data, optimizer), then the trackers, then the resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+from tqdm.auto import tqdm
+
+from embedtune.config import Config, ConfigError
+from embedtune.data.collate import PairCollator, TrainBatch
+from embedtune.data.records import DataError
+from embedtune.data.split import format_stream_reject, plan_data, preflight
+from embedtune.data.stream import PairBatches, make_loader
+from embedtune.distributed import any_process, cpu_processes, release, stop_signals
+from embedtune.losses import build_loss, check_loss_data, required_data
+from embedtune.model.encoder import EmbeddingModel
+from embedtune.retrieval import RetrievalSet, encode_texts, example_columns, example_rows, format_table, run_retrieval
+from embedtune.training import checkpoint
+from embedtune.training.checkpoint import CheckpointError, TrainerState
+from embedtune.training.export import RunFacts, export_model
+from embedtune.training.meters import MetricsWindow, NonFiniteGuard
+from embedtune.training.optim import apply_update, build_optimizer, build_scheduler, skips_on_device
+from embedtune.training.step import make_step
+from embedtune.training.tracking import RunLog, setup_logging
+
+logger = logging.getLogger("embedtune")
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. gradients keep blowing up); a checkpoint was saved."""
+
+
+class Trainer:
+    """One training run of ``cfg``: ``setup()``, then ``train()``, which returns the run's summary."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.saved_at = -1  # the step of the last checkpoint this process wrote
+        self.grad_norm: torch.Tensor | None = None
+        self.lr = 0.0
+
+    # --- setup --------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        self._setup_loss()  # a loss without its data never starts a run
+        self._setup_accelerator()
+        self._setup_state()  # a checkpoint that cannot be resumed stops here
+        self._check_data()  # a broken file stops here, before any heavy work
+        self._setup_model()
+        self._setup_data()
+        self._setup_optimizer()
+        self._setup_tracking()  # the W&B run starts once the data and the model are known to load
+        self._resume()
+
+    def _setup_loss(self) -> None:
+        self.loss_fn = build_loss(self.cfg.loss)
+        needs = required_data(self.loss_fn)
+        check_loss_data(needs, self.cfg.data, self.cfg.loss.name)
+        self.require_negatives = needs == "triplets"  # a record without a hard negative is then bad
+        self.step_fn = make_step(self.cfg.loss)
+
+    def _setup_accelerator(self) -> None:
+        cfg = self.cfg
+        if not cfg.checkpoint.resume_from and checkpoint.complete_checkpoints(cfg.output_dir):
+            raise CheckpointError(f"{cfg.output_dir} already holds checkpoints of an earlier run: continue it with "
+                                  "--resume_from_checkpoint latest, or give another output_dir (or delete "
+                                  f"{checkpoint.checkpoints_dir(cfg.output_dir)})")
+        self.accelerator = Accelerator(
+            cpu=cpu_processes(),
+            mixed_precision=cfg.train.mixed_precision,
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+            log_with="wandb" if cfg.tracking.report_to == "wandb" else None,
+            project_dir=cfg.output_dir,
+        )
+        if problem := cfg.train.processes_problem(self.accelerator.num_processes):
+            raise ConfigError(problem)
+        setup_logging(cfg.output_dir, self.accelerator.is_main_process)
+        set_seed(cfg.train.seed)
+
+    def _setup_state(self) -> None:
+        cfg = self.cfg
+        self.state = TrainerState(config=cfg.to_dict())
+        self.resume_dir: str | None = None
+        if cfg.checkpoint.resume_from:
+            self.resume_dir = checkpoint.find_checkpoint(cfg.output_dir, cfg.checkpoint.resume_from)
+            self.state = TrainerState.load(self.resume_dir)
+            for change in checkpoint.check_resume(self.state.config, cfg):
+                logger.info("changed since the checkpoint: %s", change)
+            self.state.config = cfg.to_dict()
+
+    def _check_data(self) -> None:
+        rejected = preflight(self.cfg.data, self.require_negatives)
+        if rejected:
+            logger.warning("%d bad record(s) in the first records; they will be skipped", len(rejected))
+
+    def _setup_model(self) -> None:
+        model_cfg = self.cfg.model
+        self.model, self.tokenizer = EmbeddingModel.from_pretrained(model_cfg.base_model, model_cfg.pooling,
+                                                                    model_cfg.normalize)
+        if model_cfg.unpad:
+            self.model.enable_packing(self.tokenizer)
+        chunks = model_cfg.padded_chunks
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if chunks > 1 and (self.accelerator.distributed_type == DistributedType.FSDP
+                           or getattr(plugin, "zero_stage", 0) == 3):
+            logger.info("model.padded_chunks=%d not used with sharded weights (FSDP, ZeRO-3): each chunk would "
+                        "gather them again", chunks)
+            chunks = 1
+        self.model.padded_chunks = chunks
+
+    def _setup_data(self) -> None:
+        """The held-out set and the step count from one pass over the files, then the stream."""
+        cfg, accelerator = self.cfg, self.accelerator
+        data = cfg.data
+        self.collate = PairCollator(self.tokenizer, data.query_max_length, data.document_max_length,
+                                    data.query_prefix, data.document_prefix, padded_chunks=self.model.padded_chunks)
+        beir = bool(cfg.eval.queries_file and cfg.eval.corpus_file and cfg.eval.qrels_file)
+        plan = plan_data(data, count=not cfg.train.max_steps, held_out=not beir,
+                         require_negatives=self.require_negatives)
+        if beir:
+            self.held_out = RetrievalSet.from_files(cfg.eval.queries_file, cfg.eval.corpus_file, cfg.eval.qrels_file,
+                                                    data.max_eval_queries)
+        else:
+            self.held_out = RetrievalSet.from_pairs(plan.eval_pairs)
+        # max_steps stops by steps; otherwise the epochs decide (the count is then exact but only
+        # shapes the schedule and the progress bar).
+        self.total_steps = cfg.train.planned_steps(plan.train_pairs, data.drop_last)
+        self.dataset = PairBatches(data, cfg.train.batch_size, cfg.train.gradient_accumulation_steps, cfg.train.seed,
+                                   self.collate, accelerator.num_processes, accelerator.process_index,
+                                   all_ids=cfg.tracking.log_batch_ids, require_negatives=self.require_negatives)
+        self.loader = make_loader(self.dataset, data.num_workers, pin_memory=accelerator.device.type == "cuda")
+
+    def _setup_optimizer(self) -> None:
+        cfg, accelerator = self.cfg, self.accelerator
+        optimizer = build_optimizer(self.model, cfg.train, accelerator.device)
+        self.scheduler = build_scheduler(optimizer, cfg.train, self.total_steps)
+        accelerator.register_for_checkpointing(self.scheduler)
+        self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
+        encoder = accelerator.unwrap_model(self.model)
+        encoder.keep_packing_for(accelerator.device, accelerator.mixed_precision in ("bf16", "fp16"))
+        if cfg.model.compile or (cfg.model.compile is None and accelerator.device.type == "cuda"):
+            # In place, so parameter names (checkpoints, export) stay as they are; shapes vary with
+            # every batch, hence dynamic.
+            encoder.encoder.compile(dynamic=True)
+
+    def _setup_tracking(self) -> None:
+        state, accelerator = self.state, self.accelerator
+        self.run = RunLog(self.cfg, accelerator, resume_step=state.step if self.resume_dir else None,
+                          wandb_id=state.wandb_run_id)
+        self.window = MetricsWindow(accelerator.device, accelerator.unwrap_model(self.model).packed)
+        self.guard = NonFiniteGuard(accelerator.device, state.nonfinite_in_a_row, state.skipped_steps,
+                                    skips_on_device(self.optimizer, accelerator))
+
+    def _resume(self) -> None:
+        if self.resume_dir:
+            # Weights, optimizer, schedule, scaler, RNG; every pickled file read weights-only.
+            checkpoint.load(self.accelerator, self.resume_dir)
+            logger.info("resumed from %s: step %d, epoch %d, %d batches into it", self.resume_dir, self.state.step,
+                        self.state.epoch, self.state.batches_in_epoch)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        """Train to the end (or to a stop signal) and finish the run; returns its summary."""
+        cfg, state = self.cfg, self.state
+        if not self.resume_dir and cfg.eval.before:
+            state.eval_before = self.evaluate(0) or None
+            if state.eval_before:
+                logger.info("held-out before training (%d queries): %s", len(self.held_out), state.eval_before)
+        logger.info("training %d steps of %d pairs (%d per process per micro-batch)", self.total_steps,
+                    cfg.train.batch_size, cfg.train.pairs_per_process(self.accelerator.num_processes))
+        self.started, self.duration_before = time.perf_counter(), state.duration_s
+        self.model.train()  # from_pretrained hands the encoder over in eval mode: dropout would stay off
+        return self.finish(completed=self._loop())
+
+    def _loop(self) -> bool:
+        """The optimizer steps; False when a stop signal ended them early (after a checkpoint)."""
+        cfg, state, accelerator = self.cfg, self.state, self.accelerator
+        with stop_signals() as signals, tqdm(total=self.total_steps, initial=state.step, desc="train", unit="step",
+                                             disable=not accelerator.is_main_process) as bar:
+            while state.step < self.total_steps if cfg.train.max_steps else state.epoch < cfg.train.epochs:
+                for batch in self._epoch_batches():
+                    # micro-step: forward and backward; the update on a step's last micro-batch
+                    self._micro_step(batch)
+                    if not accelerator.sync_gradients:
+                        continue
+                    # after the update
+                    self.lr = self.scheduler.get_last_lr()[0]  # the rate this step used
+                    self.scheduler.step()
+                    state.step += 1
+                    state.batches_in_epoch += 1
+                    bar.update(1)
+                    stop = any_process(signals["stop"], accelerator.device)
+                    save_due = stop or self._due(cfg.checkpoint.every_n_steps)
+                    # log: the host reads the device's counters only where it syncs anyway
+                    log_due = state.step % cfg.tracking.log_every_n_steps == 0 or state.step == self.total_steps
+                    if self.guard.reads_every_step or log_due or save_due:
+                        self._check_nonfinite()
+                    if log_due:
+                        self._log(bar)
+                    # evaluate
+                    if self._due(cfg.eval.every_n_steps) and state.step < self.total_steps:
+                        self.evaluate(state.step)
+                    # save or stop
+                    if stop or (self._due(cfg.checkpoint.every_n_steps) and state.step < self.total_steps):
+                        self.save_checkpoint()
+                    if stop:
+                        return False
+                    if cfg.train.max_steps and state.step >= self.total_steps:
+                        break
+        return True
+
+    def _epoch_batches(self) -> Iterator[TrainBatch]:
+        """The batches of the epoch in progress, from the saved position. Bad records are dealt
+        with here. When the epoch's data runs out, the next epoch begins; a loop that breaks out
+        early leaves the position where it is."""
+        cfg, state = self.cfg, self.state
+        self.dataset.set_position(state.epoch, state.batches_in_epoch)
+        steps_before = state.step
+        for batch in self.loader:
+            self.run.step = state.step + 1
+            if batch.rejects:
+                if cfg.data.on_bad_record == "error":
+                    raise DataError(format_stream_reject(batch.rejects[0]))
+                self.run.reject(batch.rejects, first_epoch=state.epoch == 0)
+            if not batch.step_size:  # only bad records, no pairs
+                continue
+            if batch.all_ids is not None:
+                self.run.batch_ids(state.step + 1, batch.all_ids)
+            yield batch
+        if state.step == steps_before and state.batches_in_epoch == 0:
+            raise DataError("an epoch produced no training batch: every record was held out, bad, or in a dropped "
+                            "partial batch; check data.eval_fraction and train.batch_size")
+        state.epoch += 1
+        state.batches_in_epoch = 0
+
+    def _micro_step(self, batch: TrainBatch) -> None:
+        cfg, accelerator = self.cfg, self.accelerator
+        with accelerator.accumulate(self.model):
+            # Each process's loss is the mean over its own pairs. Weighting it by its share of the
+            # global batch makes the gradient, after Accelerate divides by the accumulation steps
+            # and DDP averages over processes, that of the mean over the whole global batch, even
+            # when slices differ (a last partial batch).
+            pairs = 0 if batch.empty else batch.num_positives
+            share = pairs * accelerator.num_processes * cfg.train.gradient_accumulation_steps / batch.step_size
+            loss = self.step_fn(self.model, batch, self.loss_fn, share, accelerator)  # forward and backward
+            if accelerator.sync_gradients:
+                self.grad_norm = accelerator.clip_grad_norm_(self.model.parameters(),
+                                                             cfg.train.max_grad_norm or math.inf)
+                self.guard.record(apply_update(self.optimizer, self.grad_norm, accelerator))
+            self.optimizer.zero_grad(set_to_none=True)
+        self.window.add(loss, batch)
+        self.state.examples_seen += batch.global_size
+
+    def _due(self, every: int | None) -> bool:
+        return bool(every) and self.state.step % every == 0  # type: ignore[operator]
+
+    def _check_nonfinite(self) -> None:
+        state = self.state
+        self.guard.read(state.step)
+        state.skipped_steps, state.nonfinite_in_a_row = self.guard.skipped, self.guard.in_a_row
+        if self.guard.tripped(self.cfg.train.max_nonfinite_steps):
+            self.save_checkpoint()
+            raise TrainingStopped(
+                f"{state.nonfinite_in_a_row} steps in a row had a non-finite gradient (up to step {state.step}); "
+                "stopped with a checkpoint. Lower train.learning_rate, check the data, or use bf16 rather than "
+                "fp16, then resume with --resume_from_checkpoint latest.")
+
+    def _log(self, bar: tqdm) -> None:
+        state, accelerator = self.state, self.accelerator
+        figures = self.window.read(accelerator)
+        metrics = {"train/loss": figures.loss, "train/lr": self.lr,
+                   "train/grad_norm": float("nan") if self.grad_norm is None else float(self.grad_norm),
+                   "train/pairs_per_s": figures.pairs_per_s, "train/tokens_per_s": figures.tokens_per_s,
+                   "train/padding_efficiency": figures.padding_efficiency, "train/epoch": state.epoch,
+                   "train/skipped_steps": state.skipped_steps}
+        if accelerator.device.type == "cuda":
+            metrics["train/gpu_mem_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        if hasattr(self.loss_fn, "pop_stats"):
+            metrics.update({f"train/{k}": v for k, v in self.loss_fn.pop_stats().items()})
+        self.run.log(metrics, step=state.step)
+        self.run.progress(completed=False, step=state.step, epoch=state.epoch, examples_seen=state.examples_seen,
+                          duration_s=self.duration(), eval_before=state.eval_before)
+        bar.set_postfix(loss=f"{figures.loss:.4f}", pairs_s=f"{figures.pairs_per_s:.1f}")
+        self.window.reset()
+
+    def duration(self) -> float:
+        """Seconds of training, over every start of the run."""
+        return self.duration_before + time.perf_counter() - self.started
+
+    # --- evaluation, checkpoints, the end -----------------------------------------------------
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Evaluate (collective), log the metrics and a table of example retrievals at ``step``."""
+        cfg, collate = self.cfg, self.collate
+        if not len(self.held_out):
+            return {}
+
+        def encode(texts: list[str], kind: str) -> torch.Tensor:
+            tokenize = collate.queries if kind == "query" else collate.documents
+            return encode_texts(self.model, tokenize, texts, cfg.eval.batch_size, self.accelerator)
+
+        result = run_retrieval(encode, self.held_out, cfg.eval.k, compute=self.accelerator.is_main_process)
+        metrics = result.metrics if result is not None else {}
+        self.run.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        if result is not None and cfg.eval.examples:
+            self.run.table("eval/examples", example_columns(cfg.eval.k),
+                           example_rows(result, self.held_out, cfg.eval.examples, cfg.eval.k), step=step)
+        return metrics
+
+    def save_checkpoint(self) -> None:
+        """A checkpoint of this step (collective); with checkpoint.best_metric, scored first."""
+        cfg, state = self.cfg, self.state
+        self.saved_at = state.step
+        score = None
+        if cfg.checkpoint.best_metric:
+            score = self.evaluate(state.step).get(cfg.checkpoint.best_metric)
+        state.wandb_run_id = self.run.wandb_id
+        state.duration_s = self.duration()
+        try:
+            path = checkpoint.save(self.accelerator, cfg.output_dir, state, cfg.checkpoint.keep_last,
+                                   cfg.checkpoint.best_metric, score)
+            logger.info("checkpoint %s", path)
+        except CheckpointError as exc:
+            if cfg.checkpoint.on_save_error == "stop":
+                raise
+            logger.error("%s Training goes on (checkpoint.on_save_error=continue).", exc)
+
+    def finish(self, completed: bool) -> dict[str, Any]:
+        """End the run: on completion a last checkpoint, the held-out metrics after training and the
+        exported model; either way the summary, written to training_progress.json and returned."""
+        cfg, state, accelerator = self.cfg, self.state, self.accelerator
+        summary: dict[str, Any] = {
+            "completed": completed, "processes": accelerator.num_processes, "step": state.step,
+            "epochs_completed": cfg.train.epochs if completed and not cfg.train.max_steps else state.epoch,
+            "examples_seen": state.examples_seen, "duration_s": 0.0, "skipped_steps": state.skipped_steps,
+            "eval_before": state.eval_before}
+        if not completed:
+            logger.warning("stopped at step %d; continue with --resume_from_checkpoint latest", state.step)
+        else:
+            if cfg.checkpoint.every_n_steps and self.saved_at != state.step:
+                self.save_checkpoint()  # the end state too, so a crash in the final eval or export loses nothing
+            after = self.evaluate(state.step)
+            if after:
+                logger.info("held-out metrics (%d queries, %d documents):\n%s", len(self.held_out),
+                            len(self.held_out.corpus), format_table(state.eval_before, after))
+            wandb = self.run.wandb_run
+            facts = RunFacts(state.eval_before, after or None, None if wandb is None or wandb.offline else wandb.url,
+                             state.examples_seen, state.step, self.duration())
+            final_dir = export_model(accelerator, self.model, self.tokenizer, cfg, facts)
+            self.run.summary({**{f"final/{k}": v for k, v in after.items()},
+                              **{f"before/{k}": v for k, v in (state.eval_before or {}).items()}})
+            summary.update(eval_after=after, final_model=final_dir)
+        summary["duration_s"] = self.duration()
+        self.run.progress(**summary)
+        self.model = self.optimizer = None  # drop DDP before the process group goes
+        release(accelerator)
+        self.run.finish()
+        return summary
+
+
+def run_training(cfg: Config) -> dict[str, Any]:
+    """Set up and train one run of ``cfg``; returns its summary."""
+    trainer = Trainer(cfg)
+    trainer.setup()
+    return trainer.train()
