@@ -10,20 +10,14 @@ from pathlib import Path
 import pytest
 from conftest import make_pairs, write_jsonl
 
-from embedtune.commands.validate import (
-    FAIL,
-    OK,
-    WARN,
-    checkpoint_bytes,
-    disk_check,
-    main,
-    planned_saves,
-    precision_check,
-    run_checks,
-)
+from embedtune.commands.validate import main, run_checks
+from embedtune.commands.validate.checks import FAIL, OK, WARN
+from embedtune.commands.validate.environment import precision_check
+from embedtune.commands.validate.plan import checkpoint_bytes, disk_check, planned_saves
 from embedtune.config import parse_args
-from embedtune.data.records import Pair
+from embedtune.data.records import DataError, Pair
 from embedtune.data.split import count_train_pairs, is_held_out
+from embedtune.training.trainer import Trainer
 
 # Single WordPiece tokens of the MiniLM vocabulary: n of them make n + 2 tokens with [CLS] and [SEP].
 WORDS = ["apple", "river", "engine", "violin", "pepper", "compass", "harbor", "copper", "falcon", "thunder"]
@@ -149,6 +143,34 @@ def test_bad_records_only_warn_under_skip(tiny_model: Path, tmp_path: Path, caps
     assert rows["bad records"]["status"] == WARN and rows["bad records"]["data"]["count"] == 2
     assert row_line(out, "bad records").split()[2] == WARN and "line 5" in out
     assert rows["optimizer steps"]["data"]["train_pairs"] == 6
+
+
+def test_a_triplet_loss_makes_records_without_a_negative_bad_records_as_training_does(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    records = make_pairs(12)
+    for i, record in enumerate(records):
+        if i % 4:  # records 0, 4 and 8 (lines 1, 5 and 9) have no negative
+            record["negatives"] = [f"an unrelated answer number {i}"]
+    data = write_jsonl(tmp_path / "triplets.jsonl", records)
+    args = args_for(tiny_model, data, tmp_path, "data.eval_fraction=0", "loss.name=TripletLoss",
+                    "data.negatives_field=negatives")
+    code, out, rows = validate(args, tmp_path, capsys)
+    assert code == 1
+    assert rows["loss"]["status"] == OK and rows["loss"]["data"]["needs"] == "triplets"
+    bad = rows["bad records"]
+    assert bad["status"] == FAIL and bad["data"]["count"] == 3
+    assert [r["line"] for r in bad["data"]["first"]] == [1, 5, 9]
+    assert f"{data}, line 1: the loss trains on triplets and this record has no hard negative" in out
+    assert rows["records"]["data"]["pairs"] == 9 and rows["optimizer steps"]["data"]["train_pairs"] == 9
+
+    # The trainer's own setup, on the same arguments, stops at the same records and counts the same pairs.
+    trainer = Trainer(parse_args(args))
+    trainer._setup_loss()
+    assert trainer.require_negatives
+    with pytest.raises(DataError) as stopped:
+        trainer._check_data()
+    assert all(f"{data}, line {line}: the loss trains on triplets" in str(stopped.value) for line in (1, 5, 9))
+    assert count_train_pairs(trainer.cfg.data, trainer.require_negatives) == 9
 
 
 def test_duplicates_and_empty_texts_are_counted_exactly(
