@@ -18,7 +18,6 @@ FAISS and torch searches pick the same negatives up to ties in score.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -28,9 +27,9 @@ import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 import numpy as np
@@ -41,20 +40,25 @@ from tqdm.auto import tqdm
 from embedtune.config import DataConfig
 from embedtune.data.collate import PairCollator
 from embedtune.data.records import (
+    SHOWN,
     DataError,
     Pair,
     Reject,
     file_format,
     line_problem,
-    parse_record,
     read_file,
+    read_records,
     resolve_files,
     text_key,
-    token_estimate,
 )
 from embedtune.data.split import is_held_out
 from embedtune.model.encoder import EmbeddingModel
 from embedtune.model.folder import read_model_folder, resolve_model_path
+from embedtune.model.packing import Ragged
+from embedtune.retrieval import embed_rows, length_order
+
+if sys.platform != "win32":
+    import resource  # for the peak memory in the log; Windows has no such module
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +66,6 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 SCORE_BUDGET = 1 << 25  # query x document scores held at once (128 MiB in float32)
 ENCODE_BLOCK = 32  # batches of documents read and length-sorted together
 GROWTH = 8  # how much deeper a search goes when the margin left a question short
-SHOWN = 2000  # characters of a bad record kept in its Reject
 
 
 class MineError(ValueError):
@@ -212,8 +215,12 @@ def choose_negatives(queries: torch.Tensor, corpus: torch.Tensor, positive_rows:
 # --- the corpus ------------------------------------------------------------------------------
 
 
-def _decode(path: str, line: int, raw: Any) -> dict[str, Any] | Reject | None:
-    """A record as a dict (JSONL lines are parsed here), a Reject, or None for a blank line."""
+def _document_record(path: str, line: int, raw: Any) -> dict[str, Any] | Reject | None:
+    """An extra document's record as a dict, a Reject, or None for a blank line.
+
+    Documents are no Q&A records, so ``parse_record`` (which wants a question and an answer) does
+    not apply to them; the reader's own rule for unusable lines does (``line_problem``).
+    """
     if not isinstance(raw, str):
         return raw if isinstance(raw, dict) else Reject(path, line, "expected a record", str(raw)[:SHOWN])
     if not raw.strip():
@@ -247,24 +254,22 @@ def bad_record(reject: Reject, hint: str) -> DataError:
     return DataError(f"bad record: {reject.message()}\n{hint}")
 
 
-def read_records(files: list[str], cfg: DataConfig) -> Iterator[tuple[dict[str, Any], Pair]]:
-    """Every input record with its pair, in file order; the first bad record stops the run."""
-    for path in files:
-        for line, raw in read_file(path, file_format(path, cfg.format), cfg.max_record_bytes):
-            item = parse_record(path, line, raw, cfg)
-            if item is None:
-                continue
-            if isinstance(item, Reject):
-                raise bad_record(item, "Fix it: every input record is written to the output, so none is skipped.")
-            record = _decode(path, line, raw)
-            assert isinstance(record, dict)  # parse_record accepted it
-            yield record, item
+def read_input(files: list[str], cfg: DataConfig) -> Iterator[tuple[dict[str, Any], Pair]]:
+    """Every input record with its pair, in file order; the first bad record stops the run.
+
+    The record itself is kept because it is written out whole, with every field it had.
+    """
+    for item, raw in read_records(files, cfg):
+        if isinstance(item, Reject):
+            raise bad_record(item, "Fix it: every input record is written to the output, so none is skipped.")
+        # Accepted by parse_record: a JSONL line holds one JSON object, a Parquet or CSV row is one already.
+        yield (json.loads(raw) if isinstance(raw, str) else raw), item
 
 
 def read_documents(files: list[str]) -> Iterator[str]:
     for path in files:
         for line, raw in read_file(path, file_format(path, "auto")):
-            record = _decode(path, line, raw)
+            record = _document_record(path, line, raw)
             if record is None:
                 continue
             text = record if isinstance(record, Reject) else document_text(path, line, record)
@@ -340,7 +345,7 @@ def gather_corpus(input_files: list[str], corpus_files: list[str], cfg: DataConf
         position += len(data)
         return key
 
-    for _, pair in tqdm(read_records(input_files, cfg), desc="read", unit=" records", leave=False):
+    for _, pair in tqdm(read_input(input_files, cfg), desc="read", unit=" records", leave=False):
         if is_held_out(pair, held_out):
             continue
         answer_keys.append(add(pair.positive))
@@ -372,19 +377,17 @@ def gather_corpus(input_files: list[str], corpus_files: list[str], cfg: DataConf
 # --- encoding --------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def encode(model: EmbeddingModel, tokenize: Any, texts: list[str], batch_size: int,
+def encode(model: EmbeddingModel, tokenize: Callable[[list[str]], Ragged], texts: list[str], batch_size: int,
            device: torch.device) -> torch.Tensor:
-    """Unit-length float32 embeddings in the order given; texts of similar length share a batch."""
-    order = sorted(range(len(texts)), key=lambda i: -token_estimate(texts[i]))
-    out = torch.empty(len(texts), model.dim, device=device)
+    """Unit-length float32 embeddings on ``device``, in the order given; texts of similar length
+    share a batch. Unit length whatever the model's own ``normalize``: scores are inner products."""
+    order = length_order(texts)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     with autocast:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            inputs = model.prepare(tokenize([texts[i] for i in rows]), device)
-            out[torch.as_tensor(rows, device=device)] = F.normalize(model(inputs).float(), dim=-1)
-    return out
+        embedded = embed_rows(model, tokenize, texts, order, batch_size, device)
+    out = torch.empty_like(embedded)
+    out[torch.as_tensor(order, dtype=torch.long, device=device)] = embedded
+    return F.normalize(out, dim=-1)
 
 
 def embed_corpus(corpus: Corpus, model: EmbeddingModel, collate: PairCollator, batch_size: int,
@@ -429,6 +432,51 @@ def model_defaults(name: str) -> ModelDefaults:
 # --- the run ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class MineOptions:
+    """What a mining run is asked for; ``embedtune mine`` builds it from its flags."""
+
+    model: str
+    input: str
+    output: str
+    corpus: tuple[str, ...] = ()  # files of extra documents
+    selection: Selection = field(default_factory=Selection)
+    held_out: float = 0.0  # training's data.eval_fraction
+    batch_size: int = 64  # texts per forward pass
+    chunk_size: int = 4096  # questions read, encoded and searched at once
+    corpus_chunk_size: int | None = None  # documents scored at once; None: SCORE_BUDGET scores per chunk
+    query_max_length: int | None = None  # None: DataConfig's, capped by the model's max length
+    document_max_length: int | None = None
+    query_prefix: str | None = None  # None: the model folder's prompt
+    document_prefix: str | None = None
+    query_field: str = "question"
+    positive_field: str = "answer"
+    negatives_field: str = "negatives"  # written, replaced where present
+    backend: str = "auto"  # auto, faiss or torch
+    dtype: str = "float16"  # how the corpus embeddings are held: float16 or float32
+
+    @property
+    def data(self) -> DataConfig:
+        # Negatives already in the input are not read (they are replaced), so they cannot reject a record.
+        return DataConfig(query_field=self.query_field, positive_field=self.positive_field)
+
+    @property
+    def corpus_chunk(self) -> int:
+        return self.corpus_chunk_size or max(1024, SCORE_BUDGET // self.chunk_size)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The model side of a run, and where the search runs."""
+
+    model: EmbeddingModel
+    collate: PairCollator
+    device: torch.device  # where the model runs
+    backend: str  # faiss or torch
+    store: torch.device  # where the corpus embeddings are held: the CPU for FAISS
+    dtype: torch.dtype  # of the corpus embeddings
+
+
 @dataclass
 class Summary:
     records: int = 0
@@ -440,6 +488,15 @@ class Summary:
     replaced: int = 0  # records whose negatives field was there already
     held_out: int = 0  # records passed through without negatives (--held-out)
     seconds: float = 0.0
+
+    def count(self, got: int, asked: int, available: int) -> None:
+        """One record's negatives; ``available``: the documents that could have been its negatives."""
+        self.negatives += got
+        if got < asked:
+            if available < asked and got == max(available, 0):
+                self.short_corpus += 1
+            else:
+                self.short_margin += 1
 
     def lines(self, asked: int, output: str) -> list[str]:
         mean = self.negatives / max(self.records, 1)
@@ -489,104 +546,133 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def mine(args: argparse.Namespace) -> Summary:
-    started = time.perf_counter()
-    inputs = resolve_files([args.input])
-    extra = resolve_files(args.corpus or [])
+def check_options(options: MineOptions) -> tuple[list[str], list[str]]:
+    """The input files and the extra documents' files, or a MineError for options that would
+    overwrite an input or a record's question or answer."""
+    inputs = resolve_files([options.input])
+    extra = resolve_files(list(options.corpus))
     for path in inputs + extra:
-        if "://" not in path and _same_file(path, args.output):
-            raise MineError(f"--output {args.output} is an input file; write the mined records elsewhere")
-    negatives_field = args.negatives_field
-    if negatives_field in (args.query_field, args.positive_field):
-        raise MineError(f"--negatives-field {negatives_field!r} would overwrite the question or the answer")
-    selection = Selection(args.num_negatives, args.skip_top, args.margin, args.relative_margin, args.max_candidates)
-    # Negatives already in the input are not read (they are replaced), so they cannot reject a record.
-    cfg = DataConfig(query_field=args.query_field, positive_field=args.positive_field)
+        if "://" not in path and _same_file(path, options.output):
+            raise MineError(f"--output {options.output} is an input file; write the mined records elsewhere")
+    if options.negatives_field in (options.query_field, options.positive_field):
+        raise MineError(f"--negatives-field {options.negatives_field!r} would overwrite the question or the answer")
+    return inputs, extra
 
-    model_path = resolve_model_path(args.model)
+
+def load_model(options: MineOptions) -> Setup:
+    """The model in eval mode on its device, with its folder's prompts and max length where the
+    options give none; the search backend is checked before the model loads."""
+    model_path = resolve_model_path(options.model)
     defaults = model_defaults(model_path)
     cap = defaults.max_seq_length or 1 << 30
-    query_prefix = defaults.query_prefix if args.query_prefix is None else args.query_prefix
-    document_prefix = defaults.document_prefix if args.document_prefix is None else args.document_prefix
-    query_max = args.query_max_length or min(DataConfig().query_max_length, cap)
-    document_max = args.document_max_length or min(DataConfig().document_max_length, cap)
+    query_prefix = defaults.query_prefix if options.query_prefix is None else options.query_prefix
+    document_prefix = defaults.document_prefix if options.document_prefix is None else options.document_prefix
+    query_max = options.query_max_length or min(DataConfig().query_max_length, cap)
+    document_max = options.document_max_length or min(DataConfig().document_max_length, cap)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = choose_backend(args.backend, device)
+    backend = choose_backend(options.backend, device)
     store = torch.device("cpu") if backend == "faiss" else device
-    dtype = {"float16": torch.float16, "float32": torch.float32}[args.dtype]
+    dtype = {"float16": torch.float16, "float32": torch.float32}[options.dtype]
 
     model, tokenizer = EmbeddingModel.from_pretrained(model_path)
     model.to(device).eval()
     collate = PairCollator(tokenizer, query_max, document_max, query_prefix, document_prefix)
-    logger.info("model %s on %s, %s search; prefixes %r / %r, max length %d / %d", args.model, device, backend,
+    logger.info("model %s on %s, %s search; prefixes %r / %r, max length %d / %d", options.model, device, backend,
                 query_prefix, document_prefix, query_max, document_max)
+    return Setup(model, collate, device, backend, store, dtype)
 
-    folder = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(folder, exist_ok=True)
-    summary = Summary()
-    with tempfile.TemporaryFile(dir=folder, prefix=".mine-spool-") as spool:
-        corpus = gather_corpus(inputs, extra, cfg, spool, args.held_out)
-        summary.corpus, summary.answers = len(corpus), corpus.answers
-        logger.info("%d records, corpus of %d documents (%d answers, %d extra), read in %.1f s", corpus.records,
-                    len(corpus), corpus.answers, len(corpus) - corpus.answers, time.perf_counter() - started)
-        phase = time.perf_counter()
-        embeddings = embed_corpus(corpus, model, collate, args.batch_size, device, store, dtype)
-        logger.info("corpus embedded in %.1f s (%.0f documents/s), %.0f MiB of %s embeddings",
-                    time.perf_counter() - phase, len(corpus) / max(time.perf_counter() - phase, 1e-9),
-                    embeddings.numel() * embeddings.element_size() / 2**20, args.dtype)
-        phase = time.perf_counter()
-        corpus_chunk = args.corpus_chunk_size or max(1024, SCORE_BUDGET // args.chunk_size)
 
-        # Written beside the output and renamed over it at the end: a failed run leaves no half file.
-        temp = os.path.join(folder, f".{os.path.basename(args.output)}.{os.getpid()}.tmp")
-        try:
-            with open(temp, "wb") as out, tqdm(total=corpus.records, desc="mine", unit=" records") as bar:
-                for chunk in _chunks(read_records(inputs, cfg), args.chunk_size):
-                    # Held-out records pass through without negatives: evaluation never sees mining.
-                    kept = [(record, pair) for record, pair in chunk if not is_held_out(pair, args.held_out)]
-                    for record, pair in chunk:
-                        if is_held_out(pair, args.held_out):
-                            summary.replaced += negatives_field in record
-                            record[negatives_field] = []
-                            summary.held_out += 1
-                    pairs = [pair for _, pair in kept]
-                    chosen: list[list[int]] = []
-                    excluded: list[Any] = []
-                    if pairs:
-                        queries = encode(model, collate.queries, [p.query for p in pairs], args.batch_size, device)
-                        positive_rows = corpus.rows([text_key(p.positive) for p in pairs])
-                        excluded = [corpus.excluded(text_key(p.query), row) for p, row in zip(pairs, positive_rows)]
-                        chosen, _ = choose_negatives(queries.to(store), embeddings, positive_rows, excluded,
-                                                     selection, corpus_chunk, backend)
-                    texts = corpus.texts([row for rows in chosen for row in rows])
-                    for (record, _), rows, skip in zip(kept, chosen, excluded):
-                        summary.replaced += negatives_field in record
-                        record[negatives_field] = [texts[row] for row in rows]
-                        summary.negatives += len(rows)
-                        if len(rows) < selection.num_negatives:
-                            available = len(corpus) - len(skip) - selection.skip_top
-                            if available < selection.num_negatives and len(rows) == max(available, 0):
-                                summary.short_corpus += 1
-                            else:
-                                summary.short_margin += 1
-                    for record, _ in chunk:  # in input order
-                        out.write(_json_line(record))
-                    summary.records += len(kept)
-                    bar.update(len(chunk))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temp, args.output)
-        except BaseException:
-            if os.path.exists(temp):
-                os.remove(temp)
-            raise
-    summary.seconds = time.perf_counter() - started
-    logger.info("questions encoded, searched and written in %.1f s", time.perf_counter() - phase)
+def prepare_corpus(inputs: list[str], extra: list[str], spool: IO[bytes], options: MineOptions, setup: Setup,
+                   started: float) -> tuple[Corpus, torch.Tensor]:
+    """The first pass over the input, then the corpus embeddings (``started``: when the run began)."""
+    corpus = gather_corpus(inputs, extra, options.data, spool, options.held_out)
+    logger.info("%d records, corpus of %d documents (%d answers, %d extra), read in %.1f s", corpus.records,
+                len(corpus), corpus.answers, len(corpus) - corpus.answers, time.perf_counter() - started)
+    phase = time.perf_counter()
+    embeddings = embed_corpus(corpus, setup.model, setup.collate, options.batch_size, setup.device, setup.store,
+                              setup.dtype)
+    logger.info("corpus embedded in %.1f s (%.0f documents/s), %.0f MiB of %s embeddings",
+                time.perf_counter() - phase, len(corpus) / max(time.perf_counter() - phase, 1e-9),
+                embeddings.numel() * embeddings.element_size() / 2**20, options.dtype)
+    return corpus, embeddings
+
+
+def mine_chunk(chunk: list[tuple[dict[str, Any], Pair]], corpus: Corpus, embeddings: torch.Tensor, setup: Setup,
+               options: MineOptions, summary: Summary) -> None:
+    """Give every record of ``chunk`` its negatives, in place, and count them in ``summary``."""
+    field_name, selection = options.negatives_field, options.selection
+    kept = []
+    for record, pair in chunk:
+        summary.replaced += field_name in record
+        if is_held_out(pair, options.held_out):
+            # Held-out records pass through without negatives: evaluation never sees mining.
+            record[field_name] = []
+            summary.held_out += 1
+        else:
+            kept.append((record, pair))
+    pairs = [pair for _, pair in kept]
+    chosen: list[list[int]] = []
+    excluded: list[frozenset[int]] = []
+    if pairs:
+        queries = encode(setup.model, setup.collate.queries, [p.query for p in pairs], options.batch_size,
+                         setup.device)
+        positive_rows = corpus.rows([text_key(p.positive) for p in pairs])
+        excluded = [corpus.excluded(text_key(p.query), row) for p, row in zip(pairs, positive_rows)]
+        chosen, _ = choose_negatives(queries.to(setup.store), embeddings, positive_rows, excluded, selection,
+                                     options.corpus_chunk, setup.backend)
+    texts = corpus.texts([row for rows in chosen for row in rows])
+    for (record, _), rows, skip in zip(kept, chosen, excluded):
+        record[field_name] = [texts[row] for row in rows]
+        summary.count(len(rows), selection.num_negatives, len(corpus) - len(skip) - selection.skip_top)
+    summary.records += len(kept)
+
+
+def write_mined(inputs: list[str], corpus: Corpus, embeddings: torch.Tensor, setup: Setup, options: MineOptions,
+                summary: Summary) -> None:
+    """The second pass: the input in chunks, each record written out with its negatives, in order.
+
+    Written beside the output and renamed over it at the end: a failed run leaves no half file.
+    """
+    folder = os.path.dirname(os.path.abspath(options.output))
+    temp = os.path.join(folder, f".{os.path.basename(options.output)}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "wb") as out, tqdm(total=corpus.records, desc="mine", unit=" records") as bar:
+            for chunk in _chunks(read_input(inputs, options.data), options.chunk_size):
+                mine_chunk(chunk, corpus, embeddings, setup, options, summary)
+                for record, _ in chunk:
+                    out.write(_json_line(record))
+                bar.update(len(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, options.output)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+
+
+def log_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         logger.info("peak GPU memory %.0f MiB", torch.cuda.max_memory_allocated() / 2**20)
     if sys.platform != "win32":
-        import resource
-
         logger.info("peak memory (RSS) %.0f MiB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def mine(options: MineOptions) -> Summary:
+    """Mine negatives for every record of ``options.input`` and write them to ``options.output``."""
+    started = time.perf_counter()
+    inputs, extra = check_options(options)
+    setup = load_model(options)
+    folder = os.path.dirname(os.path.abspath(options.output))
+    os.makedirs(folder, exist_ok=True)
+    summary = Summary()
+    with tempfile.TemporaryFile(dir=folder, prefix=".mine-spool-") as spool:
+        corpus, embeddings = prepare_corpus(inputs, extra, spool, options, setup, started)
+        summary.corpus, summary.answers = len(corpus), corpus.answers
+        phase = time.perf_counter()
+        write_mined(inputs, corpus, embeddings, setup, options, summary)
+    summary.seconds = time.perf_counter() - started
+    logger.info("questions encoded, searched and written in %.1f s", time.perf_counter() - phase)
+    log_peak_memory(setup.device)
     return summary

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from embedtune.data.records import DataError, Pair, file_format, line_problem, read_file, resolve_files, token_estimate
+from embedtune.model.encoder import EmbeddingModel
 from embedtune.model.packing import Ragged
 
 logger = logging.getLogger(__name__)
@@ -228,6 +229,42 @@ def metrics_from_scores(scores: torch.Tensor, relevant: list[set[int]], k: int =
 # --- encoding --------------------------------------------------------------------------------
 
 
+def length_order(texts: Sequence[str]) -> list[int]:
+    """Indices of ``texts``, longest first by estimated tokens: neighbours make batches with little padding."""
+    return sorted(range(len(texts)), key=lambda i: -token_estimate(texts[i]))
+
+
+def embed_rows(model: EmbeddingModel, tokenize: Callable[[list[str]], Ragged], texts: Sequence[str],
+               rows: Sequence[int], batch_size: int, device: torch.device, passes: int = 0,
+               wrapped: torch.nn.Module | None = None) -> torch.Tensor:
+    """Float32 embeddings of ``texts[i]`` for each ``i`` in ``rows``, in that order, on ``device``.
+
+    The one eval-mode embedder: ``encode_texts`` runs it on each process's share, mining on one
+    process, so evaluation and mining embed a text the same way. The model runs in eval mode
+    without gradients, ``batch_size`` rows per forward pass, into one preallocated tensor; its
+    training mode is restored afterwards. Mixed precision is the caller's: call this inside an
+    autocast context. ``passes``: the forward passes to run at the least (the extra ones embed
+    the first text for nothing). ``wrapped``: the model as wrapped for distributed training
+    (DDP, FSDP), which then runs the forward passes.
+    """
+    runner = wrapped if wrapped is not None else model
+    out = torch.empty(len(rows), model.dim, device=device)
+    passes = max(passes, math.ceil(len(rows) / batch_size))
+    was_training = runner.training
+    runner.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, passes * batch_size, batch_size):
+                batch = rows[start:start + batch_size]
+                chunk = [texts[i] for i in batch] or list(texts[:1])
+                embedded = runner(model.prepare(tokenize(chunk), device)).float()
+                if len(batch):
+                    out[start:start + len(batch)] = embedded
+    finally:
+        runner.train(was_training)
+    return out
+
+
 def encode_texts(model: torch.nn.Module, tokenize: Callable[[list[str]], Ragged],
                  texts: list[str], batch_size: int, accelerator: Any) -> torch.Tensor:
     """Embed texts in eval mode, split across processes; every process gets all rows (fp32, CPU).
@@ -235,28 +272,18 @@ def encode_texts(model: torch.nn.Module, tokenize: Callable[[list[str]], Ragged]
     Texts are sorted by (estimated token) length so batches carry little padding, and dealt out in turn so every
     process gets a similar share of long and short ones.
     """
-    order = sorted(range(len(texts)), key=lambda i: -token_estimate(texts[i]))
-    mine = order[accelerator.process_index::accelerator.num_processes]
-    dim = accelerator.unwrap_model(model).dim
-    local = torch.empty(len(mine), dim, device=accelerator.device)
-    was_training = model.training
-    model.eval()
+    share = length_order(texts)[accelerator.process_index::accelerator.num_processes]
     # Every process runs as many forward passes as the busiest one: under FSDP a forward pass
     # is collective, and a process that stopped early would leave the others waiting.
     passes = math.ceil(math.ceil(len(texts) / accelerator.num_processes) / batch_size)
-    with torch.no_grad(), accelerator.autocast():
-        for start in range(0, passes * batch_size, batch_size):
-            rows = mine[start:start + batch_size]
-            chunk = [texts[i] for i in rows] or texts[:1]  # an idle process embeds one text for nothing
-            out = model(accelerator.unwrap_model(model).prepare(tokenize(chunk), accelerator.device)).float()
-            if rows:
-                local[start:start + len(rows)] = out
-    model.train(was_training)
-    rows = torch.tensor(mine, dtype=torch.long, device=accelerator.device)
+    with accelerator.autocast():
+        local = embed_rows(accelerator.unwrap_model(model), tokenize, texts, share, batch_size, accelerator.device,
+                           passes, model)
+    rows = torch.tensor(share, dtype=torch.long, device=accelerator.device)
     if accelerator.num_processes > 1:
         local = accelerator.gather(accelerator.pad_across_processes(local, dim=0))
         rows = accelerator.gather(accelerator.pad_across_processes(rows, dim=0, pad_index=-1))
-    out = torch.empty(len(texts), dim)
+    out = torch.empty(len(texts), local.shape[1])
     kept = rows >= 0
     out[rows[kept].cpu()] = local[kept].cpu()
     return out

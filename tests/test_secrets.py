@@ -19,8 +19,9 @@ from conftest import ROOT, make_pairs, write_jsonl
 from wandb_reader import read_run, run_files
 
 from embedtune.config import build_config
+from embedtune.logs import setup_logging
 from embedtune.secrets import command_line_holds_secret
-from embedtune.training.tracking import public_config, setup_logging
+from embedtune.training.tracking import public_config
 
 SECRETS = {
     "WANDB_API_KEY": "0123456789abcdef0123456789abcdef0badcafe",

@@ -18,6 +18,7 @@ from embedtune.data.records import DataError
 from embedtune.data.split import eval_pairs
 from embedtune.distributed import cpu_processes
 from embedtune.files import write_json
+from embedtune.logs import log_to_console
 from embedtune.model.encoder import EmbeddingModel
 from embedtune.model.folder import ModelLoadError, read_model_folder
 from embedtune.retrieval import (
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give either --qa FILE..., or --queries, --corpus and --qrels")
     if args.queries and not (args.corpus and args.qrels):
         parser.error("--queries, --corpus and --qrels go together")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    log_to_console(logging.WARNING)
 
     accelerator = Accelerator(cpu=cpu_processes(), mixed_precision=args.mixed_precision)
     try:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from embedtune.data.records import DataError
-from embedtune.mining import DEFAULT_MODEL, SCORE_BUDGET, MineError, mine
+from embedtune.logs import log_to_console
+from embedtune.mining import DEFAULT_MODEL, SCORE_BUDGET, MineError, MineOptions, Selection, mine
 from embedtune.model.folder import ModelLoadError
 
 
@@ -66,15 +66,17 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--relative-margin must be in [0, 1), got {args.relative_margin}")
 
 
-def _console_logging() -> None:
-    """Progress on stderr when nothing else set logging up (the trainer configures its own)."""
-    root = logging.getLogger("embedtune")
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False
+def options_from(args: argparse.Namespace) -> MineOptions:
+    return MineOptions(
+        model=args.model, input=args.input, output=args.output, corpus=tuple(args.corpus or ()),
+        selection=Selection(args.num_negatives, args.skip_top, args.margin, args.relative_margin,
+                            args.max_candidates),
+        held_out=args.held_out, batch_size=args.batch_size, chunk_size=args.chunk_size,
+        corpus_chunk_size=args.corpus_chunk_size, query_max_length=args.query_max_length,
+        document_max_length=args.document_max_length, query_prefix=args.query_prefix,
+        document_prefix=args.document_prefix, query_field=args.query_field, positive_field=args.positive_field,
+        negatives_field=args.negatives_field, backend=args.backend, dtype=args.dtype,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         check_args(parser, args)
     except SystemExit as exc:  # --help, or a usage error argparse has already explained
         return int(exc.code or 0)
-    _console_logging()
+    log_to_console(keep_existing=True)  # progress on stderr; a training run in this process keeps its own
     try:
-        summary = mine(args)
+        summary = mine(options_from(args))
     except (DataError, MineError, ModelLoadError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -95,7 +97,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Through the package's module, so the log lines carry its name (not __main__).
-    from embedtune.commands.mine import main as package_main
-
-    sys.exit(package_main())
+    sys.exit(main())

@@ -32,34 +32,9 @@ from embedtune.secrets import command_line_holds_secret, scrub_config, scrub_tex
 logger = logging.getLogger("embedtune")
 
 
-class ScrubbedFormatter(logging.Formatter):
-    """A formatter whose lines never hold a secret of the environment or a URL's credentials."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return scrub_text(super().format(record))
-
-
 def public_config(cfg: Config) -> dict[str, Any]:
     """The config as written to config.yaml, checkpoints and W&B: secrets scrubbed."""
     return scrub_config(cfg.to_dict())
-
-
-def setup_logging(output_dir: str, is_main: bool) -> None:
-    """Console on every process (warnings only off the main one); the log file on the main one."""
-    root = logging.getLogger("embedtune")
-    root.setLevel(logging.INFO if is_main else logging.WARNING)
-    root.propagate = False
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(ScrubbedFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    root.addHandler(console)
-    if is_main:
-        os.makedirs(os.path.join(output_dir, "logs"), exist_ok=True)
-        file = logging.FileHandler(os.path.join(output_dir, "logs", "train.log"), encoding="utf-8")
-        file.setFormatter(ScrubbedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(file)
 
 
 def wandb_mode() -> str:

@@ -24,6 +24,7 @@ from embedtune.data.records import DataError
 from embedtune.data.split import format_stream_reject, plan_data, preflight
 from embedtune.data.stream import PairBatches, make_loader
 from embedtune.distributed import any_process, cpu_processes, release, stop_signals
+from embedtune.logs import setup_logging
 from embedtune.losses import build_loss, check_loss_data, required_data
 from embedtune.model.encoder import EmbeddingModel
 from embedtune.retrieval import RetrievalSet, encode_texts, example_columns, example_rows, format_table, run_retrieval
@@ -33,7 +34,7 @@ from embedtune.training.export import RunFacts, export_model
 from embedtune.training.meters import MetricsWindow, NonFiniteGuard
 from embedtune.training.optim import apply_update, build_optimizer, build_scheduler, skips_on_device
 from embedtune.training.step import make_step
-from embedtune.training.tracking import RunLog, setup_logging
+from embedtune.training.tracking import RunLog
 
 logger = logging.getLogger("embedtune")
 
