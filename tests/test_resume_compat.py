@@ -1,0 +1,37 @@
+"""A checkpoint written before the package was restructured resumes after it, exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+
+FIXTURE = ROOT / "tests" / "fixtures" / "checkpoint_before_restructure"
+
+
+def test_a_checkpoint_of_the_earlier_layout_resumes_into_the_same_run(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from embedtune.commands.train import main
+
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE, run)
+    monkeypatch.chdir(run)  # the checkpoint's config names its files relative to this folder
+    args = (FIXTURE / "args.txt").read_text().split()
+    assert main(args + ["--resume_from_checkpoint", "latest"]) == 0
+    resumed = [json.loads(line) for line in (run / "out" / "batches.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (FIXTURE / "uninterrupted_batches.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in resumed] == [3, 4] and resumed == expected[2:]
+    final = load_file(run / "out" / "final_model" / "model.safetensors")
+    reference = load_file(FIXTURE / "uninterrupted_final_model.safetensors")
+    assert final.keys() == reference.keys()
+    moved = load_file(FIXTURE / "out" / "checkpoints" / "step-00000002" / "model.safetensors")
+    for name, weight in reference.items():
+        torch.testing.assert_close(final[name], weight, rtol=0, atol=1e-6, msg=name)
+    # The steps after the checkpoint really trained: the weights are not those of step 2.
+    assert any(not torch.equal(moved[f"encoder.{name}"], weight) for name, weight in reference.items()
+               if f"encoder.{name}" in moved)
