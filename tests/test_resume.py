@@ -58,13 +58,16 @@ def args_for(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "train.mixed_precision=no", *extra]
 
 
-def start(args: list[str], processes: int = 1, **env: str) -> subprocess.Popen:
-    command = [sys.executable, str(ROOT / "train.py")]
+def start(args: list[str], processes: int = 1, save_delay: float | None = None) -> subprocess.Popen:
+    """The training program; with ``save_delay``, through embedtune.tools.slow_saves, whose save
+    hook makes every checkpoint save pause that long."""
+    program = [str(ROOT / "train.py")] if save_delay is None else ["-m", "embedtune.tools.slow_saves", str(save_delay)]
+    command = [sys.executable, *program]
     if processes > 1:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    str(ROOT / "launch" / "cpu_2proc.yaml"), "--num_processes", str(processes),
-                   "--main_process_port", str(free_port()), str(ROOT / "train.py")]
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+                   "--main_process_port", str(free_port()), *program]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     # Its own session, so a kill reaches the launcher and every training process, as when a
     # machine is preempted.
     return subprocess.Popen(command + args, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -199,7 +202,7 @@ def test_killed_during_a_checkpoint_save_resumes_from_the_previous_one(models, d
                                                                        tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = args_for(models["dropout"], data, out, "tracking.report_to=none")
-    run = start(args, EMBEDTUNE_FAULT_SAVE_DELAY_S="1.5")
+    run = start(args, save_delay=1.5)
     half_written = out / "checkpoints" / "step-00000008.tmp"
     kill_when(run, lambda: (half_written / "model.safetensors").exists())
     run.wait()

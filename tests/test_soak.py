@@ -1,7 +1,7 @@
 """The kill soak, short: a 2-process CPU run killed 3 times, resumed each time, equals the reference.
 
 Slow (about a minute and a half on 2 cores), so outside the default run: ``python -m pytest -m slow
-tests/test_soak.py``. The full soak is ``python -m embedtune.soak --cycles 20``.
+tests/test_soak.py``. The full soak is ``embedtune soak --cycles 20``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from conftest import ROOT
 
 @pytest.mark.slow
 def test_a_run_killed_three_times_ends_as_the_uninterrupted_one(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "embedtune.soak", "--cycles", "3", "--seed", "5", "--out",
+    done = subprocess.run([sys.executable, "-m", "embedtune.tools.soak", "--cycles", "3", "--seed", "5", "--out",
                            str(tmp_path / "soak"), "--keep"], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

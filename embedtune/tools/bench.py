@@ -12,12 +12,27 @@ import argparse
 import json
 import os
 import random
+import resource
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from typing import Any
 
-from embedtune.config import DataConfig
+import torch
+from accelerate import Accelerator
+from transformers import AutoTokenizer
+
+from embedtune.config import DataConfig, parse_args
 from embedtune.data.collate import PairCollator
+from embedtune.data.records import Pair
 from embedtune.data.stream import PairBatches, make_loader
+from embedtune.losses.ranking import MultipleNegativesRankingLoss
+from embedtune.model.encoder import EmbeddingModel
+from embedtune.model.folder import resolve_model_path
+from embedtune.tools import throughput
+from embedtune.training.step import GradCacheStep, plain_step
 
 WORDS = ("how do i read write open close parse format join split sort filter map reduce encode decode "
          "file path string list dict set tuple number date time socket thread process queue lock "
@@ -42,10 +57,6 @@ def first_batch_seconds(dataset: PairBatches, workers: int, done: int) -> float:
 
 
 def bench_resume(examples: int, batch_size: int, workers: int, tokenizer_name: str) -> dict[str, float]:
-    from transformers import AutoTokenizer
-
-    from embedtune.model.folder import resolve_model_path
-
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_name))
     collate = PairCollator(tokenizer, 64, 256)
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,15 +83,6 @@ def bench_resume(examples: int, batch_size: int, workers: int, tokenizer_name: s
 def gradcache_case(batch: int, mini: int | None, query_len: int, doc_len: int, steps: int,
                    model_name: str) -> dict[str, float]:
     """One configuration, in this process: seconds per step and peak memory."""
-    import resource
-
-    import torch
-    from accelerate import Accelerator
-
-    from embedtune.losses.ranking import MultipleNegativesRankingLoss
-    from embedtune.model.encoder import EmbeddingModel
-    from embedtune.training.step import GradCacheStep, plain_step
-
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
     model, tokenizer = EmbeddingModel.from_pretrained(model_name)
     model.train()
@@ -96,8 +98,6 @@ def gradcache_case(batch: int, mini: int | None, query_len: int, doc_len: int, s
     loss_fn = MultipleNegativesRankingLoss()
     times = []
     for _ in range(steps + 1):  # the first step warms up
-        from embedtune.data.records import Pair
-
         pairs = [Pair(str(i), text(query_len), text(doc_len)) for i in range(batch)]
         inputs = collate(pairs)
         started = time.perf_counter()
@@ -116,18 +116,19 @@ def gradcache_case(batch: int, mini: int | None, query_len: int, doc_len: int, s
 
 
 def bench_gradcache(small: int, large: int, mini: int, query_len: int, doc_len: int, steps: int,
-                    model_name: str) -> list[dict]:
+                    model_name: str) -> list[dict[str, Any]]:
     """Each case in a fresh process, so the peak memory is its own."""
-    import subprocess
-    import sys
-
     cases = [("uncached", small, None), ("cached", large, mini), ("uncached", mini * 4, None),
              ("cached", mini * 4, mini)]
     results = []
     for name, batch, cache in cases:
-        code = ("import json; from embedtune.bench import gradcache_case; "
+        code = ("import json; from embedtune.tools.bench import gradcache_case; "
                 f"print(json.dumps(gradcache_case({batch}, {cache}, {query_len}, {doc_len}, {steps}, {model_name!r})))")
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if done.returncode:
+            # The case's own traceback, which capturing its output would otherwise hide.
+            raise RuntimeError(f"the {name} case (batch {batch}) failed with status {done.returncode}:\n"
+                               f"{done.stderr[-3000:]}")
         results.append({"case": name, "batch": batch, "mini": cache, **json.loads(done.stdout.strip().splitlines()[-1])})
     return results
 
@@ -135,11 +136,6 @@ def bench_gradcache(small: int, large: int, mini: int, query_len: int, doc_len: 
 def bench_negatives(out: str, num_negatives: int, relative_margin: float) -> int:
     """Mine hard negatives for the quickstart data with the base model (held-out records get none
     and lend none), train the quickstart recipe with and without them, and print both results."""
-    import subprocess
-    import sys
-
-    from embedtune.config import parse_args
-
     cfg = parse_args(["--config", "quickstart"])
     mined = os.path.join(out, "python_docs_qa_mined.jsonl")
     os.makedirs(out, exist_ok=True)
@@ -155,8 +151,6 @@ def bench_negatives(out: str, num_negatives: int, relative_margin: float) -> int
     for name, command in steps:
         for run_dir in (os.path.join(out, "without"), os.path.join(out, "with")):
             if name != "mine" and run_dir.endswith(name) and os.path.isdir(run_dir):
-                import shutil
-
                 shutil.rmtree(run_dir)
         started = time.perf_counter()
         print(f"[{name}] embedtune {' '.join(command)}", flush=True)
@@ -196,8 +190,6 @@ def main(argv: list[str] | None = None) -> int:
     cache.add_argument("--doc_len", type=int, default=None, help="words per document (GPU 192, CPU 48)")
     cache.add_argument("--steps", type=int, default=2)
     cache.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
-    from embedtune.tools import throughput
-
     throughput.add_arguments(sub.add_parser("throughput", help="training pairs/s, tokens/s, padding, MFU, memory; "
                                             "--compare runs SentenceTransformerTrainer on the same workload"))
     negatives = sub.add_parser("negatives", help="quickstart trained with and without mined hard negatives, "
@@ -211,8 +203,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.name == "throughput":
         return throughput.main(args)
     if args.name == "gradcache":
-        import torch
-
         gpu = torch.cuda.is_available()
         small, large, mini = args.small or (256 if gpu else 32), args.large or (8192 if gpu else 512), \
             args.mini or (256 if gpu else 32)

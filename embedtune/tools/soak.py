@@ -1,13 +1,14 @@
 """Kill soak: a 2-process CPU training killed with SIGKILL at random moments, resumed each time.
 
-``python -m embedtune.soak --cycles 20`` builds a tiny BERT (with dropout, so the RNG must be
-restored) and a Q&A file, trains once without interruption, then trains again while killing the
-whole process tree (launcher, both training processes, their DataLoader workers) at random
-moments: at a step, inside a checkpoint save (the save is slowed by
-``EMBEDTUNE_FAULT_SAVE_DELAY_S`` to widen the window), or at a random time, which may fall while
-the run starts or loads its checkpoint. After each kill it checks that every complete-looking
-checkpoint is whole, then starts again with ``--resume_from_checkpoint latest`` (or from scratch
-when no checkpoint exists yet). After the last kill the run is let finish.
+``embedtune soak --cycles 20`` (or ``python -m embedtune.tools.soak``) builds a tiny BERT (with
+dropout, so the RNG must be restored) and a Q&A file, trains once without interruption, then
+trains again while killing the whole process tree (launcher, both training processes, their
+DataLoader workers) at random moments: at a step, inside a checkpoint save (the killed run goes
+through ``embedtune.tools.slow_saves``, whose save hook pauses every save to widen the window), or
+at a random time, which may fall while the run starts or loads its checkpoint. After each kill it
+checks that every complete-looking checkpoint is whole, then starts again with
+``--resume_from_checkpoint latest`` (or from scratch when no checkpoint exists yet). After the
+last kill the run is let finish.
 
 It passes when the killed run trained on exactly the reference run's global batches (by example
 id, every example once per epoch) and ended with the same weights. It prints its figures (kills,
@@ -34,11 +35,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from embedtune.config import parse_args
+from embedtune.data.records import Pair
+from embedtune.data.stream import ordered_pairs
+from embedtune.training.checkpoint import CheckpointError, TrainerState, complete_checkpoints, verify
+
 BATCH_SIZE = 8
 EPOCHS = 2
 EVAL_FRACTION = 0.1
 EVERY_N_STEPS = 2
-SAVE_DELAY_S = 0.4  # EMBEDTUNE_FAULT_SAVE_DELAY_S in the killed run: a save lasts at least this long
+SAVE_DELAY_S = 0.4  # the killed run's saves pause this long (embedtune.tools.slow_saves)
 RUN_TIMEOUT_S = 600
 KINDS = ("save", "save", "step", "step", "time")  # how each kill moment is chosen, drawn at random
 LAUNCH_CONFIG = """compute_environment: LOCAL_MACHINE
@@ -120,14 +126,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(args: list[str], launch_config: Path, log: Path, **env: str) -> subprocess.Popen:
-    """``accelerate launch`` of the training program on 2 CPU processes, in a session of its own."""
-    package_root = str(Path(__file__).resolve().parents[1])
+def start(args: list[str], launch_config: Path, log: Path, save_delay: float | None = None) -> subprocess.Popen:
+    """``accelerate launch`` of the training program on 2 CPU processes, in a session of its own;
+    with ``save_delay``, through ``embedtune.tools.slow_saves``, so that every save pauses that long."""
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder that holds the package
+    program = ["embedtune.commands.train"] if save_delay is None else ["embedtune.tools.slow_saves", str(save_delay)]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config),
-               "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "embedtune.commands.train", *args]
+               "--num_processes", "2", "--main_process_port", str(free_port()), "-m", *program, *args]
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
                 "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "",
-                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env}
+                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with open(log, "a", encoding="utf-8") as f:
         return subprocess.Popen(command, env=full_env, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -227,16 +235,12 @@ def fresh_saves(out: Path, since: float) -> list[Path]:
 
 
 def latest_step(out: Path) -> int | None:
-    from embedtune.training.checkpoint import complete_checkpoints
-
     found = complete_checkpoints(str(out))
     return int(Path(found[-1]).name.split("-")[1]) if found else None
 
 
 def check_checkpoints(out: Path) -> list[str]:
     """Every checkpoint that looks complete must be whole: its state readable, its files safe."""
-    from embedtune.training.checkpoint import CheckpointError, TrainerState, complete_checkpoints, verify
-
     problems = []
     for path in complete_checkpoints(str(out)):
         try:
@@ -261,7 +265,7 @@ def weights(out: Path) -> dict[str, Any]:
 # --- the soak --------------------------------------------------------------------------------
 
 
-def wait_for(proc: subprocess.Popen, ready: Any, timeout: float, log: Path) -> bool:
+def wait_for(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float, log: Path) -> bool:
     """Poll until ``ready()``; False when the run ended first."""
     deadline = time.time() + timeout
     while not ready():
@@ -298,7 +302,7 @@ def finish(proc: subprocess.Popen, log: Path) -> None:
         raise SoakError(f"a run failed with status {code}; see {log}:\n{log.read_text(errors='replace')[-3000:]}")
 
 
-def soak(root: Path, cycles: int, seed: int, log=print) -> Figures:
+def soak(root: Path, cycles: int, seed: int, log: Callable[[str], None] = print) -> Figures:
     figures = Figures()
     rng = random.Random(seed)
     started = time.perf_counter()
@@ -326,7 +330,7 @@ def soak(root: Path, cycles: int, seed: int, log=print) -> Figures:
         before = logged_steps(killed)
         kind = rng.choice(KINDS)
         proc = start(args + (["--resume_from_checkpoint", "latest"] if resume is not None else []), launch_config,
-                     run_log, EMBEDTUNE_FAULT_SAVE_DELAY_S=str(SAVE_DELAY_S))
+                     run_log, save_delay=SAVE_DELAY_S)
         ready, lag = kill_moment(kind, rng, killed, since, max(before, resume or 0))
         reached = wait_for(proc, ready, RUN_TIMEOUT_S, run_log)
         time.sleep(lag)
@@ -362,10 +366,6 @@ def soak(root: Path, cycles: int, seed: int, log=print) -> Figures:
 def compare(killed: Path, reference: Path, expected: list[tuple[int, list[str]]], data: Path) -> list[str]:
     """What differs between the killed run and the reference, and whether each epoch used every
     training example exactly once."""
-    from embedtune.config import parse_args
-    from embedtune.data.records import Pair
-    from embedtune.data.stream import ordered_pairs
-
     problems = []
     cfg = parse_args(train_args(Path("unused"), data, reference))
     train_ids = sorted(p.id for p in ordered_pairs(cfg.data, cfg.train.seed, 0) if isinstance(p, Pair))

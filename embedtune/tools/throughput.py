@@ -23,6 +23,17 @@ import time
 from typing import Any
 
 import torch
+import transformers
+from accelerate.state import AcceleratorState
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+import embedtune
+from embedtune.config import Config, DataConfig
+from embedtune.data.collate import PairCollator
+from embedtune.data.records import resolve_files
+from embedtune.data.stream import PairBatches, auto_workers, make_loader
+from embedtune.model.folder import read_model_folder, resolve_model_path
+from embedtune.training.trainer import run_training
 
 DEFAULT_DATA = "embedtune:resources/python_docs_qa.jsonl.gz"
 DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -64,10 +75,6 @@ def sync() -> None:
 def model_folder(name: str, out: str) -> str:
     """A loadable model folder. A folder with a config but no weights (as carried for benchmarks)
     becomes that architecture with random weights: speed does not depend on the values."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    from embedtune.model.folder import read_model_folder, resolve_model_path
-
     path = resolve_model_path(name)
     if os.path.isdir(path):
         transformer_dir = read_model_folder(path).transformer_dir
@@ -84,8 +91,6 @@ def model_folder(name: str, out: str) -> str:
 
 def workload(data: str, pairs: int, path: str) -> int:
     """Write ``pairs`` records cycling through the Q&A file; returns the distinct pairs."""
-    from embedtune.data.records import resolve_files
-
     [source] = resolve_files([data])
     opener = gzip.open if source.endswith(".gz") else open
     with opener(source, "rt", encoding="utf-8") as f:
@@ -98,10 +103,7 @@ def workload(data: str, pairs: int, path: str) -> int:
 
 
 def tokens_per_pair(model_dir: str, path: str, max_length: int, sample: int = 2000) -> float:
-    from transformers import AutoTokenizer
-
-    from embedtune.model.folder import read_model_folder
-
+    """Real tokens (query plus answer) per pair, over the first ``sample`` pairs."""
     tokenizer = AutoTokenizer.from_pretrained(read_model_folder(model_dir).transformer_dir)
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line, _ in zip(f, range(sample))]
@@ -114,10 +116,6 @@ def tokens_per_pair(model_dir: str, path: str, max_length: int, sample: int = 20
 
 def flops_per_token(model_dir: str, mean_length: float) -> float:
     """Training FLOPs per real token: 6 x non-embedding parameters, plus attention scores."""
-    from transformers import AutoConfig
-
-    from embedtune.model.folder import read_model_folder
-
     config = AutoConfig.from_pretrained(read_model_folder(model_dir).transformer_dir)
     h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     dense = layers * (4 * h * h + 2 * h * inter)
@@ -131,11 +129,7 @@ def peak_memory_mib() -> float:
 
 
 def run_embedtune(model_dir: str, data: str, args: argparse.Namespace, out: str) -> dict[str, float]:
-    from accelerate.state import AcceleratorState
-
-    from embedtune.training.trainer import run_training as train
-    from embedtune.config import Config
-
+    """``2 x --steps`` steps of embedtune's own training; the figures of the timed second half."""
     cfg = Config.model_validate({
         "output_dir": out,
         "model": {"base_model": model_dir, "unpad": args.unpad, "compile": args.compile,
@@ -151,7 +145,9 @@ def run_embedtune(model_dir: str, data: str, args: argparse.Namespace, out: str)
     })
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    train(cfg)
+    run_training(cfg)
+    # Accelerate's state is process-wide: reset it so that SentenceTransformerTrainer's Accelerator
+    # starts from its own settings.
     AcceleratorState._reset_state(reset_partial_state=True)
     with open(os.path.join(out, "training_metrics.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if '"loss"' in line]
@@ -208,13 +204,6 @@ def run_st_trainer(model_dir: str, data: str, args: argparse.Namespace, out: str
 
 def loader_pairs_per_s(model_dir: str, data: str, args: argparse.Namespace, batches: int) -> float:
     """The DataLoader alone: reading, shuffling and tokenizing in workers, nothing trained."""
-    from transformers import AutoTokenizer
-
-    from embedtune.config import DataConfig
-    from embedtune.data.collate import PairCollator
-    from embedtune.data.stream import PairBatches, auto_workers, make_loader
-    from embedtune.model.folder import read_model_folder
-
     tokenizer = AutoTokenizer.from_pretrained(read_model_folder(model_dir).transformer_dir)
     cfg = DataConfig(train_files=[data], eval_fraction=0.0, num_workers=args.workers,
                      group_by_length=args.group_by_length, query_max_length=args.max_length,
@@ -225,7 +214,7 @@ def loader_pairs_per_s(model_dir: str, data: str, args: argparse.Namespace, batc
     started, pairs = time.perf_counter(), 0
     for _ in range(batches):
         try:
-            pairs += next(loader)["global_size"]
+            pairs += next(loader).global_size
         except StopIteration:
             break
     return pairs / (time.perf_counter() - started)
@@ -256,11 +245,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import transformers
-
-    import embedtune
-    from embedtune.data.stream import auto_workers
-
+    """The whole benchmark in a temporary folder; its figures as one JSON-ready dict."""
     tmp = tempfile.mkdtemp(prefix="embedtune-bench-")
     try:
         model_dir = model_folder(args.model, os.path.join(tmp, "model"))
