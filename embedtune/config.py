@@ -185,6 +185,10 @@ class LossConfig(_Section):
             raise ValueError("loss.matryoshka_weights needs one weight per entry of loss.matryoshka_dims")
         return self
 
+    def ranks_both_ways(self) -> bool:
+        """The ranking loss's symmetric form: loss.symmetric, or the loss named for it."""
+        return self.symmetric or self.name == "MultipleNegativesSymmetricRankingLoss"
+
     def gradcache_mini_batch(self) -> int | None:
         """The GradCache mini-batch size, or None for the plain step."""
         if self.mini_batch_size is None and self.name == "CachedMultipleNegativesRankingLoss":
@@ -308,6 +312,10 @@ class EvalConfig(_Section):
         if any(given) and not all(given):
             raise ValueError("eval.queries_file, eval.corpus_file and eval.qrels_file go together; give all three")
         return self
+
+    def uses_beir_files(self) -> bool:
+        """Whether the queries, corpus and qrels files replace the held-out pairs."""
+        return bool(self.queries_file and self.corpus_file and self.qrels_file)
 
 
 class TrackingConfig(_Section):

@@ -19,10 +19,12 @@ def write_atomic(path: str, text: str, durable: bool = False) -> None:
     os.replace(tmp, path)
 
 
-def write_json(path: str, payload: Any, durable: bool = False) -> None:
-    """``payload`` as indented JSON, atomically; the folder is created when missing."""
+def write_json(path: str, payload: Any, durable: bool = False, strict: bool = False) -> None:
+    """``payload`` as indented JSON, atomically; the folder is created when missing. A value JSON
+    has no type for is written as its text, unless ``strict`` (then it is a TypeError)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_atomic(path, json.dumps(payload, indent=2, default=str) + "\n", durable)
+    text = json.dumps(payload, indent=2, default=None if strict else str)
+    write_atomic(path, text + "\n", durable)
 
 
 def read_json(path: str) -> Any:

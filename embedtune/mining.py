@@ -92,10 +92,6 @@ class Selection:
             return positive_score * (1 - self.relative_margin)
         return math.inf
 
-    @property
-    def filters(self) -> bool:
-        return self.margin is not None or self.relative_margin is not None
-
 
 def pick(ids: Sequence[int], scores: Sequence[float], excluded: set[int] | frozenset[int], threshold: float,
          selection: Selection) -> list[int]:
@@ -426,7 +422,7 @@ def model_defaults(name: str) -> ModelDefaults:
     """Prompts and max length that a model folder was saved with (embedtune saves the training
     prefixes as the sentence-transformers ``query`` and ``document`` prompts)."""
     folder = read_model_folder(name)
-    return ModelDefaults(folder.prompt("query"), folder.prompt("document", "passage"), folder.max_seq_length)
+    return ModelDefaults(folder.query_prompt, folder.document_prompt, folder.max_seq_length)
 
 
 # --- the run ---------------------------------------------------------------------------------

@@ -165,10 +165,6 @@ class EvalResult:
     first_rank: list[int | None]  # 1-based rank of the first relevant entry, None past the cutoff
 
 
-def metric_names(k: int = 10) -> list[str]:
-    return [f"ndcg@{k}", f"mrr@{k}", f"map@{MAP_CUTOFF}"] + [f"recall@{c}" for c in sorted({*RECALL_CUTOFFS, k})]
-
-
 def query_metrics(ranked: Sequence[int], rel: set[int], k: int = 10) -> dict[str, float]:
     """One query's nDCG@k, MRR@k, MAP@100 and Recall@1/k/10/100, for binary relevance."""
     hits = [i for i, doc in enumerate(ranked) if doc in rel]

@@ -126,8 +126,8 @@ def test_the_collator_gives_the_tokenizer_s_own_ids(tokenizer_dir: Path) -> None
     expected = tokenizer(["query: " + t for t in texts], truncation=True, max_length=12, padding=True,
                          return_tensors="pt")
     padded = pad_ragged(ragged, tokenizer.pad_token_id)
-    assert torch.equal(padded["input_ids"], expected["input_ids"])
-    assert torch.equal(padded["attention_mask"], expected["attention_mask"])
+    assert torch.equal(padded.input_ids, expected["input_ids"])
+    assert torch.equal(padded.attention_mask, expected["attention_mask"])
 
 
 def bench(tiny_model: Path, tmp_path: Path, name: str, *extra: str, max_length: int = 64) -> tuple[dict, str]:

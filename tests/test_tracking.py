@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-PROBE = "from embedtune.tracking import wandb_mode; print(wandb_mode())"
+PROBE = "from embedtune.training.tracking import wandb_mode; print(wandb_mode())"
 
 
 KEY = "0123456789abcdef0123456789abcdef01234567"

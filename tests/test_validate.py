@@ -50,7 +50,6 @@ def words(count: int, offset: int) -> str:
 def test_a_good_setup_passes_and_reports_the_counts_of_the_file(
         tiny_model: Path, qa_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 
-
     args = args_for(tiny_model, qa_file, tmp_path, "data.eval_fraction=0.2")
     code, out, rows = validate(args, tmp_path, capsys)
     assert code == 0, out

@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     folder = read_model_folder(args.model)
     collate = PairCollator(tokenizer, args.query_max_length, args.document_max_length,
-                           folder.prompt("query") if args.query_prefix is None else args.query_prefix,
-                           folder.prompt("document") if args.document_prefix is None else args.document_prefix)
+                           folder.query_prompt if args.query_prefix is None else args.query_prefix,
+                           folder.document_prompt if args.document_prefix is None else args.document_prefix)
     model.to(accelerator.device)
 
     def encode(texts: list[str], kind: str) -> torch.Tensor:

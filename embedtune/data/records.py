@@ -33,7 +33,7 @@ JSON_BLANK = " \t\r"  # a line of only these is blank (JSON's own whitespace)
 BOM = b"\xef\xbb\xbf"
 # Compressions fsspec reads only with an extra package; without it the bytes would look like junk.
 NEEDS_PACKAGE = {".zst": "zstandard", ".zstd": "zstandard", ".lz4": "lz4", ".sz": "python-snappy"}
-_RERAISED = "\nembedtune.data.records.DataError: "
+_RERAISED = f"\n{__name__}.DataError: "  # how a worker's traceback names it
 
 
 class DataError(ValueError):
@@ -409,3 +409,13 @@ def token_estimate(text: str) -> int:
     costs about 3 microseconds a text."""
     return len(text) // 4 + len(text) - len(text.translate(_PUNCTUATION))
 
+
+def document_tokens(pair: Pair) -> int:
+    """The estimated length of a pair's longest document: what its row costs in a padded batch."""
+    return max([token_estimate(pair.positive), *map(token_estimate, pair.negatives)])
+
+
+def format_stream_reject(reject: Reject) -> str:
+    """A bad record met while training (or evaluating) under ``data.on_bad_record: error``."""
+    return (f"bad record: {reject.message()}\nFix it, or set data.on_bad_record=skip to skip "
+            "bad records (they are then kept in output_dir/rejected.jsonl).")

@@ -13,7 +13,16 @@ import logging
 from dataclasses import dataclass
 
 from embedtune.config import DataConfig
-from embedtune.data.records import DataError, Pair, Reject, normalize_text, read_pairs, resolve_files, text_key
+from embedtune.data.records import (
+    DataError,
+    Pair,
+    Reject,
+    format_stream_reject,
+    normalize_text,
+    read_pairs,
+    resolve_files,
+    text_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +37,12 @@ def is_held_out(pair: Pair, fraction: float) -> bool:
         return False
     digest = hashlib.sha1(normalize_text(pair.query).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def trains_on(pair: Pair, cfg: DataConfig) -> bool:
+    """Whether training uses ``pair``: always when the held-out pairs come from eval files, else
+    unless its question is carved off."""
+    return bool(cfg.eval_files) or not is_held_out(pair, cfg.eval_fraction)
 
 
 class HeldOutQuestions:
@@ -70,7 +85,7 @@ def plan_data(cfg: DataConfig, count: bool, held_out: bool = True, require_negat
     for item in read_pairs(resolve_files(cfg.train_files), cfg, require_negatives):
         if isinstance(item, Reject):
             continue  # the training stream reports its own bad records
-        if not (carved and is_held_out(item, cfg.eval_fraction)):
+        if trains_on(item, cfg):
             train += 1
         elif collect and len(held) < cfg.max_eval_queries and questions.admit(item):
             held.append(item)
@@ -100,9 +115,7 @@ def eval_pairs(cfg: DataConfig, require_negatives: bool = False) -> list[Pair]:
 
 def count_train_pairs(cfg: DataConfig, require_negatives: bool = False) -> int:
     """The training pairs of one epoch, counted exactly (parsed and split, not tokenized)."""
-    carve = not cfg.eval_files
-    return sum(1 for item in read_pairs(resolve_files(cfg.train_files), cfg, require_negatives)
-               if isinstance(item, Pair) and not (carve and is_held_out(item, cfg.eval_fraction)))
+    return plan_data(cfg, count=True, held_out=False, require_negatives=require_negatives).train_pairs or 0
 
 
 # --- checks before training ------------------------------------------------------------------
@@ -137,8 +150,3 @@ def format_rejects(rejects: list[Reject]) -> str:
     lines.append("Fix these records, or set data.on_bad_record=skip to skip them "
                  "(they are then kept in output_dir/rejected.jsonl).")
     return "\n".join(lines)
-
-
-def format_stream_reject(reject: Reject) -> str:
-    return (f"bad record: {reject.message()}\nFix it, or set data.on_bad_record=skip to skip "
-            "bad records (they are then kept in output_dir/rejected.jsonl).")

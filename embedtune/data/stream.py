@@ -20,7 +20,7 @@ import os
 import random
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.sharedctypes import RawValue
 from typing import Any
 
@@ -29,8 +29,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from embedtune.config import DataConfig
 from embedtune.data.collate import TrainBatch
-from embedtune.data.records import DataError, Pair, Reject, read_pairs, resolve_files, token_estimate
-from embedtune.data.split import is_held_out
+from embedtune.data.records import DataError, Pair, Reject, document_tokens, read_pairs, resolve_files
+from embedtune.data.split import trains_on
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ class MicroBatch:
     stand_in: Pair | None = None  # a pair of the global batch, for a process whose slice is empty
 
 
-
 def _rng(seed: int, epoch: int, purpose: str) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{purpose}")
 
@@ -55,13 +54,12 @@ def _rng(seed: int, epoch: int, purpose: str) -> random.Random:
 def ordered_pairs(cfg: DataConfig, seed: int, epoch: int, require_negatives: bool = False) -> Iterator[Pair | Reject]:
     """All training pairs of one epoch in their global order; rejects pass straight through."""
     files = resolve_files(cfg.train_files)
-    carve = not cfg.eval_files
     if cfg.shuffle:
         _rng(seed, epoch, "files").shuffle(files)
     source = read_pairs(files, cfg, require_negatives)
     if not cfg.shuffle:
         for item in source:
-            if isinstance(item, Reject) or not (carve and is_held_out(item, cfg.eval_fraction)):
+            if isinstance(item, Reject) or trains_on(item, cfg):
                 yield item
         return
     rng = _rng(seed, epoch, "buffer")
@@ -70,7 +68,7 @@ def ordered_pairs(cfg: DataConfig, seed: int, epoch: int, require_negatives: boo
         if isinstance(item, Reject):
             yield item
             continue
-        if carve and is_held_out(item, cfg.eval_fraction):
+        if not trains_on(item, cfg):
             continue
         if len(buffer) < cfg.shuffle_buffer:
             buffer.append(item)
@@ -207,30 +205,19 @@ class PairBatches(IterableDataset):
             if batch.index % workers != worker:
                 continue
             mine = batch.pairs[process_slice(len(batch.pairs), self.num_processes, self.rank)]
-            if mine or batch.stand_in is None:
-                out = self.collate(mine)
-            else:
-                # Nothing for this process in this micro-batch (a small last batch): it still runs
-                # the step, on a stand-in pair whose loss weighs nothing, so collectives match.
-                out = self.collate([batch.stand_in])
-                out.empty = True
-            out.global_size = batch.global_size
-            out.step_size = batch.step_size
-            out.ids = [p.id for p in mine]
-            if self.all_ids:
-                out.all_ids = [p.id for p in batch.pairs]
+            # Nothing for this process in this micro-batch (a small last batch): it still runs the
+            # step, on a stand-in pair whose loss weighs nothing, so collectives match.
+            stand_in = not mine and batch.stand_in is not None
+            tokenized = self.collate([batch.stand_in] if stand_in else mine)  # type: ignore[list-item]
             # Every process sees the rejects (so all stop together under on_bad_record=error);
             # only the main process writes them.
-            out.rejects = list(batch.rejects)
-            yield out
+            yield replace(tokenized, global_size=batch.global_size, step_size=batch.step_size,
+                          ids=[p.id for p in mine], all_ids=[p.id for p in batch.pairs] if self.all_ids else None,
+                          rejects=list(batch.rejects), empty=stand_in)
 
 
 def pair_chars(pair: Pair) -> int:
     return len(pair.query) + len(pair.positive) + sum(map(len, pair.negatives))
-
-def document_tokens(pair: Pair) -> int:
-    """The estimated length of a pair's longest document: what its row costs in a padded batch."""
-    return max([token_estimate(pair.positive), *map(token_estimate, pair.negatives)])
 
 
 def too_much_text(pairs: list[Pair], number: int, epoch: int, limit: int) -> str:
@@ -240,8 +227,6 @@ def too_much_text(pairs: list[Pair], number: int, epoch: int, limit: int) -> str
             + ", ".join(f"{p.id} ({pair_chars(p):,})" for p in longest)
             + ". Lower train.batch_size or data.max_record_bytes, or raise data.max_batch_chars if the "
             "machine has the memory to tokenize that much.")
-
-
 
 
 # Set in the main process once it is exiting: from then on a SIGTERM stops a worker. Without it,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from torch import nn
 
 from embedtune.config import ConfigError, DataConfig, LossConfig
-from embedtune.losses.base import DataShape
+from embedtune.losses.base import DataShape, requires_negatives
 from embedtune.losses.matryoshka import MatryoshkaLoss
 from embedtune.losses.pairs import ContrastiveLoss, CoSENTLoss, CosineSimilarityLoss, OnlineContrastiveLoss, TripletLoss
 from embedtune.losses.ranking import MultipleNegativesRankingLoss
@@ -20,7 +20,7 @@ from embedtune.losses.ranking import MultipleNegativesRankingLoss
 
 def _ranking(cfg: LossConfig) -> nn.Module:
     return MultipleNegativesRankingLoss(
-        scale=cfg.scale, symmetric=cfg.symmetric or cfg.name == "MultipleNegativesSymmetricRankingLoss",
+        scale=cfg.scale, symmetric=cfg.ranks_both_ways(),
         gather=cfg.gather_across_processes, mask_false_negatives=cfg.mask_false_negatives)
 
 
@@ -75,6 +75,6 @@ def check_loss_data(needs: DataShape, data: DataConfig, name: str) -> None:
         raise ConfigError(f"{name} trains on pairs with a label or score: set data.label_field to the field that "
                           "holds it (1/0 for similar/dissimilar with ContrastiveLoss and OnlineContrastiveLoss, "
                           "a similarity score for CosineSimilarityLoss and CoSENTLoss)")
-    if needs == "triplets" and (not data.negatives_field or data.max_negatives < 1):
+    if requires_negatives(needs) and (not data.negatives_field or data.max_negatives < 1):
         raise ConfigError(f"{name} trains on (anchor, positive, negative) triplets: set data.negatives_field to "
                           "the field with each record's negative (and keep data.max_negatives at 1 or more)")

@@ -19,6 +19,11 @@ import torch.nn.functional as F
 DataShape = Literal["pairs", "labelled", "triplets"]
 
 
+def requires_negatives(needs: DataShape | None) -> bool:
+    """Whether a record without a hard negative is a bad record for a loss that needs this."""
+    return needs == "triplets"
+
+
 @dataclass
 class Embedded:
     """One process's share of a batch, embedded."""

@@ -47,7 +47,6 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: Pooling) -> t
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
-
 class EmbeddingModel(nn.Module):
     """Transformer encoder -> pooled sentence embedding (-> unit length when ``normalize``)."""
 

@@ -57,13 +57,26 @@ class ModelFolder:
         """The first of these prompts the folder has, else ''."""
         return next((self.prompts[n] for n in names if n in self.prompts), "")
 
+    @property
+    def query_prompt(self) -> str:
+        return self.prompt("query")
+
+    @property
+    def document_prompt(self) -> str:
+        """embedtune saves its document prefix as ``document``; other models call it ``passage``."""
+        return self.prompt("document", "passage")
+
 
 def read_model_folder(name: str) -> ModelFolder:
     """Read a local folder (or the packaged default); a Hub name that is no folder here says nothing."""
     path = resolve_model_path(name)
     if not os.path.isdir(path):
         return ModelFolder(path, path, False)
-    modules = read_json(os.path.join(path, "modules.json"))
+    modules_file = os.path.join(path, "modules.json")
+    modules = read_json(modules_file)
+    if os.path.exists(modules_file) and not isinstance(modules, list):
+        raise ModelLoadError(f"{modules_file}: not the list of modules a sentence-transformers folder has; "
+                             "repair or remove it (without it the folder loads as a plain transformers model)")
     transformer_dir, pooling, normalize, dim = path, None, None, None
     if isinstance(modules, list):
         normalize = False

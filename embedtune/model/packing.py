@@ -221,7 +221,6 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     return _attend(route, q, k, v, packing, scaling, dropout).unsqueeze(0), None
 
 
-
 def pack_padded(inputs: Padded) -> Packed:
     """A padded block -> the same texts packed."""
     mask = inputs.attention_mask.bool()
@@ -271,7 +270,6 @@ def padded_tokens(lengths: torch.Tensor, chunks: int = 1) -> int:
     return sum((part.stop - part.start) * int(ordered[part.start]) for part in parts)
 
 
-
 def pad_chunked(inputs: Ragged, pad_token_id: int, chunks: int) -> Chunked:
     """Ragged -> ``length_chunks`` padded one by one, with the row of each text in their
     concatenated output."""
@@ -297,4 +295,3 @@ def pool_packed(hidden: torch.Tensor, packing: Packing, mode: Pooling) -> torch.
     text = torch.div(packing.flat_index, packing.width, rounding_mode="floor")
     sums = hidden.new_zeros(packing.rows, hidden.shape[1]).index_add_(0, text, hidden)
     return sums / (cu[1:] - cu[:-1]).clamp(min=1).unsqueeze(1).to(hidden.dtype)
-

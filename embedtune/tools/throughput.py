@@ -32,6 +32,7 @@ from embedtune.config import Config, DataConfig
 from embedtune.data.collate import PairCollator
 from embedtune.data.records import resolve_files
 from embedtune.data.stream import PairBatches, auto_workers, make_loader
+from embedtune.files import write_json
 from embedtune.model.folder import read_model_folder, resolve_model_path
 from embedtune.training.trainer import run_training
 
@@ -311,7 +312,6 @@ def main(args: argparse.Namespace) -> int:
     result = run(args)
     print(report(result))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     sys.stdout.flush()
     return 0

@@ -147,6 +147,32 @@ def complete_checkpoints(output_dir: str) -> list[str]:
     return [path for _, path in sorted(found)]
 
 
+def earlier_run_problem(output_dir: str) -> str | None:
+    """Why a new run may not start in ``output_dir`` (an earlier run's checkpoints are there), or None."""
+    found = complete_checkpoints(output_dir)
+    if not found:
+        return None
+    return (f"{output_dir} already holds checkpoints of an earlier run ({len(found)}): continue it with "
+            f"--resume_from_checkpoint latest, or give another output_dir (or delete {checkpoints_dir(output_dir)})")
+
+
+@dataclass
+class Resume:
+    """A checkpoint to resume from, read and checked against the config."""
+
+    path: str
+    state: TrainerState
+    changes: list[str]  # config keys changed since the checkpoint, harmless ones only
+
+
+def open_resume(cfg: Config) -> Resume:
+    """The checkpoint ``checkpoint.resume_from`` names, its state, and what changed in the config
+    since; CheckpointError for one that cannot be resumed exactly."""
+    path = find_checkpoint(cfg.output_dir, cfg.checkpoint.resume_from or "latest")
+    state = TrainerState.load(path)
+    return Resume(path, state, check_resume(state.config, cfg))
+
+
 def find_checkpoint(output_dir: str, which: str) -> str:
     """The checkpoint to resume from, checked (``verify``) before anything of it is loaded.
 
@@ -318,7 +344,7 @@ def save(accelerator: Accelerator, output_dir: str, state: TrainerState, keep_la
                 state.scores[name] = score
             # Written last and made durable: a folder without it is never resumed from.
             write_json(os.path.join(tmp, STATE_FILE), {**asdict(state), "config": scrub_config(state.config)},
-                       durable=True)
+                       durable=True, strict=True)
             fsync_dir(tmp)
     except OSError as exc:
         error = exc

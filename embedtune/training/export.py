@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +27,13 @@ class RunFacts:
     wandb_url: str | None
     examples_seen: int
     steps: int
-    duration_s: float
 
 
-def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Config, facts: RunFacts) -> str:
+def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Config, facts: RunFacts,
+                 duration: Callable[[], float]) -> str:
     """Write ``output_dir/final_model`` (collective: every process calls it; the main one writes)
-    with safetensors weights, the training prefixes as its prompts, and the model card."""
+    with safetensors weights, the training prefixes as its prompts, and the model card, which
+    gives the run's ``duration()`` with the export included."""
     path = os.path.join(cfg.output_dir, FINAL_MODEL)
     accelerator.wait_for_everyone()
     # Collective: under FSDP or DeepSpeed the full weights are assembled on the main process.
@@ -48,6 +50,6 @@ def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Conf
         write_model_card(path, base_model=cfg.model.base_model, config=cfg.to_dict(),
                          fingerprint=data_fingerprint(data.train_files), eval_before=facts.eval_before,
                          eval_after=facts.eval_after, wandb_url=facts.wandb_url, num_examples=facts.examples_seen,
-                         steps=facts.steps, duration_s=facts.duration_s, precision=accelerator.mixed_precision)
+                         steps=facts.steps, duration_s=duration(), precision=accelerator.mixed_precision)
     accelerator.wait_for_everyone()
     return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -10,8 +9,6 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from embedtune.config import TrainConfig
-
-logger = logging.getLogger("embedtune")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

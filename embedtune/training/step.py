@@ -76,30 +76,31 @@ class GradCacheStep:
                  accelerator: Any) -> torch.Tensor:
         device = accelerator.device
         prepare = accelerator.unwrap_model(model).prepare
-        parts = [[prepare(mini, device) for mini in self.mini_batches(side)] for side in (batch.query, batch.document)]
+        # Per side (queries, documents): its mini-batches on the device, and the RNG state before each.
+        minis = [[prepare(texts, device) for texts in self.mini_batches(side)] for side in (batch.query, batch.document)]
         states: list[list[RngState]] = [[], []]
         cached = []
         with torch.no_grad():
-            for side, chunks in enumerate(parts):
+            for side, side_minis in enumerate(minis):
                 outs = []
-                for chunk in chunks:
+                for mini in side_minis:
                     states[side].append(RngState.capture(device))
-                    outs.append(model(chunk))
+                    outs.append(model(mini))
                 cached.append(torch.cat(outs).detach().requires_grad_())
         loss = loss_fn(embedded(batch, cached[0], cached[1])) * share
         grads = torch.autograd.grad(loss, cached)
         after = RngState.capture(device)
-        last = (1, len(parts[1]) - 1)
-        for side, chunks in enumerate(parts):
+        last = (1, len(minis[1]) - 1)
+        for side, side_minis in enumerate(minis):
             start = 0
-            for index, chunk in enumerate(chunks):
-                grad = grads[side][start:start + chunk.rows]
-                start += chunk.rows
+            for index, mini in enumerate(side_minis):
+                grad = grads[side][start:start + mini.rows]
+                start += mini.rows
                 states[side][index].restore(device)
                 # Only the very last backward of the step may trigger DDP's gradient all-reduce.
                 sync = contextlib.nullcontext() if (side, index) == last else accelerator.no_sync(model)
                 with sync:
-                    out = model(chunk)
+                    out = model(mini)
                     accelerator.backward((out.float() * grad.float()).sum())
         after.restore(device)
         return loss.detach()

@@ -1,15 +1,15 @@
 """What a run leaves behind: W&B (through Accelerate's trackers) and files in the output folder.
 
 Every side effect happens on the main process only. Besides the tracker, the output folder gets
-``config.yaml``, ``training_metrics.jsonl``, ``training_progress.json``, ``logs/train.log``,
-``rejected.jsonl`` (when records are skipped) and ``eval_examples.jsonl``; ``export`` writes
-``final_model/``.
+``config.yaml``, ``training_metrics.jsonl``, ``training_progress.json``, ``rejected.jsonl`` (when
+records are skipped), ``batches.jsonl`` (when asked) and ``eval_examples.jsonl``; ``logs/train.log``
+is ``embedtune.logs``'s and ``final_model/`` is ``export``'s.
 
 Secrets never reach any of them: the config is written and sent to W&B with the values of
 secret-looking environment variables (``WANDB_API_KEY``, ``HF_TOKEN``, any ``*_TOKEN``,
-``*KEY*``, ``*SECRET*``, ``*PASSWORD*``) and credentials in URLs blanked out, every log line is
-scrubbed the same way, and when the command line itself holds a secret W&B is told not to
-record it (its system metadata, which includes the command line, is turned off for the run).
+``*KEY*``, ``*SECRET*``, ``*PASSWORD*``) and credentials in URLs blanked out (``embedtune.secrets``),
+and when the command line itself holds a secret W&B is told not to record it (its system
+metadata, which includes the command line, is turned off for the run).
 """
 
 from __future__ import annotations

@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 
 from embedtune.config import Config, ConfigError
 from embedtune.data.collate import PairCollator, TrainBatch
-from embedtune.data.records import DataError
-from embedtune.data.split import format_stream_reject, plan_data, preflight
+from embedtune.data.records import DataError, format_stream_reject
+from embedtune.data.split import plan_data, preflight
 from embedtune.data.stream import PairBatches, make_loader
 from embedtune.distributed import any_process, cpu_processes, release, stop_signals
 from embedtune.logs import setup_logging
-from embedtune.losses import build_loss, check_loss_data, required_data
+from embedtune.losses import build_loss, check_loss_data, required_data, requires_negatives
 from embedtune.model.encoder import EmbeddingModel
 from embedtune.retrieval import RetrievalSet, encode_texts, example_columns, example_rows, format_table, run_retrieval
 from embedtune.training import checkpoint
@@ -33,7 +33,7 @@ from embedtune.training.checkpoint import CheckpointError, TrainerState
 from embedtune.training.export import RunFacts, export_model
 from embedtune.training.meters import MetricsWindow, NonFiniteGuard
 from embedtune.training.optim import apply_update, build_optimizer, build_scheduler, skips_on_device
-from embedtune.training.step import make_step
+from embedtune.training.step import Step, make_step
 from embedtune.training.tracking import RunLog
 
 logger = logging.getLogger("embedtune")
@@ -46,11 +46,32 @@ class TrainingStopped(RuntimeError):
 class Trainer:
     """One training run of ``cfg``: ``setup()``, then ``train()``, which returns the run's summary."""
 
+    # The parts, made by setup() in this order.
+    loss_fn: torch.nn.Module
+    step_fn: Step  # one micro-step's forward and backward
+    require_negatives: bool  # the loss trains on triplets: a record without a hard negative is bad
+    accelerator: Accelerator
+    state: TrainerState  # what a checkpoint saves besides Accelerate's state
+    resume_dir: str | None
+    model: Any  # EmbeddingModel, as Accelerate prepared it (DDP, FSDP...)
+    tokenizer: Any
+    collate: PairCollator
+    held_out: RetrievalSet
+    total_steps: int
+    dataset: PairBatches
+    loader: torch.utils.data.DataLoader
+    optimizer: Any
+    scheduler: Any
+    run_log: RunLog  # W&B and the output folder's files
+    window: MetricsWindow
+    guard: NonFiniteGuard
+
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.saved_at = -1  # the step of the last checkpoint this process wrote
         self.grad_norm: torch.Tensor | None = None
-        self.lr = 0.0
+        self.lr = 0.0  # the rate the last step used
+        self.started, self.duration_before = time.perf_counter(), 0.0  # see duration()
 
     # --- setup --------------------------------------------------------------------------------
 
@@ -69,15 +90,13 @@ class Trainer:
         self.loss_fn = build_loss(self.cfg.loss)
         needs = required_data(self.loss_fn)
         check_loss_data(needs, self.cfg.data, self.cfg.loss.name)
-        self.require_negatives = needs == "triplets"  # a record without a hard negative is then bad
+        self.require_negatives = requires_negatives(needs)
         self.step_fn = make_step(self.cfg.loss)
 
     def _setup_accelerator(self) -> None:
         cfg = self.cfg
-        if not cfg.checkpoint.resume_from and checkpoint.complete_checkpoints(cfg.output_dir):
-            raise CheckpointError(f"{cfg.output_dir} already holds checkpoints of an earlier run: continue it with "
-                                  "--resume_from_checkpoint latest, or give another output_dir (or delete "
-                                  f"{checkpoint.checkpoints_dir(cfg.output_dir)})")
+        if not cfg.checkpoint.resume_from and (problem := checkpoint.earlier_run_problem(cfg.output_dir)):
+            raise CheckpointError(problem)
         self.accelerator = Accelerator(
             cpu=cpu_processes(),
             mixed_precision=cfg.train.mixed_precision,
@@ -93,12 +112,12 @@ class Trainer:
     def _setup_state(self) -> None:
         cfg = self.cfg
         self.state = TrainerState(config=cfg.to_dict())
-        self.resume_dir: str | None = None
+        self.resume_dir = None
         if cfg.checkpoint.resume_from:
-            self.resume_dir = checkpoint.find_checkpoint(cfg.output_dir, cfg.checkpoint.resume_from)
-            self.state = TrainerState.load(self.resume_dir)
-            for change in checkpoint.check_resume(self.state.config, cfg):
+            resume = checkpoint.open_resume(cfg)
+            for change in resume.changes:
                 logger.info("changed since the checkpoint: %s", change)
+            self.resume_dir, self.state = resume.path, resume.state
             self.state.config = cfg.to_dict()
 
     def _check_data(self) -> None:
@@ -127,7 +146,7 @@ class Trainer:
         data = cfg.data
         self.collate = PairCollator(self.tokenizer, data.query_max_length, data.document_max_length,
                                     data.query_prefix, data.document_prefix, padded_chunks=self.model.padded_chunks)
-        beir = bool(cfg.eval.queries_file and cfg.eval.corpus_file and cfg.eval.qrels_file)
+        beir = cfg.eval.uses_beir_files()
         plan = plan_data(data, count=not cfg.train.max_steps, held_out=not beir,
                          require_negatives=self.require_negatives)
         if beir:
@@ -158,7 +177,7 @@ class Trainer:
 
     def _setup_tracking(self) -> None:
         state, accelerator = self.state, self.accelerator
-        self.run = RunLog(self.cfg, accelerator, resume_step=state.step if self.resume_dir else None,
+        self.run_log = RunLog(self.cfg, accelerator, resume_step=state.step if self.resume_dir else None,
                           wandb_id=state.wandb_run_id)
         self.window = MetricsWindow(accelerator.device, accelerator.unwrap_model(self.model).packed)
         self.guard = NonFiniteGuard(accelerator.device, state.nonfinite_in_a_row, state.skipped_steps,
@@ -183,6 +202,7 @@ class Trainer:
         logger.info("training %d steps of %d pairs (%d per process per micro-batch)", self.total_steps,
                     cfg.train.batch_size, cfg.train.pairs_per_process(self.accelerator.num_processes))
         self.started, self.duration_before = time.perf_counter(), state.duration_s
+        self.window.reset()  # its first rates count training only
         self.model.train()  # from_pretrained hands the encoder over in eval mode: dropout would stay off
         return self.finish(completed=self._loop())
 
@@ -204,10 +224,10 @@ class Trainer:
                     state.batches_in_epoch += 1
                     bar.update(1)
                     stop = any_process(signals["stop"], accelerator.device)
-                    save_due = stop or self._due(cfg.checkpoint.every_n_steps)
                     # log: the host reads the device's counters only where it syncs anyway
                     log_due = state.step % cfg.tracking.log_every_n_steps == 0 or state.step == self.total_steps
-                    if self.guard.reads_every_step or log_due or save_due:
+                    syncs = log_due or stop or self._due(cfg.checkpoint.every_n_steps)
+                    if self.guard.reads_every_step or syncs:
                         self._check_nonfinite()
                     if log_due:
                         self._log(bar)
@@ -221,27 +241,30 @@ class Trainer:
                         return False
                     if cfg.train.max_steps and state.step >= self.total_steps:
                         break
+                else:  # the epoch's data ran out
+                    self._next_epoch()
         return True
 
     def _epoch_batches(self) -> Iterator[TrainBatch]:
-        """The batches of the epoch in progress, from the saved position. Bad records are dealt
-        with here. When the epoch's data runs out, the next epoch begins; a loop that breaks out
-        early leaves the position where it is."""
+        """The batches of the epoch in progress, from the saved position; bad records are dealt
+        with here, and a batch of nothing but bad records is not trained on."""
         cfg, state = self.cfg, self.state
         self.dataset.set_position(state.epoch, state.batches_in_epoch)
-        steps_before = state.step
         for batch in self.loader:
-            self.run.step = state.step + 1
+            self.run_log.step = state.step + 1
             if batch.rejects:
                 if cfg.data.on_bad_record == "error":
                     raise DataError(format_stream_reject(batch.rejects[0]))
-                self.run.reject(batch.rejects, first_epoch=state.epoch == 0)
+                self.run_log.reject(batch.rejects, first_epoch=state.epoch == 0)
             if not batch.step_size:  # only bad records, no pairs
                 continue
             if batch.all_ids is not None:
-                self.run.batch_ids(state.step + 1, batch.all_ids)
+                self.run_log.batch_ids(state.step + 1, batch.all_ids)
             yield batch
-        if state.step == steps_before and state.batches_in_epoch == 0:
+
+    def _next_epoch(self) -> None:
+        state = self.state
+        if state.batches_in_epoch == 0:  # this pass over the data trained no step
             raise DataError("an epoch produced no training batch: every record was held out, bad, or in a dropped "
                             "partial batch; check data.eval_fraction and train.batch_size")
         state.epoch += 1
@@ -291,8 +314,8 @@ class Trainer:
             metrics["train/gpu_mem_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         if hasattr(self.loss_fn, "pop_stats"):
             metrics.update({f"train/{k}": v for k, v in self.loss_fn.pop_stats().items()})
-        self.run.log(metrics, step=state.step)
-        self.run.progress(completed=False, step=state.step, epoch=state.epoch, examples_seen=state.examples_seen,
+        self.run_log.log(metrics, step=state.step)
+        self.run_log.progress(completed=False, step=state.step, epoch=state.epoch, examples_seen=state.examples_seen,
                           duration_s=self.duration(), eval_before=state.eval_before)
         bar.set_postfix(loss=f"{figures.loss:.4f}", pairs_s=f"{figures.pairs_per_s:.1f}")
         self.window.reset()
@@ -315,9 +338,9 @@ class Trainer:
 
         result = run_retrieval(encode, self.held_out, cfg.eval.k, compute=self.accelerator.is_main_process)
         metrics = result.metrics if result is not None else {}
-        self.run.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        self.run_log.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
         if result is not None and cfg.eval.examples:
-            self.run.table("eval/examples", example_columns(cfg.eval.k),
+            self.run_log.table("eval/examples", example_columns(cfg.eval.k),
                            example_rows(result, self.held_out, cfg.eval.examples, cfg.eval.k), step=step)
         return metrics
 
@@ -328,7 +351,7 @@ class Trainer:
         score = None
         if cfg.checkpoint.best_metric:
             score = self.evaluate(state.step).get(cfg.checkpoint.best_metric)
-        state.wandb_run_id = self.run.wandb_id
+        state.wandb_run_id = self.run_log.wandb_id
         state.duration_s = self.duration()
         try:
             path = checkpoint.save(self.accelerator, cfg.output_dir, state, cfg.checkpoint.keep_last,
@@ -357,18 +380,18 @@ class Trainer:
             if after:
                 logger.info("held-out metrics (%d queries, %d documents):\n%s", len(self.held_out),
                             len(self.held_out.corpus), format_table(state.eval_before, after))
-            wandb = self.run.wandb_run
+            wandb = self.run_log.wandb_run
             facts = RunFacts(state.eval_before, after or None, None if wandb is None or wandb.offline else wandb.url,
-                             state.examples_seen, state.step, self.duration())
-            final_dir = export_model(accelerator, self.model, self.tokenizer, cfg, facts)
-            self.run.summary({**{f"final/{k}": v for k, v in after.items()},
+                             state.examples_seen, state.step)
+            final_dir = export_model(accelerator, self.model, self.tokenizer, cfg, facts, self.duration)
+            self.run_log.summary({**{f"final/{k}": v for k, v in after.items()},
                               **{f"before/{k}": v for k, v in (state.eval_before or {}).items()}})
             summary.update(eval_after=after, final_model=final_dir)
         summary["duration_s"] = self.duration()
-        self.run.progress(**summary)
+        self.run_log.progress(**summary)
         self.model = self.optimizer = None  # drop DDP before the process group goes
         release(accelerator)
-        self.run.finish()
+        self.run_log.finish()
         return summary
 
 

@@ -24,6 +24,7 @@ from embedtune.commands.validate.plan import plan_section
 from embedtune.commands.validate.settings import config_checks, loss_check
 from embedtune.config import Config, ConfigError, make_parser, parse_args, resolve_config_path
 from embedtune.files import write_json
+from embedtune.losses.base import requires_negatives
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def run_checks(cfg: Config, sample_size: int = DEFAULT_SAMPLE, free_bytes: int |
     checks += config_checks(cfg, source, loss_row)
     # The data is parsed as the trainer parses it for this loss: a triplet loss makes a record
     # without a hard negative a bad record.
-    data_rows, stats = data_section(cfg, sample_size, needs == "triplets", model)
+    data_rows, stats = data_section(cfg, sample_size, requires_negatives(needs), model)
     checks += data_rows
     checks += plan_section(cfg, stats.train if stats is not None else None, model, free_bytes)
     return checks
@@ -101,6 +102,3 @@ def main(argv: list[str] | None = None, prog: str = "embedtune validate") -> int
             "config": cfg.to_dict() if cfg else None, "checks": [asdict(c) for c in checks]})
     return code
 
-
-if __name__ == "__main__":
-    sys.exit(main())

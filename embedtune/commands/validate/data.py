@@ -22,9 +22,8 @@ import torch
 from embedtune.commands.validate.checks import FAIL, OK, WARN, Check, number
 from embedtune.commands.validate.environment import LoadedModel
 from embedtune.config import Config, DataConfig
-from embedtune.data.records import DataError, Pair, Reject, read_records, resolve_files, text_key
-from embedtune.data.split import MAX_REJECTS_SHOWN, HeldOutQuestions, is_held_out
-from embedtune.data.stream import document_tokens
+from embedtune.data.records import DataError, Pair, Reject, document_tokens, read_records, resolve_files, text_key
+from embedtune.data.split import MAX_REJECTS_SHOWN, HeldOutQuestions, trains_on
 from embedtune.files import human_bytes
 from embedtune.model.packing import padded_tokens
 
@@ -125,7 +124,7 @@ class DataScan:
             self.hold_out(item)
             self.sample(item)
 
-    def train_record(self, item: Pair | Reject, raw: Any, carve: bool) -> None:
+    def train_record(self, item: Pair | Reject, raw: Any) -> None:
         stats = self.stats
         stats.records += 1
         if isinstance(item, Reject):
@@ -141,7 +140,7 @@ class DataScan:
         self.questions.add(query_key)
         self.pairs.add(pair_key)
         self.sample(item)
-        if carve and is_held_out(item, self.data_cfg.eval_fraction):
+        if not trains_on(item, self.data_cfg):
             self.hold_out(item)
         else:
             stats.train += 1
@@ -157,9 +156,8 @@ def scan_data(cfg: Config, sample_size: int, require_negatives: bool = False) ->
         scan.eval_record(item, raw)
     # The held-out questions of the eval files, for the overlap with training.
     scan.eval_file_questions = frozenset(scan.evaluated.seen)
-    carve = not cfg.data.eval_files
     for item, raw in read_records(scan.stats.files, cfg.data, require_negatives):
-        scan.train_record(item, raw, carve)
+        scan.train_record(item, raw)
     return scan.stats
 
 

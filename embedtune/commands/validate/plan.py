@@ -11,13 +11,7 @@ from embedtune.commands.validate.checks import FAIL, OK, WARN, Check, number
 from embedtune.commands.validate.environment import LoadedModel
 from embedtune.config import Config
 from embedtune.files import human_bytes
-from embedtune.training.checkpoint import (
-    CheckpointError,
-    TrainerState,
-    check_resume,
-    complete_checkpoints,
-    find_checkpoint,
-)
+from embedtune.training.checkpoint import CheckpointError, complete_checkpoints, earlier_run_problem, open_resume
 
 # Bytes per parameter: fp32 weights, and AdamW's two fp32 moments for the trained ones.
 WEIGHT_BYTES, ADAM_BYTES = 4, 8
@@ -113,23 +107,18 @@ def disk_check(estimate: dict[str, int], free: int, where: str) -> Check:
 def output_check(cfg: Config) -> Check:
     """The trainer refuses an output_dir with an earlier run's checkpoints unless resuming it."""
     out = cfg.output_dir
-    found = complete_checkpoints(out)
-    data = {"path": os.path.abspath(out), "checkpoints": len(found)}
+    data = {"path": os.path.abspath(out), "checkpoints": len(complete_checkpoints(out))}
     if cfg.checkpoint.resume_from:
         try:
-            path = find_checkpoint(out, cfg.checkpoint.resume_from)
-            state = TrainerState.load(path)
-            changes = check_resume(state.config, cfg)
+            resume = open_resume(cfg)
         except (CheckpointError, OSError, ValueError, TypeError) as exc:
             return Check("output", "checkpoints", FAIL, str(exc), data)
-        detail = f"resumes from {path} (step {state.step}, epoch {state.epoch})"
-        if changes:
-            detail += "\nchanged since the checkpoint (allowed): " + "; ".join(changes)
+        detail = f"resumes from {resume.path} (step {resume.state.step}, epoch {resume.state.epoch})"
+        if resume.changes:
+            detail += "\nchanged since the checkpoint (allowed): " + "; ".join(resume.changes)
         return Check("output", "checkpoints", OK, detail, data)
-    if found:
-        return Check("output", "checkpoints", FAIL,
-                     f"{out} already holds {len(found)} checkpoint(s) of an earlier run: continue it with "
-                     "--resume_from_checkpoint latest, or give another output_dir", data)
+    if problem := earlier_run_problem(out):
+        return Check("output", "checkpoints", FAIL, problem, data)
     where = "exists" if os.path.isdir(out) else "will be created"
     return Check("output", "checkpoints", OK, f"{os.path.abspath(out)} ({where}; no earlier checkpoints)", data)
 
