@@ -12,7 +12,8 @@ from conftest import make_pairs, write_jsonl
 
 from embedtune.commands.mine import main
 from embedtune.data.records import text_key
-from embedtune.mining import ModelDefaults, Selection, choose_negatives, model_defaults, search
+from embedtune.mining.negatives import Selection, choose_negatives, search
+from embedtune.mining.run import ModelDefaults, model_defaults
 
 # Hand-made scores: with one-hot documents, a query's row of "embedding" is its row of scores.
 # Document 0 is the answer (0.90); 1 scores above it, 2 just below, then a falling tail.
@@ -226,7 +227,7 @@ def test_the_input_is_never_overwritten_and_options_are_checked(
 
 def test_a_saved_model_folder_supplies_its_prompts(tiny_model: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    import embedtune.mining as mine
+    import embedtune.mining.run as mine
     from embedtune.model.encoder import EmbeddingModel
 
     model, tokenizer = EmbeddingModel.from_pretrained(str(tiny_model))

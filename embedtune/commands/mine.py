@@ -7,7 +7,9 @@ import sys
 
 from embedtune.data.records import DataError
 from embedtune.logs import log_to_console
-from embedtune.mining import DEFAULT_MODEL, SCORE_BUDGET, MineError, MineOptions, Selection, mine
+from embedtune.mining import MineError
+from embedtune.mining.negatives import Selection
+from embedtune.mining.run import DEFAULT_MODEL, SCORE_BUDGET, MineOptions, mine
 from embedtune.model.folder import ModelLoadError
 
 
