@@ -11,11 +11,9 @@ from typing import Any
 from accelerate import Accelerator
 
 from embedtune.config import Config
-from embedtune.training.model_card import data_fingerprint, write_model_card
+from embedtune.training.model_card import FINAL_MODEL, data_fingerprint, write_model_card
 
 logger = logging.getLogger("embedtune")
-
-FINAL_MODEL = "final_model"
 
 
 @dataclass

@@ -26,6 +26,7 @@ from embedtune.model.folder import EMBEDDED_MODELS, read_model_folder
 from embedtune.secrets import scrub_config, scrub_text
 
 CARD = "README.md"
+FINAL_MODEL = "final_model"  # the exported model's folder in output_dir
 CHUNK = 1 << 20  # bytes read at a time when hashing: data files can be larger than memory
 TAGS = ["sentence-transformers", "sentence-similarity", "embedtune"]
 # A Hub repository id: owner/name, letters, digits and - _ . only.
@@ -358,7 +359,7 @@ def write_run_card(output_dir: str, model_dir: str | None = None) -> str:
     progress = read_json(os.path.join(output_dir, "training_progress.json")) or {}
     wandb = progress.get("wandb") or {}
     return write_model_card(
-        model_dir or progress.get("final_model") or os.path.join(output_dir, "final_model"),
+        model_dir or progress.get("final_model") or os.path.join(output_dir, FINAL_MODEL),
         base_model=_get(config, "model.base_model", ""), config=config,
         fingerprint=data_fingerprint(_get(config, "data.train_files") or []),
         eval_before=progress.get("eval_before"), eval_after=progress.get("eval_after"),

@@ -178,7 +178,7 @@ class Trainer:
     def _setup_tracking(self) -> None:
         state, accelerator = self.state, self.accelerator
         self.run_log = RunLog(self.cfg, accelerator, resume_step=state.step if self.resume_dir else None,
-                          wandb_id=state.wandb_run_id)
+                              wandb_id=state.wandb_run_id)
         self.window = MetricsWindow(accelerator.device, accelerator.unwrap_model(self.model).packed)
         self.guard = NonFiniteGuard(accelerator.device, state.nonfinite_in_a_row, state.skipped_steps,
                                     skips_on_device(self.optimizer, accelerator))
