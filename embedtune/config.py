@@ -158,6 +158,12 @@ class ModelConfig(_Section):
     padded_chunks: int = Field(4, ge=1, le=64, description="Where training batches are padded (not packed), "
                                "encode each process's texts in this many chunks sorted by length, each padded "
                                "only to its own longest text (at least 16 texts a chunk). 1: one padded block.")
+    gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward "
+                                         "pass instead of keeping them: far less memory for about a third more "
+                                         "compute. Exact: dropout draws the same masks when recomputed.")
+    trust_remote_code: bool = Field(False, description="Run the code a model's repository ships (some embedding "
+                                    "models need it, e.g. nomic-embed, jina, gte-multilingual); off, such a model "
+                                    "stops with this key named.")
 
 
 LossName = Literal[LOSS_NAMES]  # type: ignore[valid-type]

@@ -131,6 +131,8 @@ class Trainer:
                                                                     model_cfg.normalize)
         if model_cfg.unpad:
             self.model.enable_packing(self.tokenizer)
+        if model_cfg.gradient_checkpointing:
+            checkpoint_activations(self.model.encoder)
         chunks = model_cfg.padded_chunks
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if chunks > 1 and (self.accelerator.distributed_type == DistributedType.FSDP
@@ -393,6 +395,22 @@ class Trainer:
         release(accelerator)
         self.run_log.finish()
         return summary
+
+
+def checkpoint_activations(encoder: torch.nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass (model.gradient_checkpointing)."""
+    if not getattr(encoder, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"model.gradient_checkpointing: {type(encoder).__name__} cannot recompute its activations; "
+                          "set model.gradient_checkpointing=false")
+    # Non-reentrant checkpointing: it works when the inputs need no gradient and under DDP, and it
+    # restores the RNG state before recomputing, so dropout draws the same masks and the
+    # gradient is exact (GradCache's replay included).
+    kwargs = {"use_reentrant": False}
+    if hasattr(encoder, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
+        encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    logger.info("gradient checkpointing on: activations are recomputed in the backward pass")
 
 
 def run_training(cfg: Config) -> dict[str, Any]:
