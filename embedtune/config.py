@@ -143,6 +143,18 @@ class DataConfig(_Section):
         return self
 
 
+class LoraSection(_Section):
+    r: int = Field(16, ge=1, description="Rank of each adapter.")
+    alpha: float = Field(32.0, gt=0, description="Scale of the adapters' update (alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] | None = Field(
+        None, description="Names of the linear layers that get adapters; null: the usual ones for the architecture "
+        "(e.g. query and value for BERT, q_proj and v_proj for Qwen).")
+    export: Literal["merged", "adapter"] = Field(
+        "merged", description="merged: the adapters folded into the weights, a plain sentence-transformers folder; "
+        "adapter: the adapter weights only, which SentenceTransformer(path) loads on top of the base model.")
+
+
 class ModelConfig(_Section):
     base_model: str = Field(
         "sentence-transformers/all-MiniLM-L6-v2",
@@ -161,6 +173,8 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward "
                                          "pass instead of keeping them: far less memory for about a third more "
                                          "compute. Exact: dropout draws the same masks when recomputed.")
+    lora: LoraSection | None = Field(None, description="Train low-rank adapters instead of the encoder's weights "
+                                     "(peft's LoRA): only the adapters train and are checkpointed.")
     trust_remote_code: bool = Field(False, description="Run the code a model's repository ships (some embedding "
                                     "models need it, e.g. nomic-embed, jina, gte-multilingual); off, such a model "
                                     "stops with this key named.")

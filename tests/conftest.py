@@ -105,3 +105,32 @@ def fresh_accelerate_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# The resume tests' small world, shared by the tests of LoRA runs.
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
+    """With dropout (resuming must restore the RNG) and without (for a change of process count,
+    where every process draws its own dropout masks and no run can match another exactly)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    paths = {}
+    for name, dropout in (("dropout", 0.1), ("plain", 0.0)):
+        torch.manual_seed(2)
+        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                            hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+        paths[name] = tmp_path_factory.mktemp(f"tiny_{name}")
+        BertModel(config).save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    records = make_pairs(150, seed=3)
+    for i, record in enumerate(records):
+        record["negatives"] = [f"a note on item {(i * 7) % 150} with nothing shared"]
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", records)

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from accelerate import Accelerator
+from torch import nn
 
 from embedtune.config import Config
 from embedtune.distributed import any_process
@@ -47,7 +48,7 @@ RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # a W&B run id; it becomes part
 MAX_STATE_BYTES = 64 << 20
 # Changing these makes the saved data position or weights mean something else.
 RESUME_KEYS = (
-    "model.base_model", "model.pooling", "model.normalize",
+    "model.base_model", "model.pooling", "model.normalize", "model.lora",
     "data.train_files", "data.format", "data.query_field", "data.positive_field", "data.negatives_field",
     "data.max_negatives", "data.shuffle", "data.shuffle_buffer", "data.group_by_length", "data.eval_files",
     "data.eval_fraction", "data.drop_last", "data.max_record_bytes", "data.max_negatives_per_record",
@@ -268,12 +269,34 @@ def _custom_states_weights_only() -> Iterator[None]:
         module.load_custom_state = original
 
 
-def load(accelerator: Accelerator, path: str) -> None:
+def load(accelerator: Accelerator, path: str, trainable_only: nn.Module | None = None) -> None:
     """Accelerate's state from checkpoint ``path`` (weights, optimizer, schedule, scaler, RNG),
-    every pickled file read with weights_only=True."""
+    every pickled file read with weights_only=True. ``trainable_only``: the (prepared) model whose
+    checkpoints hold its trainable parameters only (LoRA); they must be exactly those."""
     verify(path)
+    strict = {}
+    if trainable_only is not None:
+        _check_trainable(path, trainable_only)
+        strict = {"strict": False}  # the frozen weights are the base model's, already loaded
     with _custom_states_weights_only():
-        accelerator.load_state(path, load_kwargs={"weights_only": True})
+        accelerator.load_state(path, load_kwargs={"weights_only": True}, **strict)
+
+
+def _check_trainable(path: str, model: nn.Module) -> None:
+    from safetensors import safe_open
+
+    file = os.path.join(path, "model.safetensors")
+    try:
+        with safe_open(file, "pt") as f:
+            saved = set(f.keys())
+    except Exception as exc:  # a damaged or missing file
+        raise CheckpointError(f"{file}: cannot be read ({type(exc).__name__}); resume from another checkpoint") from None
+    expected = {name for name, param in model.named_parameters() if param.requires_grad}
+    if saved != expected:
+        missing, extra = sorted(expected - saved), sorted(saved - expected)
+        raise CheckpointError(f"{file}: holds other weights than the ones this run trains (missing: "
+                              f"{', '.join(missing[:3]) or 'none'}; not trained here: {', '.join(extra[:3]) or 'none'}); "
+                              "it was written with other model.lora settings: resume from a checkpoint of this run")
 
 
 def _lookup(tree: dict[str, Any], dotted: str) -> Any:

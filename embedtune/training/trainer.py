@@ -27,6 +27,7 @@ from embedtune.distributed import any_process, cpu_processes, release, stop_sign
 from embedtune.logs import setup_logging
 from embedtune.losses import build_loss, check_loss_data, required_data, requires_negatives
 from embedtune.model.encoder import EmbeddingModel
+from embedtune.model.lora import add_adapters, keep_trainable, merged
 from embedtune.retrieval import RetrievalSet, encode_texts, example_columns, example_rows, format_table, run_retrieval
 from embedtune.training import checkpoint
 from embedtune.training.checkpoint import CheckpointError, TrainerState
@@ -133,6 +134,8 @@ class Trainer:
             self.model.enable_packing(self.tokenizer)
         if model_cfg.gradient_checkpointing:
             checkpoint_activations(self.model.encoder)
+        if model_cfg.lora:
+            self.model.encoder = add_adapters(self.model.encoder, model_cfg.lora)
         chunks = model_cfg.padded_chunks
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if chunks > 1 and (self.accelerator.distributed_type == DistributedType.FSDP
@@ -170,6 +173,8 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, cfg.train, self.total_steps)
         accelerator.register_for_checkpointing(self.scheduler)
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
+        if cfg.model.lora:  # the frozen weights come from the base model at every start
+            accelerator.register_save_state_pre_hook(keep_trainable)
         encoder = accelerator.unwrap_model(self.model)
         encoder.keep_packing_for(accelerator.device, accelerator.mixed_precision in ("bf16", "fp16"))
         if cfg.model.compile or (cfg.model.compile is None and accelerator.device.type == "cuda"):
@@ -188,7 +193,7 @@ class Trainer:
     def _resume(self) -> None:
         if self.resume_dir:
             # Weights, optimizer, schedule, scaler, RNG; every pickled file read weights-only.
-            checkpoint.load(self.accelerator, self.resume_dir)
+            checkpoint.load(self.accelerator, self.resume_dir, trainable_only=self.model if self.cfg.model.lora else None)
             logger.info("resumed from %s: step %d, epoch %d, %d batches into it", self.resume_dir, self.state.step,
                         self.state.epoch, self.state.batches_in_epoch)
 
@@ -385,6 +390,9 @@ class Trainer:
             wandb = self.run_log.wandb_run
             facts = RunFacts(state.eval_before, after or None, None if wandb is None or wandb.offline else wandb.url,
                              state.examples_seen, state.step)
+            if cfg.model.lora and cfg.model.lora.export == "merged":
+                encoder = accelerator.unwrap_model(self.model)
+                encoder.encoder = merged(encoder.encoder)  # training is over: fold the adapters in
             final_dir = export_model(accelerator, self.model, self.tokenizer, cfg, facts, self.duration)
             self.run_log.summary({**{f"final/{k}": v for k, v in after.items()},
                               **{f"before/{k}": v for k, v in (state.eval_before or {}).items()}})

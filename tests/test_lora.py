@@ -1,0 +1,79 @@
+"""LoRA (model.lora): only the adapters train and are checkpointed, a killed run resumes exactly,
+2 processes train as 1, and the export loads in sentence-transformers."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_resume import args_for, assert_same_run, finish, kill_when, logged_steps, start
+
+from embedtune.config import ConfigError, LoraSection
+from embedtune.model.encoder import EmbeddingModel
+from embedtune.model.lora import add_adapters
+
+LORA = ("model.lora.r=4", "model.lora.alpha=8", "tracking.report_to=none")
+
+
+@pytest.fixture(scope="module")
+def reference(models, data, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted LoRA run (dropout on), the one the interrupted runs must reproduce."""
+    out = tmp_path_factory.mktemp("lora_reference") / "out"
+    finish(start(args_for(models["dropout"], data, out, *LORA)))
+    return out
+
+
+def test_only_the_adapters_train_and_checkpoints_hold_only_them(models, data, reference: Path) -> None:
+    base = load_file(models["dropout"] / "model.safetensors")
+    final = load_file(reference / "final_model" / "model.safetensors")  # merged: the adapters folded in
+    assert final.keys() == base.keys()
+    changed = {name for name in base if not torch.equal(base[name], final[name])}
+    # BERT's usual LoRA targets: the query and value projections of every layer, weights only.
+    assert changed == {f"encoder.layer.{i}.attention.self.{kind}.weight" for i in range(2) for kind in ("query", "value")}
+    checkpoints = sorted((reference / "checkpoints").iterdir())
+    assert checkpoints
+    for folder in checkpoints:
+        saved = load_file(folder / "model.safetensors")
+        assert saved and all(".lora_A." in name or ".lora_B." in name for name in saved), sorted(saved)[:4]
+        assert sum(t.numel() for t in saved.values()) == 2 * 2 * 4 * (32 + 32)  # layers x targets x r x (in + out)
+        assert (folder / "model.safetensors").stat().st_size < (models["dropout"] / "model.safetensors").stat().st_size / 20
+
+
+def test_a_killed_lora_run_resumes_into_the_same_run(models, data, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = args_for(models["dropout"], data, out, *LORA)
+    run = start(args)
+    kill_when(run, lambda: logged_steps(out) >= 9)  # after the checkpoint of step 8
+    run.wait()
+    finish(start(args + ["--resume_from_checkpoint", "latest"]))
+    assert_same_run(out, reference)
+
+
+def test_two_processes_train_the_adapters_as_one(models, data, tmp_path: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    # No dropout anywhere (each process would draw its own masks), the adapters' included.
+    exact = (*LORA, "model.lora.dropout=0", "train.max_steps=6")
+    finish(start(args_for(models["plain"], data, one, *exact)))
+    finish(start(args_for(models["plain"], data, two, *exact), processes=2))
+    # Another process count sums in another order: equal up to float rounding (see test_distributed).
+    assert_same_run(two, one, atol=5e-5)
+
+
+def test_a_target_that_is_not_there_is_refused_naming_the_key(tiny_model: Path) -> None:
+    model, _ = EmbeddingModel.from_pretrained(str(tiny_model))
+    with pytest.raises(ConfigError, match=r"model.lora.target_modules: .*named e.g. .*query"):
+        add_adapters(model.encoder, LoraSection(target_modules=["q_proj"]))
+
+
+def test_a_resume_with_other_lora_settings_is_refused(models, data, reference: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    from embedtune.commands.train import main
+
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    args = args_for(models["dropout"], data, out, "model.lora.r=8", "tracking.report_to=none")
+    assert main(args + ["--resume_from_checkpoint", "latest", "data.num_workers=0"]) == 1
+    assert "model.lora: {'r': 4" in capsys.readouterr().err
