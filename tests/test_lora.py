@@ -77,3 +77,29 @@ def test_a_resume_with_other_lora_settings_is_refused(models, data, reference: P
     args = args_for(models["dropout"], data, out, "model.lora.r=8", "tracking.report_to=none")
     assert main(args + ["--resume_from_checkpoint", "latest", "data.num_workers=0"]) == 1
     assert "model.lora: {'r': 4" in capsys.readouterr().err
+
+
+def test_gradcache_gives_the_adapters_the_uncached_gradients(tokenizer_dir: Path, tmp_path: Path) -> None:
+    from accelerate import Accelerator
+    from test_gradcache import batch_of, grads_of, tiny
+
+    from embedtune.losses.ranking import MultipleNegativesRankingLoss
+    from embedtune.training.step import GradCacheStep, plain_step
+
+    accelerator = Accelerator(cpu=True)
+    model, tokenizer = EmbeddingModel.from_pretrained(str(tiny(tokenizer_dir, tmp_path, dropout=0.2)))
+    model.encoder = add_adapters(model.encoder, LoraSection(r=4, dropout=0.1))
+    model.train()
+    batch, loss_fn = batch_of(tokenizer, n=12), MultipleNegativesRankingLoss()
+    torch.manual_seed(3)
+    cached_loss = GradCacheStep(5)(model, batch, loss_fn, 1.0, accelerator)
+    cached = grads_of(model)
+    assert cached and all("lora_" in name for name in cached)  # nothing else gets a gradient
+    model.eval()  # no dropout: the uncached step draws its masks in another order
+    plain_loss = plain_step(model, batch, loss_fn, 1.0, accelerator)
+    plain = grads_of(model)
+    cached_loss = GradCacheStep(5)(model, batch, loss_fn, 1.0, accelerator)
+    cached = grads_of(model)
+    assert cached_loss.item() == pytest.approx(plain_loss.item(), rel=1e-5)
+    for name, grad in plain.items():
+        torch.testing.assert_close(cached[name], grad, rtol=1e-4, atol=1e-7, msg=name)
