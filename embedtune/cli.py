@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("embedtune.commands.validate:main",
                  "check the environment, data, config and disk before a run (same options as train)"),
     "report": ("embedtune.commands.report:main", "PNG plots of a run from its training_metrics.jsonl (no W&B needed)"),
-    "bench": ("embedtune.tools.bench:main", "benchmarks that print figures: throughput, negatives, resume, gradcache"),
+    "bench": ("embedtune.tools.bench:main", "benchmarks that print figures: throughput, memory, negatives, resume, gradcache"),
     "soak": ("embedtune.tools.soak:main", "kill a 2-process CPU training at random moments, resume it each time, "
              "and compare it with an uninterrupted run (embedtune soak --cycles 20)"),
 }

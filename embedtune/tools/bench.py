@@ -1,4 +1,4 @@
-"""Benchmarks that print figures: ``embedtune bench throughput``, ``resume`` and ``gradcache``.
+"""Benchmarks that print figures: ``embedtune bench throughput``, ``memory``, ``resume``, ``gradcache`` and ``negatives``.
 
 ``resume`` measures what resuming deep into a stream costs: the time to the first training batch
 of a fresh run against one resumed N examples in, on a generated JSONL file. The resumed loader
@@ -31,7 +31,7 @@ from embedtune.data.stream import PairBatches, make_loader
 from embedtune.losses.ranking import MultipleNegativesRankingLoss
 from embedtune.model.encoder import EmbeddingModel
 from embedtune.model.folder import resolve_model_path
-from embedtune.tools import throughput
+from embedtune.tools import memory, throughput
 from embedtune.training.step import GradCacheStep, plain_step
 
 WORDS = ("how do i read write open close parse format join split sort filter map reduce encode decode "
@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     cache.add_argument("--doc_len", type=int, default=None, help="words per document (GPU 192, CPU 48)")
     cache.add_argument("--steps", type=int, default=2)
     cache.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
+    memory.add_arguments(sub.add_parser("memory", help="peak memory and step time: full fine-tuning, gradient "
+                                        "checkpointing, LoRA, both, on a 0.5B decoder"))
     throughput.add_arguments(sub.add_parser("throughput", help="training pairs/s, tokens/s, padding, MFU, memory; "
                                             "--compare runs SentenceTransformerTrainer on the same workload"))
     negatives = sub.add_parser("negatives", help="quickstart trained with and without mined hard negatives, "
@@ -202,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         return bench_negatives(args.out, args.num_negatives, args.relative_margin)
     if args.name == "throughput":
         return throughput.main(args)
+    if args.name == "memory":
+        return memory.main(args)
     if args.name == "gradcache":
         gpu = torch.cuda.is_available()
         small, large, mini = args.small or (256 if gpu else 32), args.large or (8192 if gpu else 512), \
@@ -214,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(f"{r['case']:<10}{r['batch']:>7}{r['mini'] or '-':>6}{r['seconds_per_step']:>10.2f}"
                   f"{r['batch'] / r['seconds_per_step']:>10.1f}{r['peak_mib']:>10.0f}")
-        memory = rows[1]["peak_mib"] / rows[0]["peak_mib"]
+        growth = rows[1]["peak_mib"] / rows[0]["peak_mib"]
         slowdown = rows[3]["seconds_per_step"] / rows[2]["seconds_per_step"]
-        print(f"cached batch {large} uses {memory:.2f}x the peak memory of uncached batch {small}")
+        print(f"cached batch {large} uses {growth:.2f}x the peak memory of uncached batch {small}")
         print(f"at equal batch {mini * 4}, GradCache takes {slowdown:.2f}x the time of the uncached loss")
         return 0
     figures = bench_resume(args.examples, args.batch_size, args.workers, args.tokenizer)
