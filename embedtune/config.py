@@ -150,9 +150,6 @@ class LoraSection(_Section):
     target_modules: list[str] | None = Field(
         None, description="Names of the linear layers that get adapters; null: the usual ones for the architecture "
         "(e.g. query and value for BERT, q_proj and v_proj for Qwen).")
-    export: Literal["merged", "adapter"] = Field(
-        "merged", description="merged: the adapters folded into the weights, a plain sentence-transformers folder; "
-        "adapter: the adapter weights only, which SentenceTransformer(path) loads on top of the base model.")
 
 
 class ModelConfig(_Section):

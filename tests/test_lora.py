@@ -103,3 +103,23 @@ def test_gradcache_gives_the_adapters_the_uncached_gradients(tokenizer_dir: Path
     assert cached_loss.item() == pytest.approx(plain_loss.item(), rel=1e-5)
     for name, grad in plain.items():
         torch.testing.assert_close(cached[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_the_memory_benchmark_prints_its_figures(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "memory.json"
+    done = subprocess.run([sys.executable, "-m", "embedtune", "bench", "memory", "--layers", "1", "--batch", "2",
+                           "--length", "16", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "lora + checkpointing" in done.stdout and "peak MiB" in done.stdout
+    rows = {row["case"]: row for row in json.loads(out.read_text())}
+    assert list(rows) == ["full", "checkpointing", "lora", "lora + checkpointing"]
+    assert rows["lora"]["trained"] < rows["full"]["trained"] / 100  # the embedding matrix alone dwarfs the adapters
+    assert rows["lora"]["peak_mib"] < rows["full"]["peak_mib"]  # no gradients or AdamW state for frozen weights

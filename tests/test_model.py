@@ -61,6 +61,28 @@ def test_export_loads_in_sentence_transformers_with_our_embeddings(tiny_model: P
     assert (again.pooling, again.normalize) == (pooling, normalize)
 
 
+def test_export_writes_the_full_state_it_is_given(tiny_model: Path, tmp_path: Path) -> None:
+    """Under FSDP or DeepSpeed the export gets the assembled state: encoder and Dense weights come from it."""
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+
+    from embedtune.model.modules import Dense
+
+    model, tokenizer = EmbeddingModel.from_pretrained(str(tiny_model))
+    model.dense.append(Dense(32, 8, activation_function=torch.nn.Tanh()))
+    assert model.dim == 8
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["dense.0.linear.weight"].fill_(0.5)
+    state["encoder.embeddings.word_embeddings.weight"][0].fill_(0.25)
+    path = tmp_path / "exported"
+    model.save_sentence_transformer(str(path), tokenizer, 32, state_dict=state)
+
+    assert bool((load_file(str(path / "2_Dense" / "model.safetensors"))["linear.weight"] == 0.5).all())
+    assert bool((load_file(str(path / "model.safetensors"))["embeddings.word_embeddings.weight"][0] == 0.25).all())
+    assert not bool((model.dense[0].linear.weight == 0.5).all())  # the live modules are left as they are
+    assert SentenceTransformer(str(path), device="cpu").encode(TEXTS).shape == (4, 8)
+
+
 def test_training_runs_with_dropout_on(tiny_model: Path, tmp_path: Path) -> None:
     """A fine-tuned encoder trains with its dropout (from_pretrained hands it over in eval mode)."""
     from embedtune.commands.train import main

@@ -83,6 +83,14 @@ def test_hub_name(name: str, hub: str | None) -> None:
     assert hub_name(name) == hub
 
 
+def test_card_says_when_the_base_models_own_code_runs(tmp_path: Path) -> None:
+    text = card(tmp_path, config_dict(tmp_path, "model.trust_remote_code=true"))
+    assert "- **Remote code:** the base model's own code runs when it loads" in text
+    assert "trust_remote_code=True)  # or its Hub id once uploaded" in text  # how to load it, in the usage
+    plain = card(tmp_path, config_dict(tmp_path))
+    assert "Remote code" not in plain and "trust_remote_code=True" not in plain
+
+
 def test_fingerprint_follows_the_bytes(tmp_path: Path) -> None:
     a = write_jsonl(tmp_path / "a.jsonl", make_pairs(20, seed=1))
     b = write_jsonl(tmp_path / "b.jsonl", make_pairs(20, seed=2))
@@ -158,7 +166,7 @@ def test_card_replaces_the_sentence_transformers_readme_and_the_model_still_load
     assert "embedtune" in front_matter(text)["tags"] and "base_model" not in front_matter(text)
     assert "This is a [sentence-transformers]" not in text
     for line in ("- **Pooling:** cls", "- **Normalized embeddings:** no", "- **Embedding dimension:** 32",
-                 "- **Maximum sequence length:** 48 tokens"):
+                 "- **Maximum sequence length:** 48 tokens", "- **Modules:** Transformer -> Pooling"):
         assert line in text
     assert "| ndcg@10 | 0.4123 | 0.8125 | +0.4002 |" in text and "| steps trained | 5 |" in text
     fingerprint = data_fingerprint(config["data"]["train_files"])["sha256"]

@@ -20,7 +20,7 @@ from embedtune.distributed import cpu_processes
 from embedtune.files import write_json
 from embedtune.logs import log_to_console
 from embedtune.model.encoder import EmbeddingModel
-from embedtune.model.folder import ModelLoadError, read_model_folder
+from embedtune.model.folder import ModelLoadError
 from embedtune.retrieval import (
     EvalResult,
     RetrievalSet,
@@ -56,6 +56,7 @@ def make_parser() -> argparse.ArgumentParser:
     enc.add_argument("--query-prefix", default=None, help="default: the model's saved query prompt")
     enc.add_argument("--document-prefix", default=None, help="default: the model's saved document prompt")
     enc.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    enc.add_argument("--trust-remote-code", action="store_true", help="run the code that comes with the model")
     out = parser.add_argument_group("output")
     out.add_argument("--k", type=int, default=10, help="cutoff of nDCG and MRR")
     out.add_argument("--json", metavar="PATH", help="also write the metrics (and worst queries) as JSON")
@@ -107,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator(cpu=cpu_processes(), mixed_precision=args.mixed_precision)
     try:
         data_set = load_set(args)
-        model, tokenizer = EmbeddingModel.from_pretrained(args.model)
+        model, tokenizer = EmbeddingModel.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     except (DataError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    folder = read_model_folder(args.model)
+    folder = model.folder
     collate = PairCollator(tokenizer, args.query_max_length, args.document_max_length,
                            folder.query_prompt if args.query_prefix is None else args.query_prefix,
                            folder.document_prompt if args.document_prefix is None else args.document_prefix)

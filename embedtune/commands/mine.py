@@ -49,6 +49,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--negatives-field", default="negatives", help="the field written (replaced if present)")
     parser.add_argument("--backend", choices=["auto", "faiss", "torch"], default="auto",
                         help="auto: faiss when installed and no GPU is used, else torch")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the code that comes with the model")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                         help="how the corpus embeddings are held (scores are computed in float32)")
     return parser
@@ -78,6 +79,7 @@ def options_from(args: argparse.Namespace) -> MineOptions:
         document_max_length=args.document_max_length, query_prefix=args.query_prefix,
         document_prefix=args.document_prefix, query_field=args.query_field, positive_field=args.positive_field,
         negatives_field=args.negatives_field, backend=args.backend, dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
     )
 
 

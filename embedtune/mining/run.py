@@ -82,6 +82,7 @@ class MineOptions:
     negatives_field: str = "negatives"  # written, replaced where present
     backend: str = "auto"  # auto, faiss or torch
     dtype: str = "float16"  # how the corpus embeddings are held: float16 or float32
+    trust_remote_code: bool = False  # run the code that comes with the model
 
     @property
     def data(self) -> DataConfig:
@@ -203,7 +204,7 @@ def load_model(options: MineOptions) -> Setup:
     store = torch.device("cpu") if backend == "faiss" else device
     dtype = {"float16": torch.float16, "float32": torch.float32}[options.dtype]
 
-    model, tokenizer = EmbeddingModel.from_pretrained(model_path)
+    model, tokenizer = EmbeddingModel.from_pretrained(model_path, trust_remote_code=options.trust_remote_code)
     model.to(device).eval()
     collate = PairCollator(tokenizer, query_max, document_max, query_prefix, document_prefix)
     logger.info("model %s on %s, %s search; prefixes %r / %r, max length %d / %d", options.model, device, backend,

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from embedtune.model.folder import ST_POOLING, ModelLoadError, Pooling, read_model_folder
+from embedtune.files import read_json_object, write_json
+from embedtune.model.folder import ST_POOLING, ModelFolder, Pooling, read_model_folder
+from embedtune.model.modules import Dense, load_dense, load_transformer, st_dense
 from embedtune.model.packing import (
     MIN_CHUNK_ROWS,
     PACKED_ATTENTION,
@@ -48,37 +51,43 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: Pooling) -> t
 
 
 class EmbeddingModel(nn.Module):
-    """Transformer encoder -> pooled sentence embedding (-> unit length when ``normalize``)."""
+    """Transformer encoder -> pooled sentence embedding (-> Dense layers) (-> unit length when
+    ``normalize``): the module stack of a sentence-transformers folder."""
 
-    def __init__(self, encoder: PreTrainedModel, pooling: Pooling = "mean", normalize: bool = True) -> None:
+    def __init__(self, encoder: PreTrainedModel, pooling: Pooling = "mean", normalize: bool = True,
+                 dense: Sequence[Dense] = (), folder: ModelFolder | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.pooling: Pooling = pooling
         self.normalize = normalize
+        self.dense = nn.ModuleList(dense)  # trained with the encoder
+        # What the base folder says that training does not change (prompts, similarity), for the export.
+        self.folder = folder
+        # The export keeps include_prompt=false only with the base's own (last-token) pooling.
+        self.include_prompt = True
+        self.trust_remote_code = False  # the export loads the saved encoder again with it
         self.packed = False  # see enable_packing
         # Padded training batches are encoded in this many length-sorted chunks (see length_chunks).
         self.padded_chunks = 1
         self.pad_token_id = int(getattr(encoder.config, "pad_token_id", None) or 0)
 
     @classmethod
-    def from_pretrained(cls, name: str, pooling: str = "auto", normalize: bool | None = None
-                        ) -> tuple[EmbeddingModel, PreTrainedTokenizerBase]:
-        st = read_model_folder(name)
-        path = st.path
-        chosen_pooling: Pooling = (st.pooling or "mean") if pooling == "auto" else pooling  # type: ignore[assignment]
-        chosen_normalize = normalize if normalize is not None else (st.normalize if st.normalize is not None else True)
-        try:
-            # fp32 master weights; mixed precision is applied by Accelerate's autocast.
-            encoder = AutoModel.from_pretrained(st.transformer_dir, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(st.transformer_dir)
-        except OSError as exc:
-            offline = " (HF_HUB_OFFLINE is set, so only local folders and cached models load)" \
-                if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false") else ""
-            raise ModelLoadError(f"cannot load model.base_model={name!r}: not a model folder here, and not "
-                                 f"loadable from the Hugging Face Hub{offline}. Give a local folder with "
-                                 f"config.json and weights, or a Hub name with network access.\n  ({exc})") from exc
-        logger.info("model %s: pooling=%s normalize=%s", path, chosen_pooling, chosen_normalize)
-        model = cls(encoder, chosen_pooling, chosen_normalize)
+    def from_pretrained(cls, name: str, pooling: str = "auto", normalize: bool | None = None,
+                        trust_remote_code: bool = False) -> tuple[EmbeddingModel, PreTrainedTokenizerBase]:
+        """The model a folder or Hub name describes, module by module; ``pooling`` and ``normalize``
+        replace the folder's own settings when given. ``trust_remote_code`` lets the code that
+        comes with a model run (transformers' models and tokenizers, a Dense activation)."""
+        folder = read_model_folder(name)
+        chosen_pooling = folder.pooling_for(pooling)
+        chosen_normalize = normalize if normalize is not None else (folder.normalize if folder.normalize is not None
+                                                                    else True)
+        encoder, tokenizer = load_transformer(folder, name, trust_remote_code)
+        dense = [load_dense(spec, trust_remote_code) for spec in folder.dense]
+        logger.info("model %s: %s pooling=%s normalize=%s", folder.path,
+                    " -> ".join(folder.modules) or "plain transformers model", chosen_pooling, chosen_normalize)
+        model = cls(encoder, chosen_pooling, chosen_normalize, dense, folder)
+        model.include_prompt = folder.include_prompt or chosen_pooling != folder.pooling
+        model.trust_remote_code = trust_remote_code
         model.freeze_unused(tokenizer)
         return model, tokenizer
 
@@ -102,7 +111,8 @@ class EmbeddingModel(nn.Module):
 
     @property
     def dim(self) -> int:
-        return int(self.encoder.config.hidden_size)
+        """The embedding's size: the last Dense layer's output, else the encoder's hidden size."""
+        return int(self.dense[-1].out_features) if len(self.dense) else int(self.encoder.config.hidden_size)
 
     def enable_packing(self, tokenizer: PreTrainedTokenizerBase, tolerance: float = 1e-4) -> bool:
         """Encode without padding from now on, if this architecture gives the same embeddings that
@@ -180,26 +190,52 @@ class EmbeddingModel(nn.Module):
         else:
             hidden = self.encoder(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).last_hidden_state
             embeddings = pool(hidden, inputs.attention_mask, self.pooling)
+        for layer in self.dense:
+            embeddings = layer(embeddings)
         return F.normalize(embeddings, dim=-1) if self.normalize else embeddings
 
     def save_sentence_transformer(self, path: str, tokenizer: PreTrainedTokenizerBase, max_seq_length: int,
                                   prompts: dict[str, str] | None = None,
                                   state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write a folder that ``SentenceTransformer(path)`` loads, with safetensors weights.
+        """Write a folder that ``SentenceTransformer(path)`` loads, with safetensors weights: the
+        base's module stack (Transformer, Pooling with the same mode, the trained Dense layers,
+        Normalize), its prompts with ``prompts`` replacing those of the same name, its default
+        prompt and similarity function.
 
-        ``state_dict`` is the encoder's full state when it was sharded (FSDP, DeepSpeed).
+        ``state_dict`` is this model's full state (``encoder.*``, ``dense.*``) when it was sharded
+        (FSDP, DeepSpeed).
         """
         from sentence_transformers import SentenceTransformer
         from sentence_transformers import models as st_models
 
+        encoder_state = None
+        dense_states: list[dict[str, torch.Tensor] | None] = [None] * len(self.dense)
+        if state_dict is not None:
+            encoder_state = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
+            dense_states = [{k.removeprefix(f"dense.{i}."): v for k, v in state_dict.items()
+                             if k.startswith(f"dense.{i}.")} for i in range(len(self.dense))]
         os.makedirs(path, exist_ok=True)
-        self.encoder.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+        self.encoder.save_pretrained(path, state_dict=encoder_state, safe_serialization=True)
         tokenizer.save_pretrained(path)
+        # A model with its own code loads again only with it (the files come along with save_pretrained).
+        trusted = {f"{kind}_args": {"trust_remote_code": True} for kind in ("model", "tokenizer", "config")} \
+            if self.trust_remote_code else {}
         modules: list[nn.Module] = [
-            st_models.Transformer(path, max_seq_length=max_seq_length),
-            st_models.Pooling(self.dim, pooling_mode=ST_POOLING[self.pooling]),
+            st_models.Transformer(path, max_seq_length=max_seq_length, **trusted),
+            st_models.Pooling(int(self.encoder.config.hidden_size), pooling_mode=ST_POOLING[self.pooling],
+                              include_prompt=self.include_prompt),
+            *(st_dense(layer, state) for layer, state in zip(self.dense, dense_states)),
         ]
         if self.normalize:
             modules.append(st_models.Normalize())
-        st_model = SentenceTransformer(modules=modules, prompts=prompts or None, device="cpu")
+        folder = self.folder or ModelFolder(path, path, False)
+        merged = {**folder.prompts, **(prompts or {})}
+        st_model = SentenceTransformer(modules=modules, prompts=merged or None, device="cpu",
+                                       default_prompt_name=folder.default_prompt_name,
+                                       similarity_fn_name=folder.similarity)
         st_model.save(path, safe_serialization=True)
+        if folder.do_lower_case:
+            # sentence-transformers 6 no longer writes do_lower_case, and a tokenizer class rebuilds its
+            # own normalizer on load, dropping the Lowercase step: the flag keeps the export lower-casing.
+            config_file = os.path.join(path, "sentence_bert_config.json")
+            write_json(config_file, {**read_json_object(config_file), "do_lower_case": True})

@@ -30,8 +30,9 @@ class RunFacts:
 def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Config, facts: RunFacts,
                  duration: Callable[[], float]) -> str:
     """Write ``output_dir/final_model`` (collective: every process calls it; the main one writes)
-    with safetensors weights, the training prefixes as its prompts, and the model card, which
-    gives the run's ``duration()`` with the export included."""
+    with safetensors weights, the base model's module stack, the training prefixes as its prompts
+    (the base's where the run had none), and the model card, which gives the run's ``duration()``
+    with the export included."""
     path = os.path.join(cfg.output_dir, FINAL_MODEL)
     accelerator.wait_for_everyone()
     # Collective: under FSDP or DeepSpeed the full weights are assembled on the main process.
@@ -40,9 +41,10 @@ def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Conf
         data = cfg.data
         prompts = ({"query": data.query_prefix, "document": data.document_prefix}
                    if data.query_prefix or data.document_prefix else None)
-        encoder_state = {k.removeprefix("encoder."): v for k, v in state.items()}
+        # The base's module stack comes back (Dense layers trained), and its prompts unless the
+        # run trained with prefixes of its own.
         accelerator.unwrap_model(model).save_sentence_transformer(
-            path, tokenizer, max(data.query_max_length, data.document_max_length), prompts, encoder_state)
+            path, tokenizer, max(data.query_max_length, data.document_max_length), prompts, state)
         logger.info("saved %s", path)
         # After the save: sentence-transformers writes a generic README.md, which the card replaces.
         write_model_card(path, base_model=cfg.model.base_model, config=cfg.to_dict(),

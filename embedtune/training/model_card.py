@@ -116,7 +116,7 @@ def folder_facts(model_dir: str) -> dict[str, Any]:
         return {"prompts": {}, "similarity": "cosine"}
     return {"pooling": folder.pooling, "normalize": folder.normalize if folder.pooling else None,
             "dim": folder.dim, "max_seq_length": folder.max_seq_length, "prompts": folder.prompts,
-            "similarity": folder.similarity}
+            "similarity": folder.similarity, "modules": list(folder.modules)}
 
 
 def _duration(seconds: float) -> str:
@@ -147,11 +147,12 @@ def eval_table(before: dict[str, float] | None, after: dict[str, float] | None) 
     return "\n".join(rows)
 
 
-def _usage(model_dir: str, prompts: dict[str, str]) -> str:
+def _usage(model_dir: str, prompts: dict[str, str], remote_code: bool = False) -> str:
+    trust = ", trust_remote_code=True" if remote_code else ""
     load = f"""```python
 from sentence_transformers import SentenceTransformer
 
-model = SentenceTransformer({json.dumps(model_dir)})  # or its Hub id once uploaded
+model = SentenceTransformer({json.dumps(model_dir)}{trust})  # or its Hub id once uploaded
 queries = ["how do I read a file line by line?"]
 documents = ["Iterate over the file object: for line in open(path): ..."]
 """
@@ -276,6 +277,12 @@ def render_card(model_dir: str, *, base_model: str, config: dict[str, Any], fing
     if max_seq:
         model_lines.append(f"- **Maximum sequence length:** {max_seq} tokens")
     model_lines.append(f"- **Similarity:** {facts.get('similarity', 'cosine')}")
+    if facts.get("modules"):
+        model_lines.append(f"- **Modules:** {' -> '.join(facts['modules'])}")
+    remote_code = bool(_get(config, "model.trust_remote_code"))
+    if remote_code:
+        model_lines.append("- **Remote code:** the base model's own code runs when it loads "
+                           "(trained with `model.trust_remote_code=true`; load it with `trust_remote_code=True`)")
     if any(prompts.values()):
         model_lines.append("- **Prompts:** " + ", ".join(f"{k} {json.dumps(v)}" for k, v in prompts.items()))
 
@@ -298,7 +305,7 @@ embedtune {__version__}, for finding the answer to a question (semantic search, 
 
 ## Usage
 
-{_usage(model_dir, prompts)}
+{_usage(model_dir, prompts, remote_code)}
 
 ## Training data
 

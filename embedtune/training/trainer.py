@@ -128,8 +128,8 @@ class Trainer:
 
     def _setup_model(self) -> None:
         model_cfg = self.cfg.model
-        self.model, self.tokenizer = EmbeddingModel.from_pretrained(model_cfg.base_model, model_cfg.pooling,
-                                                                    model_cfg.normalize)
+        self.model, self.tokenizer = EmbeddingModel.from_pretrained(
+            model_cfg.base_model, model_cfg.pooling, model_cfg.normalize, trust_remote_code=model_cfg.trust_remote_code)
         if model_cfg.unpad:
             self.model.enable_packing(self.tokenizer)
         if model_cfg.gradient_checkpointing:
@@ -390,9 +390,9 @@ class Trainer:
             wandb = self.run_log.wandb_run
             facts = RunFacts(state.eval_before, after or None, None if wandb is None or wandb.offline else wandb.url,
                              state.examples_seen, state.step)
-            if cfg.model.lora and cfg.model.lora.export == "merged":
+            if cfg.model.lora:  # training is over: fold the adapters in, for a plain sentence-transformers folder
                 encoder = accelerator.unwrap_model(self.model)
-                encoder.encoder = merged(encoder.encoder)  # training is over: fold the adapters in
+                encoder.encoder = merged(encoder.encoder)
             final_dir = export_model(accelerator, self.model, self.tokenizer, cfg, facts, self.duration)
             self.run_log.summary({**{f"final/{k}": v for k, v in after.items()},
                               **{f"before/{k}": v for k, v in (state.eval_before or {}).items()}})

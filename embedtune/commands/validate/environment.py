@@ -19,7 +19,7 @@ from embedtune.commands.validate.checks import FAIL, OK, WARN, Check
 from embedtune.config import Config
 from embedtune.files import human_bytes
 from embedtune.model.encoder import EmbeddingModel
-from embedtune.model.folder import resolve_model_path
+from embedtune.model.folder import EMBEDDED_MODELS, resolve_model_path
 from embedtune.training.tracking import wandb_mode
 
 PACKAGES = ("accelerate", "transformers", "datasets", "sentence-transformers", "wandb", "safetensors")
@@ -179,7 +179,9 @@ class LoadedModel:
 def model_origin(name: str, path: str) -> str:
     """Where the model's files come from, in words."""
     if os.path.isdir(path):
-        return "local folder" if path == name else "installed package"
+        if path == name:
+            return "local folder"
+        return "installed package" if name in EMBEDDED_MODELS else "Hugging Face cache"
     try:
         cached = isinstance(try_to_load_from_cache(path, "config.json"), str)
     except Exception:  # an odd name is for the loader to explain
@@ -195,7 +197,8 @@ def model_check(cfg: Config) -> tuple[Check, LoadedModel | None]:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false")
     started = time.perf_counter()
     try:
-        model, tokenizer = EmbeddingModel.from_pretrained(name, cfg.model.pooling, cfg.model.normalize)
+        model, tokenizer = EmbeddingModel.from_pretrained(name, cfg.model.pooling, cfg.model.normalize,
+                                                          trust_remote_code=cfg.model.trust_remote_code)
     except Exception as exc:  # ModelLoadError says what to give instead; anything else is shown as is
         return Check("environment", "model load", FAIL, str(exc), {"name": name, "path": path}), None
     seconds = time.perf_counter() - started
