@@ -168,8 +168,8 @@ class ModelConfig(_Section):
                                "encode each process's texts in this many chunks sorted by length, each padded "
                                "only to its own longest text (at least 16 texts a chunk). 1: one padded block.")
     gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward "
-                                         "pass instead of keeping them: far less memory for about a third more "
-                                         "compute. Exact: dropout draws the same masks when recomputed.")
+                                         "pass instead of keeping them: far less memory for a second forward pass "
+                                         "of compute. Exact: dropout draws the same masks when recomputed.")
     lora: LoraSection | None = Field(None, description="Train low-rank adapters instead of the encoder's weights "
                                      "(peft's LoRA): only the adapters train and are checkpointed.")
     trust_remote_code: bool = Field(False, description="Run the code a model's repository ships (some embedding "
