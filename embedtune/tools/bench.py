@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -98,21 +97,9 @@ def gradcache_case(batch: int, mini: int | None, query_len: int, doc_len: int, s
     loss_fn = MultipleNegativesRankingLoss()
     times = []
     for _ in range(steps + 1):  # the first step warms up
-        pairs = [Pair(str(i), text(query_len), text(doc_len)) for i in range(batch)]
-        inputs = collate(pairs)
-        started = time.perf_counter()
-        with accelerator.autocast():
-            step(model, inputs, loss_fn, 1.0, accelerator)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    if torch.cuda.is_available():
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"seconds_per_step": sum(times[1:]) / steps, "peak_mib": peak}
+        inputs = collate([Pair(str(i), text(query_len), text(doc_len)) for i in range(batch)])
+        times.append(memory.timed_step(model, optimizer, step, inputs, loss_fn, accelerator))
+    return {"seconds_per_step": sum(times[1:]) / steps, "peak_mib": memory.peak_mib()}
 
 
 def bench_gradcache(small: int, large: int, mini: int, query_len: int, doc_len: int, steps: int,

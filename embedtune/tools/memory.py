@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from transformers import AutoTokenizer, Qwen2Config, Qwen2Model
 
 from embedtune.config import LoraSection, TrainConfig
-from embedtune.data.collate import PairCollator
+from embedtune.data.collate import PairCollator, TrainBatch
 from embedtune.data.records import Pair
 from embedtune.files import write_json
 from embedtune.losses.ranking import MultipleNegativesRankingLoss
@@ -34,7 +34,7 @@ from embedtune.model.encoder import EmbeddingModel
 from embedtune.model.folder import resolve_model_path
 from embedtune.model.lora import add_adapters
 from embedtune.training.optim import build_optimizer
-from embedtune.training.step import plain_step
+from embedtune.training.step import Step, plain_step
 from embedtune.training.trainer import checkpoint_activations
 
 CASES = {"full": (False, False), "checkpointing": (True, False), "lora": (False, True),
@@ -69,24 +69,32 @@ def run_case(folder: str, checkpointing: bool, lora: bool, batch: int, length: i
              for i in range(batch)]
     inputs = PairCollator(tokenizer, max(8, length // 8), length)(pairs)
     loss_fn = MultipleNegativesRankingLoss()
-    seconds = []
-    for _ in range(2):  # the first step warms up
-        started = time.perf_counter()
-        with accelerator.autocast():
-            plain_step(model, inputs, loss_fn, 1.0, accelerator)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - started)
+    timed_step(model, optimizer, plain_step, inputs, loss_fn, accelerator)  # warms up
+    seconds = timed_step(model, optimizer, plain_step, inputs, loss_fn, accelerator)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    if torch.cuda.is_available():
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"seconds_per_step": seconds[-1], "peak_mib": peak, "trained": trained, "parameters": total,
+    return {"seconds_per_step": seconds, "peak_mib": peak_mib(), "trained": trained, "parameters": total,
             "tokens": int(inputs.real_tokens)}
+
+
+def timed_step(model: Any, optimizer: Any, step: Step, inputs: TrainBatch, loss_fn: Any,
+               accelerator: Accelerator) -> float:
+    """Seconds of one optimizer step: forward, backward, update."""
+    started = time.perf_counter()
+    with accelerator.autocast():
+        step(model, inputs, loss_fn, 1.0, accelerator)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def peak_mib() -> float:
+    """The most memory torch allocated on the GPU, or this process's peak resident memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def bench_memory(shape: dict[str, int], batch: int, length: int, tokenizer: str) -> list[dict[str, Any]]:

@@ -15,7 +15,6 @@ import argparse
 import gzip
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from embedtune.data.records import resolve_files
 from embedtune.data.stream import PairBatches, auto_workers, make_loader
 from embedtune.files import write_json
 from embedtune.model.folder import read_model_folder, resolve_model_path
+from embedtune.tools.memory import peak_mib
 from embedtune.training.trainer import run_training
 
 DEFAULT_DATA = "embedtune:resources/python_docs_qa.jsonl.gz"
@@ -123,12 +123,6 @@ def flops_per_token(model_dir: str, mean_length: float) -> float:
     return 6 * dense + 12 * layers * h * mean_length
 
 
-def peak_memory_mib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_embedtune(model_dir: str, data: str, args: argparse.Namespace, out: str) -> dict[str, float]:
     """``2 x --steps`` steps of embedtune's own training; the figures of the timed second half."""
     cfg = Config.model_validate({
@@ -154,7 +148,7 @@ def run_embedtune(model_dir: str, data: str, args: argparse.Namespace, out: str)
         rows = [json.loads(line) for line in f if '"loss"' in line]
     timed = rows[-1]  # the second window: steps+1 .. 2*steps
     return {"pairs_per_s": timed["pairs_per_s"], "tokens_per_s": timed["tokens_per_s"],
-            "padding_efficiency": timed["padding_efficiency"], "peak_mib": peak_memory_mib(),
+            "padding_efficiency": timed["padding_efficiency"], "peak_mib": peak_mib(),
             "packed": timed["padding_efficiency"] == 1.0,
             "loss": timed["loss"]}
 
@@ -200,7 +194,7 @@ def run_st_trainer(model_dir: str, data: str, args: argparse.Namespace, out: str
     trainer.train()
     seconds = marks[2 * args.steps] - marks[args.steps]
     pairs = args.steps * args.batch_size
-    return {"pairs_per_s": pairs / seconds, "peak_mib": peak_memory_mib()}
+    return {"pairs_per_s": pairs / seconds, "peak_mib": peak_mib()}
 
 
 def loader_pairs_per_s(model_dir: str, data: str, args: argparse.Namespace, batches: int) -> float:
