@@ -119,6 +119,12 @@ class DataConfig(_Section):
         1 << 28, ge=1, description="The most characters of text (queries, positives, hard negatives) in one "
         "global batch; a batch with more stops the run before it is tokenized.")
     query_prefix: str = Field("", description='Prepended to every query, e.g. "query: ".')
+    query_prompt: str | None = Field(
+        None, description='The name of one of the base model\'s prompts (config_sentence_transformers.json), e.g. '
+        '"query" or "web_search_query", whose text is prepended to every query (instead of query_prefix).')
+    prompt_field: str | None = Field(
+        None, description="A per-record field whose text (an instruction) is prepended to that record's query "
+        "instead of the query prompt or prefix; a record without it is a bad record.")
     document_prefix: str = Field("", description='Prepended to every document, e.g. "passage: ".')
     query_max_length: int = Field(64, ge=4)
     document_max_length: int = Field(256, ge=4)
@@ -140,6 +146,15 @@ class DataConfig(_Section):
         if self.max_negatives > self.max_negatives_per_record:
             raise ValueError(f"data.max_negatives ({self.max_negatives}) is more than data.max_negatives_per_record "
                              f"({self.max_negatives_per_record}), the most a record may list; raise the latter too")
+        return self
+
+    @model_validator(mode="after")
+    def _query_prompt(self) -> DataConfig:
+        if self.query_prompt is not None and self.query_prefix:
+            raise ValueError(f"data.query_prompt ({_shown(self.query_prompt)}) and data.query_prefix "
+                             f"({_shown(self.query_prefix)}) both say what to prepend to every query; keep one")
+        if self.query_prompt is not None and not self.query_prompt:
+            raise ValueError("data.query_prompt is empty; name one of the base model's prompts, or leave it null")
         return self
 
 
@@ -175,6 +190,17 @@ class ModelConfig(_Section):
     trust_remote_code: bool = Field(False, description="Run the code a model's repository ships (some embedding "
                                     "models need it, e.g. nomic-embed, jina, gte-multilingual); off, such a model "
                                     "stops with this key named.")
+    append_eos: bool | None = Field(
+        None, description="Make the tokenizer end every text with its EOS token, whose embedding is pooled (last-token "
+        "pooling, as e5-mistral and gte-Qwen2 do); the exported tokenizer does the same. null: on for a decoder "
+        "(Qwen2, Mistral, Llama...) pooled by its last token, unless its tokenizer appends it already.")
+
+    @model_validator(mode="after")
+    def _append_eos(self) -> ModelConfig:
+        if self.append_eos and self.pooling in ("mean", "cls"):
+            raise ValueError(f"model.append_eos=true pools the appended EOS token, which needs last-token pooling; "
+                             f"set model.pooling=last (or auto, for a model pooled that way), not {self.pooling}")
+        return self
 
 
 LossName = Literal[LOSS_NAMES]  # type: ignore[valid-type]

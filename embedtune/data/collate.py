@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from embedtune.config import ConfigError, DataConfig
 from embedtune.data.records import Pair, Reject, text_key
+from embedtune.model.folder import ModelFolder
 from embedtune.model.packing import Ragged, padded_tokens
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,20 @@ class TrainBatch:
                    for name in ("query", "document", "negative_owner", "query_keys", "document_keys")}
         labels = self.labels.pin_memory() if self.labels is not None else None
         return replace(self, **tensors, labels=labels)
+
+
+def query_prefix(data: DataConfig, folder: ModelFolder | None) -> str:
+    """What every query starts with: the text of the base model's prompt ``data.query_prompt``
+    names, else ``data.query_prefix``. (A record's ``data.prompt_field`` replaces it for that record.)"""
+    if data.query_prompt is None:
+        return data.query_prefix
+    prompts = folder.prompts if folder is not None else {}
+    if data.query_prompt not in prompts:
+        where = folder.path if folder is not None else "the base model"
+        names = ", ".join(repr(name) for name in sorted(prompts)) or "none"
+        raise ConfigError(f"data.query_prompt={data.query_prompt!r}: {where} has no prompt of that name (its prompts, "
+                          f"in config_sentence_transformers.json: {names}); name one of them, or set data.query_prefix")
+    return prompts[data.query_prompt]
 
 
 PROBE = ["A probe sentence, with punctuation: and ÜNICODE ünïcödé, numbers 3.14 and   spaces?", "x",
@@ -108,15 +124,19 @@ class PairCollator:
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
         return Ragged(torch.from_numpy(flat), torch.from_numpy(lengths))
 
-    def queries(self, texts: list[str]) -> Ragged:
-        return self.encode([self.query_prefix + t for t in texts], self.query_max_length)
+    def queries(self, texts: list[str], prompts: list[str | None] | None = None) -> Ragged:
+        """``prompts``: each text's own instruction (None: the query prefix), prepended instead of the prefix."""
+        if prompts is None:
+            return self.encode([self.query_prefix + t for t in texts], self.query_max_length)
+        return self.encode([(self.query_prefix if p is None else p) + t for t, p in zip(texts, prompts, strict=True)],
+                           self.query_max_length)
 
     def documents(self, texts: list[str]) -> Ragged:
         return self.encode([self.document_prefix + t for t in texts], self.document_max_length)
 
     def __call__(self, pairs: list[Pair]) -> TrainBatch:
         negatives = [n for p in pairs for n in p.negatives]
-        query = self.queries([p.query for p in pairs])
+        query = self.queries([p.query for p in pairs], [p.prompt for p in pairs])
         document = self.documents([p.positive for p in pairs] + negatives)
         sides = (query.lengths, document.lengths)
         return TrainBatch(

@@ -67,6 +67,7 @@ class Pair:
     negatives: tuple[str, ...] = ()
     label: float | None = None
     source: str | None = None  # for metrics per source
+    prompt: str | None = None  # the record's own query instruction (data.prompt_field), used instead of the prefix
 
 
 @dataclass(frozen=True)
@@ -361,13 +362,25 @@ def parse_record(path: str, line: int, raw: Any, cfg: DataConfig, require_negati
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return bad(f"'{cfg.label_field}' must be a finite number (the pair's label or score), got {value!r:.60}")
         label = float(value)
+    prompt = record.get(cfg.prompt_field) if cfg.prompt_field else None
+    if cfg.prompt_field and not isinstance(prompt, str):
+        return bad(_prompt_problem(record, cfg.prompt_field))
     query, positive = record[cfg.query_field], record[cfg.positive_field]
     if isinstance(raw, str) and ("\\ud" in raw or "\\uD" in raw):
-        if surrogate := _unencodable([query, positive, *negatives]):
+        if surrogate := _unencodable([query, positive, *negatives, *([prompt] if prompt else [])]):
             return bad(f"a text holds {surrogate}, half of a UTF-16 surrogate pair, which is no character; "
                        "write the character itself or its complete pair")
     source = record.get(cfg.source_field) if cfg.source_field else None
-    return Pair(f"{path}:{line}", query, positive, negatives, label, None if source is None else str(source))
+    return Pair(f"{path}:{line}", query, positive, negatives, label, None if source is None else str(source), prompt)
+
+
+def _prompt_problem(record: dict[str, Any], name: str) -> str:
+    """Why a record's ``data.prompt_field`` cannot be prepended to its query."""
+    if name not in record:
+        keys = ", ".join(str(k)[:40] for k in sorted(record, key=str)[:10]) or "none"
+        return (f"no '{name}' field for the query's instruction (fields here: {keys}); add it (\"\" for none) or "
+                "change data.prompt_field")
+    return f"'{name}' (the query's instruction) must be a string, got {record[name]!r:.60}"
 
 
 def read_records(files: list[str], cfg: DataConfig, require_negatives: bool = False

@@ -2,6 +2,10 @@
 
 ``EmbeddingModel.forward`` takes one input object per layout (``model.packing``), so the same
 module serves padded evaluation, packed or chunked training, and GradCache's mini-batches.
+
+Decoder embedders (Qwen2, Mistral, Llama... in the e5-mistral / gte-Qwen2 style) keep their causal
+attention in every layout, and pool their last token: the tokenizer itself is made to append its
+EOS token (``model.append_eos``), so training, the collator and the exported model all see it.
 """
 
 from __future__ import annotations
@@ -12,15 +16,17 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from tokenizers import processors
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from embedtune.files import read_json_object, write_json
-from embedtune.model.folder import ST_POOLING, ModelFolder, Pooling, read_model_folder
+from embedtune.model.folder import ST_POOLING, ModelFolder, ModelLoadError, Pooling, read_model_folder
 from embedtune.model.modules import Dense, load_dense, load_transformer, st_dense
 from embedtune.model.packing import (
     MIN_CHUNK_ROWS,
     PACKED_ATTENTION,
+    VARLEN_CAUSAL,
     Chunked,
     Layout,
     Packed,
@@ -37,6 +43,67 @@ from embedtune.model.packing import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Causal language-model backbones that embedding models are built on; their configs do not say
+# is_decoder, so they are known by their type.
+DECODER_TYPES = frozenset({"qwen2", "qwen3", "mistral", "llama", "gemma", "gemma2", "gemma3_text", "phi3"})
+EOS_PROBE = "an eos probe"
+
+
+def is_decoder(config: object) -> bool:
+    """Whether an encoder config describes a decoder (causal attention)."""
+    return bool(getattr(config, "is_decoder", False)) or getattr(config, "model_type", None) in DECODER_TYPES
+
+
+def appends_eos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's own call ends every text with its EOS token (Qwen3-Embedding's does)."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(EOS_PROBE)["input_ids"]
+    return eos is not None and bool(ids) and ids[-1] == eos
+
+
+def append_eos_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make the tokenizer end every text with its EOS token, after whatever it added before.
+
+    It is done in the Rust tokenizer's post-processor, so every route through the tokenizer
+    appends it (its own call, the collator's direct use of the backend, the tokenizer saved with
+    the export and loaded by sentence-transformers), and truncation keeps room for it.
+    """
+    if appends_eos(tokenizer):
+        return
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    if eos is None or eos_id is None:
+        raise ModelLoadError("model.append_eos: the tokenizer has no eos_token to append; set model.append_eos=false "
+                             "or use a tokenizer with an EOS token")
+    if backend is None:
+        raise ModelLoadError(f"model.append_eos: the tokenizer {type(tokenizer).__name__} has no fast (Rust) backend "
+                             "to append its EOS token with; set model.append_eos=false or use a fast tokenizer")
+    append = processors.TemplateProcessing(single=f"$A:0 {eos}:0", pair=f"$A:0 {eos}:0 $B:1 {eos}:1",
+                                           special_tokens=[(eos, eos_id)])
+    current = backend.post_processor
+    backend.post_processor = append if current is None else processors.Sequence([current, append])
+    try:
+        works = appends_eos(tokenizer)
+    except BaseException as exc:  # the Rust side panics on some processor combinations
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        works = False
+    if not works:
+        backend.post_processor = current
+        raise ModelLoadError(f"model.append_eos: the tokenizer {type(tokenizer).__name__} cannot end texts with "
+                             f"{eos!r} through its post-processor; set model.append_eos=false")
+    logger.info("the tokenizer now ends every text with its EOS token %r (model.append_eos)", eos)
+
+
+def resolve_append_eos(requested: bool | None, pooling: Pooling, decoder: bool) -> bool:
+    """``model.append_eos``: null means on for a decoder pooled by its last token; true needs last-token pooling."""
+    if requested is None:
+        return decoder and pooling == "last"
+    if requested and pooling != "last":
+        raise ModelLoadError(f"model.append_eos=true pools the appended EOS token, which needs last-token pooling, "
+                             f"but this model pools by {pooling}; set model.pooling=last or model.append_eos=false")
+    return requested
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: Pooling) -> torch.Tensor:
@@ -73,15 +140,22 @@ class EmbeddingModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name: str, pooling: str = "auto", normalize: bool | None = None,
-                        trust_remote_code: bool = False) -> tuple[EmbeddingModel, PreTrainedTokenizerBase]:
+                        trust_remote_code: bool = False, append_eos: bool | None = None
+                        ) -> tuple[EmbeddingModel, PreTrainedTokenizerBase]:
         """The model a folder or Hub name describes, module by module; ``pooling`` and ``normalize``
         replace the folder's own settings when given. ``trust_remote_code`` lets the code that
-        comes with a model run (transformers' models and tokenizers, a Dense activation)."""
+        comes with a model run (transformers' models and tokenizers, a Dense activation).
+        ``append_eos`` (``model.append_eos``) makes the tokenizer end every text with its EOS token."""
         folder = read_model_folder(name)
         chosen_pooling = folder.pooling_for(pooling)
         chosen_normalize = normalize if normalize is not None else (folder.normalize if folder.normalize is not None
                                                                     else True)
         encoder, tokenizer = load_transformer(folder, name, trust_remote_code)
+        decoder = is_decoder(encoder.config)
+        if decoder:  # embedding never generates: a key/value cache would only hold memory
+            encoder.config.use_cache = False
+        if resolve_append_eos(append_eos, chosen_pooling, decoder):
+            append_eos_token(tokenizer)
         dense = [load_dense(spec, trust_remote_code) for spec in folder.dense]
         logger.info("model %s: %s pooling=%s normalize=%s", folder.path,
                     " -> ".join(folder.modules) or "plain transformers model", chosen_pooling, chosen_normalize)
@@ -152,14 +226,17 @@ class EmbeddingModel(nn.Module):
 
     def keep_packing_for(self, device: torch.device, half: bool) -> bool:
         """On CUDA, training packed pays only with the varlen kernel (half precision, no attention
-        dropout); otherwise padded batches are faster, and packing is turned off for training."""
+        dropout, and for a decoder its causal form); otherwise padded batches are faster, and
+        packing is turned off for training."""
         if not self.packed or device.type != "cuda":
             return self.packed
         dropout = attention_dropout(self.encoder.config) > 0
-        if choose_cuda_routes(device).get((dropout, half)) != "varlen":
+        routes = choose_cuda_routes(device)
+        causal_slow = is_decoder(self.encoder.config) and not VARLEN_CAUSAL["checked"]
+        if routes.get((dropout, half)) != "varlen" or causal_slow:
             self.packed = False
             logger.info("padded batches on this GPU: packed attention has no fast kernel here for %s",
-                        "attention dropout" if dropout else "this precision")
+                        "attention dropout" if dropout else "causal attention" if causal_slow else "this precision")
         return self.packed
 
     def prepare(self, inputs: Ragged | Padded, device: torch.device) -> Layout:

@@ -11,7 +11,8 @@ length. ``EmbeddingModel.prepare`` turns that into one of three layouts on the d
   see a padding token. Attention keeps each text to itself: with FlashAttention's varlen kernel
   where torch has it (CUDA, no attention dropout), by scattering queries, keys and values back
   into a padded block for one SDPA call per layer on other GPUs, and with one SDPA call per text
-  on the CPU.
+  on the CPU. A causal attention module (a decoder's) stays causal on every route, and a
+  sliding-window layer keeps its window.
 """
 
 from __future__ import annotations
@@ -132,37 +133,104 @@ except ImportError:  # older torch: the other routes serve
 # padded block for SDPA, which is slower than padding the batch in the first place). Chosen once
 # per process by ``choose_cuda_routes``. The CPU takes "per_text": one SDPA call per text.
 CUDA_ROUTES: dict[tuple[bool, bool], str] = {}
+# Whether the varlen route also gives the padded route's result for causal attention (with and
+# without a sliding window), checked with it; a decoder otherwise takes the padded route.
+VARLEN_CAUSAL: dict[str, bool] = {"checked": False}
+
+
+@dataclass(frozen=True)
+class Masking:
+    """Which keys a query of the same text may see: all (``causal`` false) or those up to itself
+    (``causal``), and of those only the ones less than ``window`` positions away (a sliding-window
+    layer, as transformers passes it; None: no limit)."""
+
+    causal: bool = False
+    window: int | None = None
+
+    def allowed(self, length: int, device: torch.device) -> torch.Tensor | None:
+        """A (length, length) boolean mask for one text, or None where plain SDPA needs none."""
+        if not self.causal and (self.window is None or self.window >= length):
+            return None
+        query = torch.arange(length, device=device)[:, None]
+        key = torch.arange(length, device=device)[None, :]
+        mask = key <= query if self.causal else torch.ones(length, length, dtype=torch.bool, device=device)
+        if self.window is not None and self.window < length:
+            # transformers' sliding windows: |query - key| < window (causal: the window keys ending at the query).
+            mask = mask & (key > query - self.window) & (key < query + self.window)
+        return mask
+
+    def varlen_window(self) -> tuple[int, int]:
+        """FlashAttention's (left, right) window: -1 is no limit, (-1, 0) is causal."""
+        left = self.window - 1 if self.window is not None else -1
+        right = 0 if self.causal else (self.window - 1 if self.window is not None else -1)
+        return left, right
+
+
+BIDIRECTIONAL = Masking()
+
+
+def _gqa(q: torch.Tensor, k: torch.Tensor) -> dict[str, bool]:
+    """Grouped-query attention (fewer key/value heads than query heads, e.g. Qwen2) for packed
+    (tokens, heads, head_dim) inputs: SDPA shares each key/value head among its group itself."""
+    return {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
 
 
 def _padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, scaling: float | None,
-                      dropout: float) -> torch.Tensor:
+                      dropout: float, masking: Masking = BIDIRECTIONAL) -> torch.Tensor:
     heads, head_dim = q.shape[1], q.shape[2]
 
     def padded(t: torch.Tensor) -> torch.Tensor:
-        block = t.new_zeros(packing.rows * packing.width, heads, head_dim).index_copy(0, packing.flat_index, t)
-        return block.view(packing.rows, packing.width, heads, head_dim).transpose(1, 2)
+        block = t.new_zeros(packing.rows * packing.width, t.shape[1], head_dim).index_copy(0, packing.flat_index, t)
+        return block.view(packing.rows, packing.width, t.shape[1], head_dim).transpose(1, 2)
 
     keep = torch.zeros(packing.rows * packing.width, dtype=torch.bool, device=q.device)
     keep[packing.flat_index] = True
     mask = keep.view(packing.rows, 1, 1, packing.width)
+    within = masking.allowed(packing.width, q.device)
+    if within is not None:  # texts start at position 0 of their row, so one mask serves every row
+        mask = mask & within[None, None]
     out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, dropout_p=dropout,
-                                         scale=scaling)
+                                         scale=scaling, **_gqa(q, k))
     return out.transpose(1, 2).reshape(packing.rows * packing.width, heads, head_dim)[packing.flat_index]
 
 
+def _per_text(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, scaling: float | None,
+              dropout: float, masking: Masking) -> torch.Tensor:
+    """One SDPA call per text: no padding computed at all."""
+    bounds = packing.cu_seqlens.tolist()
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        windowed = masking.window is not None and masking.window < b - a
+        mask = masking.allowed(b - a, q.device) if windowed else None
+        # Causal alone is SDPA's own flag (its fast kernels keep it); a window needs the mask.
+        causal = masking.causal and mask is None
+        outs.append(F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)),
+                                                   attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scaling,
+                                                   **_gqa(q, k))[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
 def _attend(route: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing,
-            scaling: float | None, dropout: float) -> torch.Tensor:
-    """Attention of packed (tokens, heads, head_dim) inputs, each text to itself."""
+            scaling: float | None, dropout: float, masking: Masking = BIDIRECTIONAL) -> torch.Tensor:
+    """Attention of packed (tokens, heads, head_dim) inputs, each text to itself (and, for a
+    causal module, each token to the tokens before it)."""
     if route == "per_text":
-        bounds = packing.cu_seqlens.tolist()
-        return torch.cat([
-            F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), dropout_p=dropout,
-                                           scale=scaling)[0].transpose(0, 1)
-            for a, b in zip(bounds[:-1], bounds[1:])])
+        return _per_text(q, k, v, packing, scaling, dropout, masking)
     if route == "varlen":
         return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), packing.cu_seqlens, packing.cu_seqlens,
-                           packing.max_length, packing.max_length, scale=scaling)
-    return _padded_attention(q, k, v, packing, scaling, dropout)
+                           packing.max_length, packing.max_length, scale=scaling,
+                           window_size=masking.varlen_window(), enable_gqa=k.shape[1] != q.shape[1])
+    return _padded_attention(q, k, v, packing, scaling, dropout, masking)
+
+
+def _check_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, masking: Masking) -> None:
+    """Raise unless the varlen route gives the padded route's result, and a gradient, for ``masking``."""
+    expected = _padded_attention(q, k, v, packing, None, 0.0, masking)
+    got = _attend("varlen", q, k, v, packing, None, 0.0, masking)
+    error = float((got.float() - expected.float()).abs().max())
+    if not error <= 3e-2:
+        raise ValueError(f"differs from padded attention by {error:.1e} ({masking})")
+    got.float().sum().backward()
 
 
 def choose_cuda_routes(device: torch.device) -> dict[tuple[bool, bool], str]:
@@ -179,15 +247,15 @@ def choose_cuda_routes(device: torch.device) -> dict[tuple[bool, bool], str]:
     if varlen_attn is not None:
         try:
             q, k, v = (t.to(torch.bfloat16).requires_grad_() for t in base)
-            expected = _padded_attention(q, k, v, packing, None, 0.0)
-            got = _attend("varlen", q, k, v, packing, None, 0.0)
-            error = float((got.float() - expected.float()).abs().max())
-            if not error <= 3e-2:
-                raise ValueError(f"differs from padded attention by {error:.1e}")
-            got.float().sum().backward()
+            _check_varlen(q, k, v, packing, BIDIRECTIONAL)
             CUDA_ROUTES[False, True] = "varlen"
+            # Decoders' causal attention (and sliding windows) too, or they take the padded route.
+            for masking in (Masking(causal=True), Masking(causal=True, window=16)):
+                _check_varlen(q, k, v, packing, masking)
+            VARLEN_CAUSAL["checked"] = True
         except Exception as exc:  # a kernel this torch or GPU lacks, or a wrong answer
-            logger.info("varlen attention not used: %s", exc)
+            logger.info("varlen attention not used%s: %s",
+                        " for causal attention" if CUDA_ROUTES[False, True] == "varlen" else "", exc)
     logger.info("packed attention on %s: %s", torch.cuda.get_device_name(device),
                 ", ".join(f"{'dropout' if d else 'no dropout'}/{'half' if h else 'fp32'}: {r}"
                           for (d, h), r in CUDA_ROUTES.items()))
@@ -215,10 +283,28 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
                                       **kwargs)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
     half = q.dtype in (torch.float16, torch.bfloat16)
+    if kwargs.get("softcap") is not None:  # as transformers' SDPA does: the packing probe then turns packing off
+        raise ValueError("packed attention does not support softcap")
+    masking = module_masking(module, kwargs.get("is_causal"), kwargs.get("sliding_window"))
     # On the CPU one attention call per text computes no padding at all; the calls are cheap
     # next to the dense layers there (on a GPU they would not be).
     route = CUDA_ROUTES.get((dropout > 0, half), "padded") if q.is_cuda else "per_text"
-    return _attend(route, q, k, v, packing, scaling, dropout).unsqueeze(0), None
+    if route == "varlen" and masking != BIDIRECTIONAL and not VARLEN_CAUSAL["checked"]:
+        route = "padded"
+    return _attend(route, q, k, v, packing, scaling, dropout, masking).unsqueeze(0), None
+
+
+def module_masking(module: nn.Module, is_causal: bool | None, sliding_window: int | None) -> Masking:
+    """How an attention module masks, as transformers' own SDPA attention reads it: the call's
+    ``is_causal`` first, else the module's (a decoder's attention says True, an encoder's False;
+    one that says nothing is taken as an encoder's). A config with ``is_causal: false`` turns a
+    decoder bidirectional in transformers' masks, so here too."""
+    if is_causal is None:
+        is_causal = bool(getattr(module, "is_causal", False))
+        if getattr(getattr(module, "config", None), "is_causal", True) is False:
+            is_causal = False
+    window = sliding_window if isinstance(sliding_window, int) and sliding_window > 0 else None
+    return Masking(bool(is_causal), window)
 
 
 def pack_padded(inputs: Padded) -> Packed:

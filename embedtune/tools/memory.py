@@ -56,7 +56,8 @@ def decoder_folder(out: str, shape: dict[str, int], tokenizer: str) -> str:
 def run_case(folder: str, checkpointing: bool, lora: bool, batch: int, length: int) -> dict[str, float]:
     """One case in this process: seconds of one training step and the peak memory."""
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
-    model, tokenizer = EmbeddingModel.from_pretrained(folder, pooling="last")
+    # The test tokenizer is not the decoder's own; an EOS changes nothing about memory.
+    model, tokenizer = EmbeddingModel.from_pretrained(folder, pooling="last", append_eos=False)
     if checkpointing:
         checkpoint_activations(model.encoder)
     if lora:

@@ -11,6 +11,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from embedtune.config import Config
+from embedtune.data.collate import query_prefix
 from embedtune.training.model_card import FINAL_MODEL, data_fingerprint, write_model_card
 
 logger = logging.getLogger("embedtune")
@@ -39,7 +40,10 @@ def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Conf
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         data = cfg.data
-        prompts = ({"query": data.query_prefix, "document": data.document_prefix}
+        # The prefixes trained with become the model's query and document prompts (the base's
+        # own prompts are kept by the save); a named base prompt is saved as the query prompt.
+        query = query_prefix(data, accelerator.unwrap_model(model).folder)
+        prompts = ({"query": query, "document": data.document_prefix}
                    if data.query_prefix or data.document_prefix else None)
         # The base's module stack comes back (Dense layers trained), and its prompts unless the
         # run trained with prefixes of its own.

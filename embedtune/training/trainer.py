@@ -19,7 +19,7 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from embedtune.config import Config, ConfigError
-from embedtune.data.collate import PairCollator, TrainBatch
+from embedtune.data.collate import PairCollator, TrainBatch, query_prefix
 from embedtune.data.records import DataError, format_stream_reject
 from embedtune.data.split import plan_data, preflight
 from embedtune.data.stream import PairBatches, make_loader
@@ -129,7 +129,8 @@ class Trainer:
     def _setup_model(self) -> None:
         model_cfg = self.cfg.model
         self.model, self.tokenizer = EmbeddingModel.from_pretrained(
-            model_cfg.base_model, model_cfg.pooling, model_cfg.normalize, trust_remote_code=model_cfg.trust_remote_code)
+            model_cfg.base_model, model_cfg.pooling, model_cfg.normalize, trust_remote_code=model_cfg.trust_remote_code,
+            append_eos=model_cfg.append_eos)
         if model_cfg.unpad:
             self.model.enable_packing(self.tokenizer)
         if model_cfg.gradient_checkpointing:
@@ -150,7 +151,8 @@ class Trainer:
         cfg, accelerator = self.cfg, self.accelerator
         data = cfg.data
         self.collate = PairCollator(self.tokenizer, data.query_max_length, data.document_max_length,
-                                    data.query_prefix, data.document_prefix, padded_chunks=self.model.padded_chunks)
+                                    query_prefix(data, self.model.folder), data.document_prefix,
+                                    padded_chunks=self.model.padded_chunks)
         beir = cfg.eval.uses_beir_files()
         plan = plan_data(data, count=not cfg.train.max_steps, held_out=not beir,
                          require_negatives=self.require_negatives)

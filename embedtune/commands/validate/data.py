@@ -21,7 +21,8 @@ import torch
 
 from embedtune.commands.validate.checks import FAIL, OK, WARN, Check, number
 from embedtune.commands.validate.environment import LoadedModel
-from embedtune.config import Config, DataConfig
+from embedtune.config import Config, ConfigError, DataConfig
+from embedtune.data.collate import query_prefix
 from embedtune.data.records import DataError, Pair, Reject, document_tokens, read_records, resolve_files, text_key
 from embedtune.data.split import MAX_REJECTS_SHOWN, HeldOutQuestions, trains_on
 from embedtune.files import human_bytes
@@ -297,7 +298,12 @@ def length_checks(cfg: Config, stats: DataStats, model: LoadedModel) -> list[Che
     total = stats.seen_for_sample
     note = (f"all {number(total)} records" if len(stats.sample) == total
             else f"a random sample of {number(len(stats.sample))} of {number(total)} records")
-    queries = [d.query_prefix + p.query for p in stats.sample]
+    try:
+        prefix = query_prefix(d, model.folder)
+    except ConfigError:  # an unknown prompt name: the config row says so; measure without it
+        prefix = d.query_prefix
+    # As the collator builds them: a record's own instruction replaces the prefix.
+    queries = [(prefix if p.prompt is None else p.prompt) + p.query for p in stats.sample]
     documents = [d.document_prefix + t for p in stats.sample for t in (p.positive, *p.negatives)]
     document_lengths = token_lengths(model.tokenizer, documents)
     return [

@@ -19,7 +19,7 @@ from embedtune.commands.validate.checks import FAIL, OK, WARN, Check
 from embedtune.config import Config
 from embedtune.files import human_bytes
 from embedtune.model.encoder import EmbeddingModel
-from embedtune.model.folder import EMBEDDED_MODELS, resolve_model_path
+from embedtune.model.folder import EMBEDDED_MODELS, ModelFolder, resolve_model_path
 from embedtune.training.tracking import wandb_mode
 
 PACKAGES = ("accelerate", "transformers", "datasets", "sentence-transformers", "wandb", "safetensors")
@@ -174,6 +174,7 @@ class LoadedModel:
     parameters: int
     trainable: int
     positions: int | None
+    folder: ModelFolder  # what the model folder says (its prompts, for the query prefix)
 
 
 def model_origin(name: str, path: str) -> str:
@@ -211,4 +212,5 @@ def model_check(cfg: Config) -> tuple[Check, LoadedModel | None]:
               f"{positions or '?'} positions; loaded in {seconds:.1f} s")
     data = {"name": name, "path": path, "origin": origin, "parameters": parameters, "trainable": trainable,
             "dim": model.dim, "positions": positions, "load_seconds": round(seconds, 2)}
-    return Check("environment", "model load", OK, detail, data), LoadedModel(tokenizer, parameters, trainable, positions)
+    return Check("environment", "model load", OK, detail, data), LoadedModel(tokenizer, parameters, trainable, positions,
+                                                                            model.folder)
