@@ -267,3 +267,26 @@ def test_a_bad_prompt_name_or_prompt_field_is_one_line(qwen_folder: Path, qa_fil
                  "train.max_steps=1"])
     assert code == 1
     assert f"{qa_file}, line 1: no 'instruction' field" in capsys.readouterr().err
+
+
+def test_a_decoder_on_a_gpu_with_bf16_defaults_to_bf16(qwen_folder: Path, tiny_model: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from embedtune.config import build_config
+    from embedtune.training.trainer import default_precision
+
+    def config(model: Path, *extra: str) -> Any:
+        return build_config({"data": {"train_files": ["x.jsonl"]}, "model": {"base_model": str(model)}}, list(extra))
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert default_precision(config(qwen_folder)) is None  # no GPU here: Accelerate's default
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    assert default_precision(config(qwen_folder)) == "bf16"
+    assert default_precision(config(tiny_model)) is None  # an encoder keeps Accelerate's default
+    assert default_precision(config(qwen_folder, "train.mixed_precision=no")) == "no"  # the config decides
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert default_precision(config(qwen_folder)) is None  # so does accelerate launch (Accelerate reads it)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert default_precision(config(qwen_folder)) is None  # a GPU without bf16

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,9 +25,11 @@ from embedtune.data.records import DataError, format_stream_reject
 from embedtune.data.split import plan_data, preflight
 from embedtune.data.stream import PairBatches, make_loader
 from embedtune.distributed import any_process, cpu_processes, release, stop_signals
+from embedtune.files import read_json_object
 from embedtune.logs import setup_logging
 from embedtune.losses import build_loss, check_loss_data, required_data, requires_negatives
-from embedtune.model.encoder import EmbeddingModel
+from embedtune.model.encoder import DECODER_TYPES, EmbeddingModel
+from embedtune.model.folder import read_model_folder
 from embedtune.model.lora import add_adapters, keep_trainable, merged
 from embedtune.retrieval import RetrievalSet, encode_texts, example_columns, example_rows, format_table, run_retrieval
 from embedtune.training import checkpoint
@@ -100,7 +103,7 @@ class Trainer:
             raise CheckpointError(problem)
         self.accelerator = Accelerator(
             cpu=cpu_processes(),
-            mixed_precision=cfg.train.mixed_precision,
+            mixed_precision=default_precision(cfg),
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
             log_with="wandb" if cfg.tracking.report_to == "wandb" else None,
             project_dir=cfg.output_dir,
@@ -405,6 +408,22 @@ class Trainer:
         release(accelerator)
         self.run_log.finish()
         return summary
+
+
+def default_precision(cfg: Config) -> str | None:
+    """train.mixed_precision, else what ``accelerate launch`` said; with neither, bf16 for a decoder
+    embedder on a GPU that has it (they are trained and used in bf16), else Accelerate's default."""
+    if cfg.train.mixed_precision is not None or os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return cfg.train.mixed_precision
+    if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)):
+        return None
+    folder = read_model_folder(cfg.model.base_model)
+    model_type = read_json_object(os.path.join(folder.transformer_dir, "config.json")).get("model_type")
+    if model_type not in DECODER_TYPES:
+        return None
+    logger.info("mixed precision bf16 for this decoder embedder on %s (train.mixed_precision sets another)",
+                torch.cuda.get_device_name())
+    return "bf16"
 
 
 def checkpoint_activations(encoder: torch.nn.Module) -> None:
