@@ -14,8 +14,8 @@ from test_gradcache import batch_of, grads_of, tiny
 from embedtune.config import ConfigError
 from embedtune.losses.ranking import MultipleNegativesRankingLoss
 from embedtune.model.encoder import EmbeddingModel
+from embedtune.training.devices import checkpoint_activations
 from embedtune.training.step import GradCacheStep, plain_step
-from embedtune.training.trainer import checkpoint_activations
 
 
 @pytest.fixture

@@ -272,7 +272,7 @@ def test_a_bad_prompt_name_or_prompt_field_is_one_line(qwen_folder: Path, qa_fil
 def test_a_decoder_on_a_gpu_with_bf16_defaults_to_bf16(qwen_folder: Path, tiny_model: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from embedtune.config import build_config
-    from embedtune.training.trainer import default_precision
+    from embedtune.training.devices import default_precision
 
     def config(model: Path, *extra: str) -> Any:
         return build_config({"data": {"train_files": ["x.jsonl"]}, "model": {"base_model": str(model)}}, list(extra))

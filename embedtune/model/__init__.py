@@ -1,2 +1,3 @@
 """The embedding model: ``encoder`` (load, pool, export), ``packing`` (input layouts and packed
-attention), ``folder`` (the one reader of a model folder)."""
+attention), ``folder`` (the one reader of a model folder), ``modules`` (Dense, loading the
+transformer), ``lora`` (adapters through peft)."""

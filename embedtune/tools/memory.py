@@ -33,9 +33,9 @@ from embedtune.losses.ranking import MultipleNegativesRankingLoss
 from embedtune.model.encoder import EmbeddingModel
 from embedtune.model.folder import resolve_model_path
 from embedtune.model.lora import add_adapters
+from embedtune.training.devices import checkpoint_activations
 from embedtune.training.optim import build_optimizer
 from embedtune.training.step import Step, plain_step
-from embedtune.training.trainer import checkpoint_activations
 
 CASES = {"full": (False, False), "checkpointing": (True, False), "lora": (False, True),
          "lora + checkpointing": (True, True)}

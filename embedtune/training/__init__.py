@@ -1,2 +1,3 @@
 """Training: ``trainer`` (the Trainer and its loop), ``step`` (plain and GradCache micro-steps),
-``optim``, ``meters``, ``checkpoint``, ``tracking``, ``export`` and ``model_card``."""
+``devices`` (precision, activation checkpointing), ``optim``, ``meters``, ``checkpoint``,
+``tracking``, ``export`` and ``model_card``."""
