@@ -13,7 +13,7 @@ from conftest import make_pairs, write_jsonl
 from embedtune.commands.mine import main
 from embedtune.data.records import text_key
 from embedtune.mining.negatives import Selection, choose_negatives, search
-from embedtune.mining.run import ModelDefaults, model_defaults
+from embedtune.model.folder import read_model_folder
 
 # Hand-made scores: with one-hot documents, a query's row of "embedding" is its row of scores.
 # Document 0 is the answer (0.90); 1 scores above it, 2 just below, then a falling tail.
@@ -233,8 +233,9 @@ def test_a_saved_model_folder_supplies_its_prompts(tiny_model: Path, tmp_path: P
     model, tokenizer = EmbeddingModel.from_pretrained(str(tiny_model))
     folder = tmp_path / "final_model"
     model.save_sentence_transformer(str(folder), tokenizer, 48, prompts={"query": "query: ", "document": "passage: "})
-    assert model_defaults(str(folder)) == ModelDefaults("query: ", "passage: ", 48)
-    assert model_defaults(str(tiny_model)) == ModelDefaults("", "", 512)  # the tokenizer's limit
+    saved, plain = read_model_folder(str(folder)), read_model_folder(str(tiny_model))
+    assert (saved.query_prompt, saved.document_prompt, saved.max_seq_length) == ("query: ", "passage: ", 48)
+    assert (plain.query_prompt, plain.document_prompt, plain.max_seq_length) == ("", "", 512)  # the tokenizer's limit
 
     used = []
 

@@ -27,7 +27,6 @@ from embedtune.mining import MineError
 from embedtune.mining.corpus import Corpus, embed_corpus, encode, gather_corpus, read_input
 from embedtune.mining.negatives import Selection, choose_backend, choose_negatives
 from embedtune.model.encoder import EmbeddingModel
-from embedtune.model.folder import read_model_folder, resolve_model_path
 
 if sys.platform != "win32":
     import resource  # for the peak memory in the log; Windows has no such module
@@ -41,20 +40,6 @@ SCORE_BUDGET = 1 << 25  # query x document scores held at once (128 MiB in float
 
 
 # --- settings from the model folder ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelDefaults:
-    query_prefix: str = ""
-    document_prefix: str = ""
-    max_seq_length: int | None = None
-
-
-def model_defaults(name: str) -> ModelDefaults:
-    """Prompts and max length that a model folder was saved with (embedtune saves the training
-    prefixes as the sentence-transformers ``query`` and ``document`` prompts)."""
-    folder = read_model_folder(name)
-    return ModelDefaults(folder.query_prompt, folder.document_prompt, folder.max_seq_length)
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -191,21 +176,21 @@ def check_options(options: MineOptions) -> tuple[list[str], list[str]]:
 def load_model(options: MineOptions) -> Setup:
     """The model in eval mode on its device, with its folder's prompts and max length where the
     options give none; the search backend is checked before the model loads."""
-    model_path = resolve_model_path(options.model)
-    defaults = model_defaults(model_path)
-    cap = defaults.max_seq_length or 1 << 30
-    query_prefix = defaults.query_prefix if options.query_prefix is None else options.query_prefix
-    document_prefix = defaults.document_prefix if options.document_prefix is None else options.document_prefix
-    query_max = options.query_max_length or min(DataConfig().query_max_length, cap)
-    document_max = options.document_max_length or min(DataConfig().document_max_length, cap)
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = choose_backend(options.backend, device)
     store = torch.device("cpu") if backend == "faiss" else device
     dtype = {"float16": torch.float16, "float32": torch.float32}[options.dtype]
 
-    model, tokenizer = EmbeddingModel.from_pretrained(model_path, trust_remote_code=options.trust_remote_code)
+    model, tokenizer = EmbeddingModel.from_pretrained(options.model, trust_remote_code=options.trust_remote_code)
     model.to(device).eval()
+    # The prompts and max length the folder was saved with (embedtune saves its training prefixes
+    # as the query and document prompts), where the options give none.
+    folder = model.folder
+    cap = folder.max_seq_length or 1 << 30
+    query_prefix = folder.query_prompt if options.query_prefix is None else options.query_prefix
+    document_prefix = folder.document_prompt if options.document_prefix is None else options.document_prefix
+    query_max = options.query_max_length or min(DataConfig().query_max_length, cap)
+    document_max = options.document_max_length or min(DataConfig().document_max_length, cap)
     collate = PairCollator(tokenizer, query_max, document_max, query_prefix, document_prefix)
     logger.info("model %s on %s, %s search; prefixes %r / %r, max length %d / %d", options.model, device, backend,
                 query_prefix, document_prefix, query_max, document_max)

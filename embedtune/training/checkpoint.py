@@ -33,6 +33,7 @@ from torch import nn
 from embedtune.config import Config
 from embedtune.distributed import any_process
 from embedtune.files import fsync_dir, write_json
+from embedtune.model.lora import trainable_names
 from embedtune.secrets import scrub_config
 
 logger = logging.getLogger("embedtune")
@@ -291,7 +292,7 @@ def _check_trainable(path: str, model: nn.Module) -> None:
             saved = set(f.keys())
     except Exception as exc:  # a damaged or missing file
         raise CheckpointError(f"{file}: cannot be read ({type(exc).__name__}); resume from another checkpoint") from None
-    expected = {name for name, param in model.named_parameters() if param.requires_grad}
+    expected = trainable_names(model)
     if saved != expected:
         missing, extra = sorted(expected - saved), sorted(saved - expected)
         raise CheckpointError(f"{file}: holds other weights than the ones this run trains (missing: "

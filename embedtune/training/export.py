@@ -12,6 +12,7 @@ from accelerate import Accelerator
 
 from embedtune.config import Config
 from embedtune.data.collate import query_prefix
+from embedtune.model.lora import merged
 from embedtune.training.model_card import FINAL_MODEL, data_fingerprint, write_model_card
 
 logger = logging.getLogger("embedtune")
@@ -35,6 +36,9 @@ def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Conf
     (the base's where the run had none), and the model card, which gives the run's ``duration()``
     with the export included."""
     path = os.path.join(cfg.output_dir, FINAL_MODEL)
+    unwrapped = accelerator.unwrap_model(model)
+    # Training is over: LoRA adapters are folded into the weights, for a plain sentence-transformers folder.
+    unwrapped.encoder = merged(unwrapped.encoder)
     accelerator.wait_for_everyone()
     # Collective: under FSDP or DeepSpeed the full weights are assembled on the main process.
     state = accelerator.get_state_dict(model)
@@ -42,12 +46,12 @@ def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Conf
         data = cfg.data
         # The prefixes trained with become the model's query and document prompts (the base's
         # own prompts are kept by the save); a named base prompt is saved as the query prompt.
-        query = query_prefix(data, accelerator.unwrap_model(model).folder)
+        query = query_prefix(data, unwrapped.folder)
         prompts = ({"query": query, "document": data.document_prefix}
                    if data.query_prefix or data.document_prefix else None)
         # The base's module stack comes back (Dense layers trained), and its prompts unless the
         # run trained with prefixes of its own.
-        accelerator.unwrap_model(model).save_sentence_transformer(
+        unwrapped.save_sentence_transformer(
             path, tokenizer, max(data.query_max_length, data.document_max_length), prompts, state)
         logger.info("saved %s", path)
         # After the save: sentence-transformers writes a generic README.md, which the card replaces.

@@ -27,7 +27,7 @@ from embedtune.distributed import any_process, cpu_processes, release, stop_sign
 from embedtune.logs import setup_logging
 from embedtune.losses import build_loss, check_loss_data, required_data, requires_negatives
 from embedtune.model.encoder import EmbeddingModel
-from embedtune.model.lora import add_adapters, keep_trainable, merged
+from embedtune.model.lora import add_adapters, keep_trainable
 from embedtune.retrieval import RetrievalSet, encode_texts, example_columns, example_rows, format_table, run_retrieval
 from embedtune.training import checkpoint
 from embedtune.training.checkpoint import CheckpointError, TrainerState
@@ -393,9 +393,6 @@ class Trainer:
             wandb = self.run_log.wandb_run
             facts = RunFacts(state.eval_before, after or None, None if wandb is None or wandb.offline else wandb.url,
                              state.examples_seen, state.step)
-            if cfg.model.lora:  # training is over: fold the adapters in, for a plain sentence-transformers folder
-                encoder = accelerator.unwrap_model(self.model)
-                encoder.encoder = merged(encoder.encoder)
             final_dir = export_model(accelerator, self.model, self.tokenizer, cfg, facts, self.duration)
             self.run_log.summary({**{f"final/{k}": v for k, v in after.items()},
                               **{f"before/{k}": v for k, v in (state.eval_before or {}).items()}})
