@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+from types import SimpleNamespace
 
 import torch
 
 from embedtune.config import Config, ConfigError
 from embedtune.files import read_json_object
-from embedtune.model.encoder import DECODER_TYPES
+from embedtune.model.encoder import is_decoder
 from embedtune.model.folder import read_model_folder
 
 logger = logging.getLogger("embedtune")
@@ -23,8 +24,8 @@ def default_precision(cfg: Config) -> str | None:
     if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)):
         return None
     folder = read_model_folder(cfg.model.base_model)
-    model_type = read_json_object(os.path.join(folder.transformer_dir, "config.json")).get("model_type")
-    if model_type not in DECODER_TYPES:
+    config = read_json_object(os.path.join(folder.transformer_dir, "config.json"))
+    if not is_decoder(SimpleNamespace(**config)):  # the loader's own rule, on the config before it loads
         return None
     logger.info("mixed precision bf16 for this decoder embedder on %s (train.mixed_precision sets another)",
                 torch.cuda.get_device_name())
