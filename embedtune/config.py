@@ -165,6 +165,10 @@ class LoraSection(_Section):
     target_modules: list[str] | None = Field(
         None, description="Names of the linear layers that get adapters; null: the usual ones for the architecture "
         "(e.g. query and value for BERT, q_proj and v_proj for Qwen).")
+    export: Literal["merged", "adapter"] = Field(
+        "merged", description="merged: final_model is a plain sentence-transformers folder with the adapters folded "
+        "into the weights. adapter: final_model holds only the adapters (megabytes) and names the base model, "
+        "which loading reads again; needs peft where it loads.")
 
 
 class ModelConfig(_Section):

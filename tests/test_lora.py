@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -123,3 +124,57 @@ def test_the_memory_benchmark_prints_its_figures(tmp_path: Path) -> None:
     assert list(rows) == ["full", "checkpointing", "lora", "lora + checkpointing"]
     assert rows["lora"]["trained"] < rows["full"]["trained"] / 100  # the embedding matrix alone dwarfs the adapters
     assert rows["lora"]["peak_mib"] < rows["full"]["peak_mib"]  # no gradients or AdamW state for frozen weights
+
+
+def lift_gate(monkeypatch: pytest.MonkeyPatch, needs: str) -> None:
+    """What transformers asks of peft before it reads an adapter folder."""
+    from transformers.integrations import peft as transformers_peft
+
+    monkeypatch.setattr(transformers_peft, "MIN_PEFT_VERSION", needs)
+
+
+def test_an_adapter_export_loads_in_sentence_transformers_as_the_merged_one(
+        tokenizer_dir: Path, train_args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib.metadata import version
+
+    from test_model_families import TEXTS, bert_folder, stack, theirs
+
+    from embedtune.commands.train import main
+
+    # transformers 5.24 asks for a peft newer than the newest published (0.21.2) before it reads an
+    # adapter folder, though its loader works with this one: the gate is set to the installed peft.
+    lift_gate(monkeypatch, version("peft"))
+    base = bert_folder(tmp_path / "base", tokenizer_dir)  # CLS pooling, a Dense layer, Normalize, prompts
+    finals = {}
+    for export in ("merged", "adapter"):
+        args = list(train_args)
+        args[args.index("--base_model") + 1] = str(base)
+        out = tmp_path / export
+        args[args.index("--output_dir") + 1] = str(out)
+        assert main(args + [*LORA, f"model.lora.export={export}", "train.max_steps=3"]) == 0
+        finals[export] = out / "final_model"
+
+    adapter, merged = finals["adapter"], finals["merged"]
+    assert (adapter / "adapter_model.safetensors").exists() and not (adapter / "model.safetensors").exists()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((base).resolve())
+    assert (adapter / "adapter_model.safetensors").stat().st_size < (merged / "model.safetensors").stat().st_size / 5
+    assert stack(adapter) == stack(merged) == stack(base)
+    embeddings = theirs(adapter, TEXTS)
+    torch.testing.assert_close(embeddings, theirs(merged, TEXTS), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(embeddings, theirs(base, TEXTS), atol=1e-3)  # trained
+    assert "adapters kept apart" in (adapter / "README.md").read_text()
+    assert "adapters folded into the weights" in (merged / "README.md").read_text()
+
+
+def test_an_adapter_export_that_would_not_load_stops_before_training(
+        tiny_model: Path, train_args: list[str], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    from embedtune.commands.train import main
+
+    lift_gate(monkeypatch, "99.0")
+    assert main(train_args + [*LORA, "model.lora.export=adapter"]) == 1
+    err = capsys.readouterr().err
+    assert "loads adapter folders only with peft>=99.0" in err and "set model.lora.export=merged" in err
+    out = Path(train_args[train_args.index("--output_dir") + 1])
+    assert not (out / "checkpoints").exists() and not (out / "final_model").exists()

@@ -297,3 +297,18 @@ def test_precision_as_accelerate_runs_it_on_the_cpu() -> None:
     fp16 = precision_check("fp16", "train.mixed_precision", cuda=False)
     assert fp16.status == WARN and "fp32" in fp16.detail
     assert precision_check("no", "default", cuda=False).status == OK
+
+
+def test_a_lora_adapter_export_that_would_not_load_fails_its_row(
+        tiny_model: Path, qa_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.integrations import peft as transformers_peft
+
+    monkeypatch.setattr(transformers_peft, "MIN_PEFT_VERSION", "99.0")  # what transformers asks of peft
+    code, out, rows = validate(args_for(tiny_model, qa_file, tmp_path, "model.lora.r=4",
+                                        "model.lora.export=adapter"), tmp_path, capsys)
+    assert code == 1 and rows["lora"]["status"] == FAIL
+    assert "peft>=99.0" in row_line(out, "lora") and "model.lora.export=merged" in out
+    code, out, rows = validate(args_for(tiny_model, qa_file, tmp_path, "model.lora.r=4"), tmp_path, capsys)
+    assert code == 0 and rows["lora"]["status"] == OK
+    assert "r 4, alpha 32, dropout 0.05 on the usual layers; export merged" in row_line(out, "lora")

@@ -4,17 +4,19 @@ own weights stay frozen, and checkpoints hold only what trains.
 The base weights are rebuilt from the base model at every start, so a checkpoint needs only the
 trained parameters; resuming loads them on top and checks that they are exactly the ones the
 run trains. The export folds the adapters into the weights (a plain sentence-transformers
-folder) or keeps them apart as an adapter folder.
+folder) or keeps them apart as an adapter folder that names its base model.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from torch import nn
 
 from embedtune.config import ConfigError, LoraSection
+from embedtune.model.folder import ModelFolder
 
 logger = logging.getLogger("embedtune")
 
@@ -66,3 +68,31 @@ def keep_trainable(models: list[nn.Module], weights: list[dict[str, Any]], outpu
 def merged(encoder: nn.Module) -> nn.Module:
     """The encoder with its adapters folded into the weights (a plain transformers model)."""
     return encoder.merge_and_unload() if has_adapters(encoder) else encoder
+
+
+def adapter_export_problem(transformers_needs: str | None = None, peft_has: str | None = None) -> str | None:
+    """Why an adapter folder written here would not load here (transformers reads adapter folders
+    only with a recent enough peft), or None. The versions default to the installed ones."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    if transformers_needs is None:
+        from transformers.integrations import peft as transformers_peft
+
+        transformers_needs = str(getattr(transformers_peft, "MIN_PEFT_VERSION", "0"))
+    peft_has = peft_has or version("peft")
+    if Version(peft_has) >= Version(transformers_needs):
+        return None
+    return (f"model.lora.export=adapter: transformers {version('transformers')} loads adapter folders only with "
+            f"peft>={transformers_needs}, and peft {peft_has} is installed, so SentenceTransformer(final_model) "
+            f"would fail; set model.lora.export=merged, or install peft>={transformers_needs}")
+
+
+def name_the_base(encoder: nn.Module, folder: ModelFolder) -> None:
+    """Make the adapters' saved config name the base model where loading will find it again: its
+    Hub name when it came from the Hugging Face cache, else its folder's absolute path."""
+    at_root = os.path.abspath(folder.transformer_dir) == os.path.abspath(folder.path)
+    base = folder.hub_id if folder.hub_id and at_root else os.path.abspath(folder.transformer_dir)
+    for adapter in encoder.peft_config.values():
+        adapter.base_model_name_or_path = base

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 
 from embedtune.config import Config
 from embedtune.data.collate import query_prefix
-from embedtune.model.lora import merged
+from embedtune.model.lora import merged, name_the_base
 from embedtune.training.model_card import FINAL_MODEL, data_fingerprint, write_model_card
 
 logger = logging.getLogger("embedtune")
@@ -37,8 +37,12 @@ def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Conf
     with the export included."""
     path = os.path.join(cfg.output_dir, FINAL_MODEL)
     unwrapped = accelerator.unwrap_model(model)
-    # Training is over: LoRA adapters are folded into the weights, for a plain sentence-transformers folder.
-    unwrapped.encoder = merged(unwrapped.encoder)
+    lora = cfg.model.lora
+    if lora and lora.export == "adapter":
+        if unwrapped.folder is not None:
+            name_the_base(unwrapped.encoder, unwrapped.folder)
+    else:  # training is over: adapters are folded into the weights, for a plain sentence-transformers folder
+        unwrapped.encoder = merged(unwrapped.encoder)
     accelerator.wait_for_everyone()
     # Collective: under FSDP or DeepSpeed the full weights are assembled on the main process.
     state = accelerator.get_state_dict(model)

@@ -283,6 +283,13 @@ def render_card(model_dir: str, *, base_model: str, config: dict[str, Any], fing
     if remote_code:
         model_lines.append("- **Remote code:** the base model's own code runs when it loads "
                            "(trained with `model.trust_remote_code=true`; load it with `trust_remote_code=True`)")
+    lora = _get(config, "model.lora")
+    if isinstance(lora, dict):
+        kept = ("kept apart: this folder holds only the adapters and names the base model, which loading reads "
+                "again (needs `peft`)" if lora.get("export") == "adapter"
+                else "folded into the weights (a plain model: loading needs no `peft`)")
+        targets = ", ".join(lora.get("target_modules") or []) or "the architecture's usual layers"
+        model_lines.append(f"- **LoRA:** r={lora.get('r')}, alpha={lora.get('alpha')} on {targets}; adapters {kept}")
     if any(prompts.values()):
         model_lines.append("- **Prompts:** " + ", ".join(f"{k} {json.dumps(v)}" for k, v in prompts.items()))
 

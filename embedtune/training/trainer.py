@@ -27,7 +27,7 @@ from embedtune.distributed import any_process, cpu_processes, release, stop_sign
 from embedtune.logs import setup_logging
 from embedtune.losses import build_loss, check_loss_data, required_data, requires_negatives
 from embedtune.model.encoder import EmbeddingModel
-from embedtune.model.lora import add_adapters, keep_trainable
+from embedtune.model.lora import adapter_export_problem, add_adapters, keep_trainable
 from embedtune.retrieval import RetrievalSet, encode_texts, example_columns, example_rows, format_table, run_retrieval
 from embedtune.training import checkpoint
 from embedtune.training.checkpoint import CheckpointError, TrainerState
@@ -137,6 +137,9 @@ class Trainer:
         if model_cfg.gradient_checkpointing:
             checkpoint_activations(self.model.encoder)
         if model_cfg.lora:
+            problem = adapter_export_problem() if model_cfg.lora.export == "adapter" else None
+            if problem:  # before a step is spent on a model that would not load
+                raise ConfigError(problem)
             self.model.encoder = add_adapters(self.model.encoder, model_cfg.lora)
         chunks = model_cfg.padded_chunks
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)

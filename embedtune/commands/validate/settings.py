@@ -9,6 +9,7 @@ from embedtune.commands.validate.checks import FAIL, OK, Check
 from embedtune.config import Config, ConfigError
 from embedtune.losses import build_loss, check_loss_data, required_data
 from embedtune.losses.base import DataShape
+from embedtune.model.lora import adapter_export_problem
 
 
 def config_checks(cfg: Config, source: str, loss: Check) -> list[Check]:
@@ -36,6 +37,12 @@ def config_checks(cfg: Config, source: str, loss: Check) -> list[Check]:
         ("output_dir", f"{cfg.output_dir} ({os.path.abspath(cfg.output_dir)})"),
     ]
     checks = [Check("config", name, OK, detail) for name, detail in rows]
+    lora = cfg.model.lora
+    if lora:
+        problem = adapter_export_problem() if lora.export == "adapter" else None
+        checks.insert(2, Check("config", "lora", FAIL if problem else OK, problem or (
+            f"r {lora.r}, alpha {lora.alpha:g}, dropout {lora.dropout:g} on "
+            f"{', '.join(lora.target_modules or []) or 'the usual layers'}; export {lora.export}")))
     # The loss row goes after the batch and lengths, before the run length and output_dir.
     return checks[:-2] + [loss] + checks[-2:]
 
