@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from embedtune.data.collate import PairCollator
 from embedtune.data.records import DataError, Pair, file_format, line_problem, read_file, resolve_files, token_estimate
 from embedtune.model.encoder import EmbeddingModel
 from embedtune.model.packing import Ragged
@@ -46,6 +47,8 @@ class RetrievalSet:
     corpus: list[str]
     relevant: list[set[int]]  # per query, the corpus indices that answer it
     sources: list[str | None] = field(default_factory=list)  # per query, when the records say
+    # Per query, its record's own instruction (data.prompt_field; None: the query prefix); empty: none has one.
+    prompts: list[str | None] = field(default_factory=list)
 
     @classmethod
     def from_pairs(cls, pairs: Sequence[Pair]) -> RetrievalSet:
@@ -58,7 +61,9 @@ class RetrievalSet:
                 index[pair.positive] = len(corpus)
                 corpus.append(pair.positive)
             relevant.append({index[pair.positive]})
-        return cls([p.query for p in pairs], corpus, relevant, [p.source for p in pairs])
+        prompts = [p.prompt for p in pairs]
+        return cls([p.query for p in pairs], corpus, relevant, [p.source for p in pairs],
+                   prompts if any(p is not None for p in prompts) else [])
 
     @classmethod
     def from_files(cls, queries: str, corpus: str, qrels: str, max_queries: int | None = None) -> RetrievalSet:
@@ -283,6 +288,23 @@ def encode_texts(model: torch.nn.Module, tokenize: Callable[[list[str]], Ragged]
     kept = rows >= 0
     out[rows[kept].cpu()] = local[kept].cpu()
     return out
+
+
+def set_encoder(model: torch.nn.Module, collate: PairCollator, data: RetrievalSet, batch_size: int,
+                accelerator: Any) -> Encoder:
+    """The encoder of a retrieval set's two sides, as training tokenizes them: each question with
+    its record's own instruction where it has one, else the query prefix; documents with the
+    document prefix."""
+
+    def encode(texts: list[str], kind: str) -> torch.Tensor:
+        if kind == "document":
+            return encode_texts(model, collate.documents, texts, batch_size, accelerator)
+        if data.prompts:
+            prompted = [(collate.query_prefix if p is None else p) + t for t, p in zip(texts, data.prompts, strict=True)]
+            return encode_texts(model, collate.queries_as_given, prompted, batch_size, accelerator)
+        return encode_texts(model, collate.queries, texts, batch_size, accelerator)
+
+    return encode
 
 
 def run_retrieval(encode: Encoder, data: RetrievalSet, k: int = 10, compute: bool = True) -> EvalResult | None:

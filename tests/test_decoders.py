@@ -241,6 +241,25 @@ def test_query_prompt_and_prompt_field_reach_the_queries(qwen_folder: Path) -> N
     assert collate.queries(["how?"]).input_ids.tolist() == tokenizer(prefix + "how?")["input_ids"]
 
 
+def test_held_out_questions_are_embedded_with_their_own_instruction(qwen_folder: Path) -> None:
+    from accelerate import Accelerator
+
+    from embedtune.retrieval import RetrievalSet, set_encoder
+
+    model, tokenizer = EmbeddingModel.from_pretrained(str(qwen_folder))
+    model.eval()
+    collate = PairCollator(tokenizer, 128, 128, query_prefix=PROMPTS["query"])
+    pairs = [Pair("a", "what?", "that.", prompt="Instruct: answer it. Query: "), Pair("b", "how?", "like so."),
+             Pair("c", "why?", "so.", prompt="")]
+    held_out = RetrievalSet.from_pairs(pairs)
+    assert held_out.prompts == ["Instruct: answer it. Query: ", None, ""]
+    encode = set_encoder(model, collate, held_out, 2, Accelerator(cpu=True))
+    with torch.no_grad():
+        trained_as = model(collate(pairs).query)  # the questions as training tokenizes them
+    torch.testing.assert_close(encode(held_out.queries, "query"), trained_as, rtol=1e-5, atol=1e-6)
+    assert RetrievalSet.from_pairs([Pair("b", "how?", "like so.")]).prompts == []
+
+
 def test_a_bad_prompt_name_or_prompt_field_is_one_line(qwen_folder: Path, qa_file: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     folder = read_model_folder(str(qwen_folder))

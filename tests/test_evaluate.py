@@ -127,3 +127,24 @@ def test_eval_command_explains_bad_input(tiny_model: Path, tmp_path: Path, capsy
     assert "5 queries, 5 documents" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([str(tiny_model)])  # no data given
+
+
+def test_eval_command_reads_each_questions_own_instruction_as_training_does(
+        tiny_model: Path, tmp_path: Path) -> None:
+    from embedtune.commands.train import main as train_main
+
+    records = [{**p, "instruction": f"find the {p['question'].split()[2]} story: "} for p in make_pairs(120)]
+    qa = str(write_jsonl(tmp_path / "qa.jsonl", records))
+    out = tmp_path / "out"
+    assert train_main(["--input_jsonl", qa, "--base_model", str(tiny_model), "--output_dir", str(out),
+                       "data.num_workers=0", "data.query_max_length=24", "data.document_max_length=32",
+                       "data.eval_fraction=0.2", "data.prompt_field=instruction", "train.max_steps=1",
+                       "tracking.report_to=none"]) == 0
+    before = json.loads((out / "training_progress.json").read_text())["eval_before"]
+    common = [str(tiny_model), "--qa", qa, "--held-out", "0.2", "--query-max-length", "24",
+              "--document-max-length", "32", "--examples", "0", "--json"]
+    assert main(common + [str(tmp_path / "own.json"), "--prompt-field", "instruction"]) == 0
+    assert main(common + [str(tmp_path / "none.json")]) == 0
+    own = json.loads((tmp_path / "own.json").read_text())["metrics"]
+    assert own == pytest.approx(before, abs=1e-5)
+    assert json.loads((tmp_path / "none.json").read_text())["metrics"] != pytest.approx(before, abs=1e-5)

@@ -9,7 +9,6 @@ import argparse
 import logging
 import sys
 
-import torch
 from accelerate import Accelerator
 
 from embedtune.config import DataConfig
@@ -24,11 +23,11 @@ from embedtune.model.folder import ModelLoadError
 from embedtune.retrieval import (
     EvalResult,
     RetrievalSet,
-    encode_texts,
     example_columns,
     example_rows,
     metrics_table,
     run_retrieval,
+    set_encoder,
 )
 
 
@@ -46,6 +45,8 @@ def make_parser() -> argparse.ArgumentParser:
     data.add_argument("--query-field", default="question")
     data.add_argument("--positive-field", default="answer")
     data.add_argument("--source-field", default="source")
+    data.add_argument("--prompt-field", default=None,
+                      help="a field with each question's own instruction, used instead of the query prefix")
     data.add_argument("--max-queries", type=int, default=1_000_000)
     data.add_argument("--on-bad-record", choices=["error", "skip"], default="error",
                       help="a bad Q&A record stops the evaluation (error) or is skipped with a warning")
@@ -70,6 +71,7 @@ def load_set(args: argparse.Namespace) -> RetrievalSet:
         cfg = DataConfig(train_files=args.qa, eval_files=[] if args.held_out else args.qa,
                          eval_fraction=args.held_out or 0.0, query_field=args.query_field,
                          positive_field=args.positive_field, source_field=args.source_field or None,
+                         prompt_field=args.prompt_field,
                          max_eval_queries=args.max_queries, on_bad_record=args.on_bad_record)
         data_set = RetrievalSet.from_pairs(eval_pairs(cfg))
     else:
@@ -118,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                            folder.document_prompt if args.document_prefix is None else args.document_prefix)
     model.to(accelerator.device)
 
-    def encode(texts: list[str], kind: str) -> torch.Tensor:
-        return encode_texts(model, collate.queries if kind == "query" else collate.documents, texts,
-                            args.batch_size, accelerator)
-
+    encode = set_encoder(model, collate, data_set, args.batch_size, accelerator)
     result = run_retrieval(encode, data_set, args.k, compute=accelerator.is_main_process)
     if result is not None:
         print_result(args, data_set, result)

@@ -131,6 +131,10 @@ class PairCollator:
         return self.encode([(self.query_prefix if p is None else p) + t for t, p in zip(texts, prompts, strict=True)],
                            self.query_max_length)
 
+    def queries_as_given(self, texts: list[str]) -> Ragged:
+        """Queries that already carry their prefix or instruction."""
+        return self.encode(texts, self.query_max_length)
+
     def documents(self, texts: list[str]) -> Ragged:
         return self.encode([self.document_prefix + t for t in texts], self.document_max_length)
 

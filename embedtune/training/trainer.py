@@ -28,7 +28,7 @@ from embedtune.logs import setup_logging
 from embedtune.losses import build_loss, check_loss_data, required_data, requires_negatives
 from embedtune.model.encoder import EmbeddingModel
 from embedtune.model.lora import adapter_export_problem, add_adapters, keep_trainable
-from embedtune.retrieval import RetrievalSet, encode_texts, example_columns, example_rows, format_table, run_retrieval
+from embedtune.retrieval import RetrievalSet, example_columns, example_rows, format_table, run_retrieval, set_encoder
 from embedtune.training import checkpoint
 from embedtune.training.checkpoint import CheckpointError, TrainerState
 from embedtune.training.devices import checkpoint_activations, default_precision
@@ -341,14 +341,10 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Evaluate (collective), log the metrics and a table of example retrievals at ``step``."""
-        cfg, collate = self.cfg, self.collate
+        cfg = self.cfg
         if not len(self.held_out):
             return {}
-
-        def encode(texts: list[str], kind: str) -> torch.Tensor:
-            tokenize = collate.queries if kind == "query" else collate.documents
-            return encode_texts(self.model, tokenize, texts, cfg.eval.batch_size, self.accelerator)
-
+        encode = set_encoder(self.model, self.collate, self.held_out, cfg.eval.batch_size, self.accelerator)
         result = run_retrieval(encode, self.held_out, cfg.eval.k, compute=self.accelerator.is_main_process)
         metrics = result.metrics if result is not None else {}
         self.run_log.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
