@@ -116,7 +116,7 @@ class DataConfig(_Section):
         1 << 20, ge=1, description="The longest record, in bytes: a JSONL line, or the values of a Parquet or CSV "
         "row. A longer one is a bad record; no more of a JSONL line than this is held in memory.")
     max_batch_chars: int = Field(
-        1 << 28, ge=1, description="The most characters of text (queries, positives, hard negatives) in one "
+        1 << 28, ge=1, description="The most characters of text (queries with their own instructions, positives, hard negatives) in one "
         "global batch; a batch with more stops the run before it is tokenized.")
     query_prefix: str = Field("", description='Prepended to every query, e.g. "query: ".')
     query_prompt: str | None = Field(

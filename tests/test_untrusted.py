@@ -292,6 +292,16 @@ def test_a_batch_with_too_much_text_stops_before_it_is_tokenized(tmp_path: Path,
     assert workers or tokenized == [4]  # the first batch was tokenized, the second never was
 
 
+def test_a_records_own_instruction_counts_as_text_of_its_batch(tmp_path: Path) -> None:
+    records = [{**p, "instruction": ""} for p in make_pairs(12)]
+    records[5]["instruction"] = "instruct: " * 100
+    path = write_jsonl(tmp_path / "p.jsonl", records)
+    cfg = DataConfig(train_files=[str(path)], shuffle=False, eval_fraction=0, max_batch_chars=900,
+                     prompt_field="instruction")
+    with pytest.raises(DataError, match="global batch 2 of epoch 0 holds more than 900 characters"):
+        list(make_loader(PairBatches(cfg, 4, 1, seed=0, collate=untokenized), 0, pin_memory=False))
+
+
 @pytest.mark.parametrize("name, content, expected", [
     ("cut.jsonl.gz", gzip.compress("".join(json.dumps(r) + "\n" for r in make_pairs(400)).encode())[:4000],
      "cannot be read after line"),

@@ -217,7 +217,7 @@ class PairBatches(IterableDataset):
 
 
 def pair_chars(pair: Pair) -> int:
-    return len(pair.query) + len(pair.positive) + sum(map(len, pair.negatives))
+    return len(pair.prompt or "") + len(pair.query) + len(pair.positive) + sum(map(len, pair.negatives))
 
 
 def too_much_text(pairs: list[Pair], number: int, epoch: int, limit: int) -> str:
