@@ -143,6 +143,30 @@ def test_a_decoder_packs_and_stays_causal(qwen_folder: Path) -> None:
                 torch.testing.assert_close(after[i], before[i], rtol=1e-5, atol=1e-5)
 
 
+def test_a_packed_decoder_batch_builds_no_tokens_by_tokens_mask(qwen_folder: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A packed row of 64 x 256 tokens would take a (16k x 16k) mask: 256 MiB that nothing reads."""
+    from transformers import masking_utils
+
+    model, tokenizer = EmbeddingModel.from_pretrained(str(qwen_folder))
+    assert model.enable_packing(tokenizer)
+    masks: list[tuple[int, ...]] = []
+    sdpa_mask = masking_utils.sdpa_mask
+
+    def seen(*args: Any, **kwargs: Any) -> Any:
+        mask = sdpa_mask(*args, **kwargs)
+        masks.append(tuple(mask.shape) if mask is not None else ())
+        return mask
+
+    monkeypatch.setattr(masking_utils, "sdpa_mask", seen)
+    ragged = PairCollator(tokenizer, 64, 64).queries(TEXTS + [LONG])
+    packed = model(pack_ragged(ragged))
+    assert not [shape for shape in masks if shape]
+    padded = model(pad_ragged(ragged, model.pad_token_id))  # padded batches keep SDPA's padding mask
+    assert [shape for shape in masks if shape] == [(len(TEXTS) + 1, 1, 64, 64)]
+    torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-5)
+
+
 # --- EOS appended and pooled; training and the export agree ----------------------------------------
 
 

@@ -26,6 +26,7 @@ from embedtune.model.modules import Dense, load_dense, load_transformer, st_dens
 from embedtune.model.packing import (
     MIN_CHUNK_ROWS,
     PACKED_ATTENTION,
+    PACKED_CALL,
     VARLEN_CAUSAL,
     Chunked,
     Layout,
@@ -37,6 +38,7 @@ from embedtune.model.packing import (
     pack_padded,
     pack_ragged,
     packed_attention,
+    packed_mask,
     pad_chunked,
     pad_ragged,
     pool_packed,
@@ -195,8 +197,8 @@ class EmbeddingModel(nn.Module):
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
         AttentionInterface.register(PACKED_ATTENTION, packed_attention)
-        # Padded inputs (evaluation) still go through SDPA, with SDPA's padding mask.
-        ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        # Padded inputs (evaluation) still go through SDPA, with SDPA's padding mask; packed ones need none.
+        ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, packed_mask)
         previous = self.encoder.config._attn_implementation
         probe = tokenizer(["a short probe", "a somewhat longer probe sentence with more words in it", "x"],
                           padding=True, return_tensors="pt")
@@ -261,8 +263,12 @@ class EmbeddingModel(nn.Module):
             device = inputs.input_ids.device
             return self(self.prepare(Ragged(inputs.input_ids.cpu(), inputs.lengths.cpu()), device))
         if isinstance(inputs, Packed):
-            hidden = self.encoder(input_ids=inputs.input_ids[None], position_ids=inputs.position_ids[None],
-                                  embedtune_packing=inputs.packing).last_hidden_state[0]
+            packed_call = PACKED_CALL.set(True)
+            try:
+                hidden = self.encoder(input_ids=inputs.input_ids[None], position_ids=inputs.position_ids[None],
+                                      embedtune_packing=inputs.packing).last_hidden_state[0]
+            finally:
+                PACKED_CALL.reset(packed_call)
             embeddings = pool_packed(hidden, inputs.packing, self.pooling)
         else:
             hidden = self.encoder(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).last_hidden_state

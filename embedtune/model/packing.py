@@ -18,6 +18,7 @@ length. ``EmbeddingModel.prepare`` turns that into one of three layouts on the d
 from __future__ import annotations
 
 import logging
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,9 @@ from embedtune.model.folder import Pooling
 logger = logging.getLogger(__name__)
 
 PACKED_ATTENTION = "embedtune_packed"
+# Set while the encoder runs on packed inputs: attention is then per text (from the Packing), and
+# the (tokens x tokens) mask transformers would build for the packed row is never read.
+PACKED_CALL: ContextVar[bool] = ContextVar("embedtune_packed_call", default=False)
 MIN_CHUNK_ROWS = 16  # a padded chunk holds at least this many texts, or the batch is not cut
 
 
@@ -268,6 +272,16 @@ def attention_dropout(config: Any) -> float:
         if isinstance(value, (int, float)):
             return float(value)
     return 0.0
+
+
+def packed_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """The mask function that goes with ``packed_attention``: none for packed inputs, SDPA's own
+    mask for padded ones (evaluation)."""
+    if PACKED_CALL.get():
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
 
 
 def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
