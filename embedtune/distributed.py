@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,6 +17,8 @@ import torch.distributed as dist
 from accelerate import Accelerator
 
 logger = logging.getLogger("embedtune")
+
+PR_SET_PDEATHSIG = 1  # prctl option: the signal this process gets when its parent exits
 
 
 def world() -> tuple[int, int]:
@@ -92,26 +96,130 @@ def release(accelerator: Accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
+class _StopRequests:
+    """What signals asked of this process; one record, shared by run_signals() and stop_signals()."""
+
+    def __init__(self) -> None:
+        self.flag = {"stop": False}
+        self.interrupted = False  # a SIGINT came: a person pressed Ctrl-C
+        self.open = 0  # blocks with the handler installed
+        self.in_loop = False  # inside stop_signals(): the training loop
+        self.looped = False  # the training loop has started
+        self.launcher: int | None = None  # the parent stop_with_launcher() watches
+
+    def plan(self) -> str:
+        """What the run does now that it was asked to stop."""
+        if self.in_loop:
+            return "finishing this step, saving a checkpoint, then exiting"
+        if not self.looped:
+            return "training stops after its first step, with a checkpoint"
+        return "the run is already ending and exits when that is done"
+
+
+_REQUESTS = _StopRequests()
+
+
+def _exiting(pid: int) -> bool:
+    """Whether process ``pid`` is gone or on its way out (its main thread has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    """Record a stop request and say what it does; after a Ctrl-C, stop at once."""
+    requests = _REQUESTS
+    name = signal.Signals(signum).name
+    # The kernel sends the launcher's death signal as its threads exit, before this process
+    # is handed to another parent: ask about the launcher itself.
+    if requests.launcher is not None and (os.getppid() != requests.launcher or _exiting(requests.launcher)):
+        name += f" (the launcher, pid {requests.launcher}, is gone)"
+    if requests.interrupted:
+        # A person pressed Ctrl-C and signals again. torchrun passes a second Ctrl-C on to its
+        # processes as SIGTERM, so any signal after a SIGINT counts.
+        logger.error("%s received after Ctrl-C: stopping at once, without saving this step", name)
+        raise KeyboardInterrupt
+    again = requests.flag["stop"]
+    requests.flag["stop"] = True
+    requests.interrupted = signum == signal.SIGINT
+    if not again:
+        logger.warning("%s received: %s; a second Ctrl-C stops at once", name, requests.plan())
+    elif requests.interrupted:
+        logger.warning("%s received while stopping (%s); press Ctrl-C again to stop at once, without saving",
+                       name, requests.plan())
+    else:  # a scheduler signals every process and torchrun forwards its own: one stop, asked twice
+        logger.warning("%s received again: the stop already asked goes on (%s)", name, requests.plan())
+
+
 @contextmanager
-def stop_signals() -> Iterator[dict[str, bool]]:
-    """SIGTERM / SIGINT ask the loop to finish its step, save and exit; a second one kills."""
-    flag = {"stop": False}
-
-    def ask(signum: int, frame: Any) -> None:
-        if flag["stop"]:
-            raise KeyboardInterrupt
-        flag["stop"] = True
-        logger.warning("%s received: finishing this step, saving a checkpoint, then exiting",
-                       signal.Signals(signum).name)
-
+def _handled() -> Iterator[_StopRequests]:
+    """SIGTERM and SIGINT handled for the block; the outermost block starts a fresh record."""
+    requests = _REQUESTS
+    if not requests.open:  # a new run in this process (tests run several): nothing asked yet
+        requests.flag["stop"] = requests.interrupted = requests.looped = False
+    requests.open += 1
     previous = {}
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, ask)
+            previous[sig] = signal.signal(sig, _on_stop_signal)
     except ValueError:  # not the main thread: leave the signals alone
         pass
     try:
-        yield flag
+        yield requests
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        requests.open -= 1
+
+
+@contextmanager
+def run_signals() -> Iterator[dict[str, bool]]:
+    """The stop signals handled for a whole run, setup and end included (see stop_signals).
+
+    Without it a SIGTERM outside the loop, such as the one torchrun sends again while the
+    processes save and exit, would kill a process that was about to exit with status 0.
+    """
+    with _handled() as requests:
+        yield requests.flag
+
+
+@contextmanager
+def stop_signals() -> Iterator[dict[str, bool]]:
+    """SIGTERM / SIGINT ask the training loop to finish its step, save and exit: ``flag["stop"]``.
+
+    Any number of SIGTERMs only ask that (a scheduler signals every process of the job, and
+    torchrun forwards its own SIGTERM, maybe several times). A signal after a SIGINT, i.e. a
+    person's second Ctrl-C, stops at once (KeyboardInterrupt). Inside run_signals() the flag is
+    the run's, so a signal that came during setup is not lost.
+    """
+    with _handled() as requests:
+        requests.in_loop = requests.looped = True
+        try:
+            yield requests.flag
+        finally:
+            requests.in_loop = False
+
+
+def stop_with_launcher() -> None:
+    """Under torchrun (``accelerate launch``), have the kernel send SIGTERM when the launcher dies.
+
+    torchrun starts every process in a session of its own, so a SIGKILL of the launcher, or of
+    its process group, would leave them training with nobody waiting for them. The SIGTERM
+    stops them as any other: finish the step, save, exit. (Linux only; a launcher that dies in
+    the moment before this call is not noticed.)
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        failed = libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM), ctypes.c_ulong(0),
+                            ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0
+    except (OSError, AttributeError):
+        failed = True
+    if failed:
+        logger.warning("could not ask to be signalled when the launcher exits: if it is killed, stop this "
+                       "process (pid %d) yourself", os.getpid())
+    else:
+        _REQUESTS.launcher = os.getppid()

@@ -7,6 +7,7 @@ import sys
 
 from embedtune.config import ConfigError, parse_args
 from embedtune.data.records import DataError
+from embedtune.distributed import run_signals, stop_with_launcher
 from embedtune.model.folder import ModelLoadError
 from embedtune.training.checkpoint import CheckpointError
 from embedtune.training.trainer import TrainingStopped, run_training
@@ -14,18 +15,30 @@ from embedtune.training.trainer import TrainingStopped, run_training
 logger = logging.getLogger("embedtune")
 
 
+# The exit status of a run that a second Ctrl-C stopped at once: 128 + SIGINT, as a shell reports it.
+INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None, prog: str = "embedtune train") -> int:
+    """Train; the exit status: 0 when done or stopped by a signal with a checkpoint, 1 on an error
+    the message explains, 2 on bad arguments, 130 when a second Ctrl-C stopped the run at once."""
+    stop_with_launcher()
     try:
         cfg = parse_args(argv, prog=prog)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        run_training(cfg)
+        with run_signals():  # from setup to the end: a signal is never lost, a repeated one never kills
+            run_training(cfg)
     except (DataError, ConfigError, ModelLoadError, CheckpointError, TrainingStopped) as exc:
         logger.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("stopped at once, without saving the step in progress; continue from the last checkpoint with "
+              "--resume_from_checkpoint latest", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 
