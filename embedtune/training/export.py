@@ -1,7 +1,13 @@
-"""The one place that writes ``final_model/``: a sentence-transformers folder and its model card."""
+"""The one place that writes ``final_model/``: a sentence-transformers folder and its model card.
+
+It is written whole in ``final_model.tmp`` next to it, flushed to the disk and renamed into place,
+replacing an older ``final_model`` only at the rename: ``final_model/`` is complete or absent,
+never half written, and a failed export leaves nothing behind.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -12,10 +18,17 @@ from accelerate import Accelerator
 
 from embedtune.config import Config
 from embedtune.data.collate import query_prefix
+from embedtune.distributed import any_process
+from embedtune.files import free_bytes, fsync_tree, human_bytes, remove_path, replace_folder, write_atomic
 from embedtune.model.lora import merged, name_the_base
-from embedtune.training.model_card import FINAL_MODEL, data_fingerprint, write_model_card
+from embedtune.training.checkpoint import CheckpointError, complete_checkpoints
+from embedtune.training.model_card import CARD, FINAL_MODEL, data_fingerprint, render_card
 
 logger = logging.getLogger("embedtune")
+
+
+class ExportError(CheckpointError):
+    """``final_model`` could not be written; nothing half-written is left, and the checkpoints are untouched."""
 
 
 @dataclass
@@ -34,7 +47,8 @@ def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Conf
     """Write ``output_dir/final_model`` (collective: every process calls it; the main one writes)
     with safetensors weights, the base model's module stack, the training prefixes as its prompts
     (the base's where the run had none), and the model card, which gives the run's ``duration()``
-    with the export included."""
+    with the export included. Whatever fails, every process raises ExportError and no partial
+    folder is left."""
     path = os.path.join(cfg.output_dir, FINAL_MODEL)
     unwrapped = accelerator.unwrap_model(model)
     lora = cfg.model.lora
@@ -46,22 +60,57 @@ def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Conf
     accelerator.wait_for_everyone()
     # Collective: under FSDP or DeepSpeed the full weights are assembled on the main process.
     state = accelerator.get_state_dict(model)
+    error: Exception | None = None
     if accelerator.is_main_process:
-        data = cfg.data
-        # The prefixes trained with become the model's query and document prompts (the base's
-        # own prompts are kept by the save); a named base prompt is saved as the query prompt.
-        query = query_prefix(data, unwrapped.folder)
-        prompts = ({"query": query, "document": data.document_prefix}
-                   if data.query_prefix or data.document_prefix else None)
-        # The base's module stack comes back (Dense layers trained), and its prompts unless the
-        # run trained with prefixes of its own.
-        unwrapped.save_sentence_transformer(
-            path, tokenizer, max(data.query_max_length, data.document_max_length), prompts, state)
-        logger.info("saved %s", path)
-        # After the save: sentence-transformers writes a generic README.md, which the card replaces.
-        write_model_card(path, base_model=cfg.model.base_model, config=cfg.to_dict(),
-                         fingerprint=data_fingerprint(data.train_files), eval_before=facts.eval_before,
-                         eval_after=facts.eval_after, wandb_url=facts.wandb_url, num_examples=facts.examples_seen,
-                         steps=facts.steps, duration_s=duration(), precision=accelerator.mixed_precision)
-    accelerator.wait_for_everyone()
+        tmp = f"{path}.tmp"
+        try:
+            remove_path(tmp)  # the leftover of an export that was killed
+            _write(tmp, path, unwrapped, tokenizer, state, cfg, facts, duration, accelerator.mixed_precision)
+            fsync_tree(tmp)
+            replace_folder(tmp, path)
+            logger.info("saved %s", path)
+        except Exception as exc:
+            error = exc
+            remove_path(tmp)
+    # Every process learns the outcome (this is also the wait for the main process's write).
+    if any_process(error is not None, accelerator.device):
+        raise ExportError(_export_failure(cfg.output_dir, path, error))
     return path
+
+
+def _write(tmp: str, path: str, unwrapped: Any, tokenizer: Any, state: Any, cfg: Config, facts: RunFacts,
+           duration: Callable[[], float], precision: str) -> None:
+    """The sentence-transformers folder and its card, in ``tmp``; the card names ``path``, where it will be."""
+    data = cfg.data
+    # The prefixes trained with become the model's query and document prompts (the base's
+    # own prompts are kept by the save); a named base prompt is saved as the query prompt.
+    query = query_prefix(data, unwrapped.folder)
+    prompts = ({"query": query, "document": data.document_prefix}
+               if data.query_prefix or data.document_prefix else None)
+    # The base's module stack comes back (Dense layers trained), and its prompts unless the
+    # run trained with prefixes of its own.
+    unwrapped.save_sentence_transformer(
+        tmp, tokenizer, max(data.query_max_length, data.document_max_length), prompts, state)
+    # After the save: sentence-transformers writes a generic README.md, which the card replaces.
+    # The card is read from the folder as written, and its usage example loads the final path.
+    text = render_card(tmp, base_model=cfg.model.base_model, config=cfg.to_dict(),
+                       fingerprint=data_fingerprint(data.train_files), eval_before=facts.eval_before,
+                       eval_after=facts.eval_after, wandb_url=facts.wandb_url, num_examples=facts.examples_seen,
+                       steps=facts.steps, duration_s=duration(), precision=precision)
+    write_atomic(os.path.join(tmp, CARD), text.replace(json.dumps(tmp), json.dumps(path)))
+
+
+def _export_failure(output_dir: str, path: str, error: Exception | None) -> str:
+    """One line: why the export failed, the space left, and where the trained model still is."""
+    reason = (f"{type(error).__name__}: {' '.join(str(error).split())}"[:300] if error is not None
+              else "it failed on the main process (see its error)")
+    free = free_bytes(output_dir)
+    found = complete_checkpoints(output_dir)
+    if found:
+        where = (f"the last checkpoint, {found[-1]}, is still there: free space (if that was it) and run again with "
+                 "--resume_from_checkpoint latest to export from it")
+    else:
+        where = "no checkpoint was saved (checkpoint.every_n_steps), so the run must be trained again"
+    kept = "the earlier final_model is untouched" if os.path.isdir(path) else "no partial folder was left"
+    return (f"could not write {path}: {reason}. {'?' if free is None else human_bytes(free)} free on its disk; "
+            f"{kept}; {where}.")
