@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from embedtune import __version__
+from embedtune.logs import scrub_console
 
 # name: (where its main is, what it does). Modules load only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -25,6 +26,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything is printed: a usage error, a command's output or error line, a traceback
+    # would otherwise show a URL's password as typed.
+    scrub_console()
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="embedtune", description="Fine-tune sentence-embedding models "
                                      "on question/answer pairs.")

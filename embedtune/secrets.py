@@ -1,9 +1,14 @@
-"""Secrets never leave the process: scrubbing for configs, log lines, cards and file names.
+"""Secrets never leave the process: scrubbing for configs, log lines, cards, reports and file names.
 
 Config values under secret-looking keys (key, token, secret, password) are replaced; in any
 text, credentials in URLs (``user:password@``, ``?token=...``) and the values of secret-looking
 environment variables (``WANDB_API_KEY``, ``HF_TOKEN``, any ``*_TOKEN``, ``*KEY*``...) are
 blanked out. The environment is read only to take its secrets back out of a text.
+
+Where each channel is scrubbed: the console (stdout and stderr, whatever prints to them) and the
+command reports in ``embedtune.logs``; ``train.log`` by its formatter, also there; the run's
+files and W&B in ``embedtune.training.tracking``; checkpoints in ``embedtune.training.checkpoint``;
+the model card in ``embedtune.training.model_card``.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from typing import Any
 SECRET_WORDS = ("key", "token", "secret", "password")
 REDACTED = "<redacted>"
 URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)[^/\s@]+@")
+# The value ends before a trailing ":" "," "." or ";", which in a message is punctuation, not the secret.
 URL_SECRET_PARAM = re.compile(
-    r"(?P<name>[?&][^=&\s]*(?:key|token|secret|password|signature|sig|credential)[^=&\s]*=)[^&\s#)`'\"]+", re.I)
+    r"(?P<name>[?&][^=&\s]*(?:key|token|secret|password|signature|sig|credential)[^=&\s]*=)"
+    r"[^&\s#)`'\"]*[^&\s#)`'\".,:;]", re.I)
 MIN_SECRET_LEN = 8  # shorter environment values ("true", "1") are settings, not secrets
 
 
@@ -31,6 +38,21 @@ def scrub_config(value: Any) -> Any:
         return {k: (REDACTED if secret_key(k) and v not in (None, "") else scrub_config(v)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [scrub_config(v) for v in value]
+    if isinstance(value, str):
+        return scrub_text(value)
+    return value
+
+
+def scrub_value(value: Any) -> Any:
+    """A copy of a JSON-like value (a report, a table) with every text in it scrubbed, keys too.
+
+    Unlike ``scrub_config`` no value is replaced for its key: a report's keys are the program's
+    own names (``tokens``, ``max_tokens``), not settings someone filled in.
+    """
+    if isinstance(value, dict):
+        return {scrub_value(k): scrub_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub_value(v) for v in value]
     if isinstance(value, str):
         return scrub_text(value)
     return value

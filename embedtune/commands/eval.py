@@ -16,8 +16,7 @@ from embedtune.data.collate import PairCollator
 from embedtune.data.records import DataError
 from embedtune.data.split import eval_pairs
 from embedtune.distributed import cpu_processes
-from embedtune.files import write_json
-from embedtune.logs import log_to_console
+from embedtune.logs import log_to_console, scrub_console, write_report
 from embedtune.model.encoder import EmbeddingModel
 from embedtune.model.folder import ModelLoadError
 from embedtune.retrieval import (
@@ -94,11 +93,12 @@ def print_result(args: argparse.Namespace, data_set: RetrievalSet, result: EvalR
         print(f"\nworst: {line(row['query'])}\n  relevant, ranked {row['rank'] or '>100'}: {line(row['relevant'])}"
               f"\n  ranked first ({row['score 1']}): {line(row['top 1'])}")
     if args.json:
-        write_json(args.json, {"model": args.model, "queries": len(data_set), "documents": len(data_set.corpus),
-                               "metrics": result.metrics, "worst": worst})
+        write_report(args.json, {"model": args.model, "queries": len(data_set), "documents": len(data_set.corpus),
+                                 "metrics": result.metrics, "worst": worst})
 
 
 def main(argv: list[str] | None = None) -> int:
+    scrub_console()  # main also runs without the embedtune command (python -m embedtune.commands.eval)
     parser = make_parser()
     args = parser.parse_args(argv)
     if bool(args.qa) == bool(args.queries or args.corpus or args.qrels):

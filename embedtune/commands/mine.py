@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from embedtune.data.records import DataError
-from embedtune.logs import log_to_console
+from embedtune.logs import log_to_console, scrub_console
 from embedtune.mining import MineError
 from embedtune.mining.negatives import Selection
 from embedtune.mining.run import DEFAULT_MODEL, SCORE_BUDGET, MineOptions, mine
@@ -84,6 +84,7 @@ def options_from(args: argparse.Namespace) -> MineOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
+    scrub_console()  # main also runs without the embedtune command (python -m embedtune.commands.mine)
     parser = make_parser()
     try:
         args = parser.parse_args(argv)

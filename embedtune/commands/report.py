@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from embedtune.logs import scrub_console
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -89,12 +91,17 @@ def collect_series(rows: list[dict[str, Any]]) -> Series:
 
     Training keys are written without their ``train/`` prefix (``loss``, ``lr``...); a prefixed
     key is read the same. Held-out keys keep ``eval/``, including per-source ones
-    (``eval/<source>/ndcg@10``). Non-numbers are left out; NaN stays (a gap in the line).
+    (``eval/<source>/ndcg@10``). Non-numbers are left out; a non-finite value (written as null
+    and named under ``nonfinite``, or a bare NaN of an older run) is NaN: a gap in the line.
     """
     series: Series = {}
     for row in sorted(rows, key=lambda r: r["step"]):  # stable: rows of one step keep their order
         step = int(row["step"])
+        flagged = row.get("nonfinite")
+        nonfinite = {k for k in flagged if isinstance(k, str)} if isinstance(flagged, list) else set()
         for key, value in row.items():
+            if value is None and key in nonfinite:
+                value = math.nan
             if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             name = key.removeprefix("train/")
@@ -285,6 +292,7 @@ def plot_run(output_dir: str, out_dir: str | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    scrub_console()  # main also runs without the embedtune command (python -m embedtune.commands.report)
     parser = argparse.ArgumentParser(
         prog="embedtune report",
         description="Draw PNG plots of a run (loss, learning rate, held-out metrics, gradient norm, "

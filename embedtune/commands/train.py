@@ -8,6 +8,7 @@ import sys
 from embedtune.config import ConfigError, parse_args
 from embedtune.data.records import DataError
 from embedtune.distributed import run_signals, stop_with_launcher
+from embedtune.logs import scrub_console
 from embedtune.model.folder import ModelLoadError
 from embedtune.training.checkpoint import CheckpointError
 from embedtune.training.trainer import TrainingStopped, run_training
@@ -22,6 +23,7 @@ INTERRUPTED = 130
 def main(argv: list[str] | None = None, prog: str = "embedtune train") -> int:
     """Train; the exit status: 0 when done or stopped by a signal with a checkpoint, 1 on an error
     the message explains, 2 on bad arguments, 130 when a second Ctrl-C stopped the run at once."""
+    scrub_console()  # a password in a data URL never reaches the terminal
     stop_with_launcher()
     try:
         cfg = parse_args(argv, prog=prog)

@@ -3,7 +3,8 @@
 Every side effect happens on the main process only. Besides the tracker, the output folder gets
 ``config.yaml``, ``training_metrics.jsonl``, ``training_progress.json``, ``rejected.jsonl`` (when
 records are skipped), ``batches.jsonl`` (when asked) and ``eval_examples.jsonl``; ``logs/train.log``
-is ``embedtune.logs``'s and ``final_model/`` is ``export``'s.
+is ``embedtune.logs``'s and ``final_model/`` is ``export``'s. Every line of ``training_metrics.jsonl``
+is strict JSON: a non-finite value is null, its name listed under ``nonfinite``.
 
 Secrets never reach any of them: the config is written and sent to W&B with the values of
 secret-looking environment variables (``WANDB_API_KEY``, ``HF_TOKEN``, any ``*_TOKEN``,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import netrc
 import os
 import sys
@@ -27,7 +29,7 @@ from accelerate import Accelerator
 
 from embedtune.config import Config
 from embedtune.files import write_atomic
-from embedtune.secrets import command_line_holds_secret, scrub_config, scrub_text
+from embedtune.secrets import command_line_holds_secret, scrub_config, scrub_text, scrub_value
 
 logger = logging.getLogger("embedtune")
 
@@ -57,6 +59,23 @@ def wandb_mode() -> str:
 
 METRICS, BATCHES, REJECTED = "training_metrics.jsonl", "batches.jsonl", "rejected.jsonl"
 EXAMPLES = "eval_examples.jsonl"
+
+
+def metrics_row(step: int, metrics: dict[str, Any]) -> str:
+    """One line of training_metrics.jsonl, strict JSON: training keys lose their ``train/``
+    prefix, and a non-finite value (a NaN loss) is written as null and named under ``nonfinite``.
+    """
+    row: dict[str, Any] = {"step": step}
+    nonfinite = []
+    for key, value in metrics.items():
+        name = key.split("/", 1)[-1] if key.startswith("train/") else key
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+            nonfinite.append(name)
+            value = None
+        row[name] = value
+    if nonfinite:
+        row["nonfinite"] = nonfinite
+    return json.dumps(row, allow_nan=False)
 
 
 def truncate_jsonl(path: str, last_step: int) -> None:
@@ -126,15 +145,15 @@ class RunLog:
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.accelerator.log(metrics, step=step)
         if self.main:
-            row = {"step": step, **{k.split("/", 1)[-1] if k.startswith("train/") else k: v
-                                    for k, v in metrics.items()}}
-            self.metrics_file.write(json.dumps(row) + "\n")
+            self.metrics_file.write(metrics_row(step, metrics) + "\n")
             self.metrics_file.flush()
 
     def table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
-        """A table (W&B Table, and a row of ``eval_examples.jsonl``) on the main process."""
+        """A table (W&B Table, and a row of ``eval_examples.jsonl``) on the main process; its texts
+        scrubbed like every other text the run writes."""
         if not self.main:
             return
+        rows = scrub_value(rows)
         with open(os.path.join(self.out, EXAMPLES), "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "name": name, "columns": columns, "rows": rows},
                                ensure_ascii=False) + "\n")

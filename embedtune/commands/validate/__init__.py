@@ -23,8 +23,9 @@ from embedtune.commands.validate.environment import environment_checks, model_ch
 from embedtune.commands.validate.plan import plan_section
 from embedtune.commands.validate.settings import config_checks, loss_check
 from embedtune.config import Config, ConfigError, make_parser, parse_args, resolve_config_path
-from embedtune.files import write_json
+from embedtune.logs import scrub_console, write_report
 from embedtune.losses.base import requires_negatives
+from embedtune.secrets import scrub_config
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str = "embedtune validate") -> int:
+    scrub_console()  # main is also called without the embedtune command (from Python, tests)
     argv = sys.argv[1:] if argv is None else list(argv)
     started = time.perf_counter()
     parser = _parser(prog)
@@ -96,9 +98,9 @@ def main(argv: list[str] | None = None, prog: str = "embedtune validate") -> int
     print(summary(checks, seconds))
     code = 1 if blocking(checks) else 0
     if args.json:
-        write_json(args.json, {
+        write_report(args.json, {
             "ok": code == 0, "exit_code": code, "seconds": round(seconds, 2),
             "blocking": sum(c.status == FAIL for c in checks), "warnings": sum(c.status == WARN for c in checks),
-            "config": cfg.to_dict() if cfg else None, "checks": [asdict(c) for c in checks]})
+            "config": scrub_config(cfg.to_dict()) if cfg else None, "checks": [asdict(c) for c in checks]})
     return code
 
