@@ -282,9 +282,11 @@ class TrainConfig(_Section):
         """Pairs in one micro-batch, across all processes."""
         return self.batch_size // self.gradient_accumulation_steps
 
-    def pairs_per_process(self, processes: int) -> int:
-        """About how many pairs each process encodes per micro-batch (slices differ by at most one)."""
-        return self.micro_batch_size() // processes
+    def pairs_per_process(self, processes: int) -> str:
+        """How many pairs each process encodes per micro-batch of a full batch: "8", or "2-3" where
+        the processes' slices differ by one."""
+        low, high = self.micro_batch_size() // processes, -(-self.micro_batch_size() // processes)
+        return str(low) if low == high else f"{low}-{high}"
 
     def processes_problem(self, processes: int) -> str | None:
         """Why this batch cannot be shared by ``processes`` processes, or None."""
@@ -323,6 +325,9 @@ class CheckpointConfig(_Section):
     on_save_error: Literal["stop", "continue"] = Field(
         "stop", description="A failed save (full disk...) stops the run, or is logged and training goes on."
     )
+    allow_data_change: bool = Field(
+        False, description="Resume although a training or eval file changed since the checkpoint (it is logged, "
+        "and the saved position is kept); by default such a resume is refused, naming the file.")
     resume_from: str | None = Field(None, description="latest, a checkpoint name (step-NNNNNNNN, in "
                                     "output_dir/checkpoints), or the path of a checkpoint folder, to continue a run.")
 

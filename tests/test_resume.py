@@ -193,7 +193,10 @@ def test_resuming_on_another_number_of_processes(models, data, reference, tmp_pa
     run = start(args, processes=before)
     kill_when(run, lambda: logged_steps(out) >= 9)
     run.wait()
-    finish(start(args + ["--resume_from_checkpoint", "latest"], processes=after))
+    resumed = start(args + ["--resume_from_checkpoint", "latest"], processes=after)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"changed since the checkpoint: processes: {before} -> {after}" in (out / "logs" / "train.log").read_text()
     assert json.loads((out / "training_progress.json").read_text())["processes"] == after
     # Another process count sums in another order: equal up to float rounding (see test_distributed).
     assert_same_run(out, reference["plain"], atol=5e-5)
@@ -328,6 +331,13 @@ def test_repeated_non_finite_steps_stop_the_run_with_a_checkpoint(models, data, 
     assert train_main(args) == 1
     assert "3 steps in a row had a non-finite gradient" in capsys.readouterr().err
     assert (out / "checkpoints" / "step-00000003" / "trainer_state.json").exists()
+    # The fix (here: a loss that is finite again) and a lower rate, then resume: the count of
+    # non-finite steps starts again and the run finishes.
+    monkeypatch.undo()
+    assert train_main(args + ["--learning_rate", "1e-4", "train.max_steps=5", "--resume_from_checkpoint",
+                              "latest"]) == 0
+    assert "the count of non-finite steps in a row (3) starts again from 0" in (out / "logs" / "train.log").read_text()
+    assert json.loads((out / "training_progress.json").read_text())["completed"]
 
 
 def test_the_resume_benchmark_prints_its_figures() -> None:

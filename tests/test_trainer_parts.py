@@ -74,7 +74,8 @@ def test_the_non_finite_guard_counts_skips_in_a_row_and_in_all(caplog: pytest.Lo
 
 def test_the_config_derives_micro_batches_steps_and_warmup() -> None:
     cfg = TrainConfig(batch_size=32, gradient_accumulation_steps=4, epochs=3, warmup_ratio=0.1)
-    assert cfg.micro_batch_size() == 8 and cfg.pairs_per_process(3) == 2
+    assert cfg.micro_batch_size() == 8 and cfg.pairs_per_process(3) == "2-3" and cfg.pairs_per_process(4) == "2"
+    assert TrainConfig(batch_size=10).pairs_per_process(4) == "2-3"  # slices of 3, 3, 2, 2
     assert cfg.processes_problem(8) is None
     assert "= 8 pairs per micro-batch, fewer than the 9 processes" in cfg.processes_problem(9)
     assert cfg.steps_per_epoch(100, drop_last=False) == 4 and cfg.steps_per_epoch(100, drop_last=True) == 3

@@ -57,6 +57,21 @@ def is_decoder(config: object) -> bool:
     return bool(getattr(config, "is_decoder", False)) or getattr(config, "model_type", None) in DECODER_TYPES
 
 
+def position_limit(encoder: nn.Module) -> int | None:
+    """The most tokens a text may have for a model with a learned table of absolute positions
+    (BERT, XLM-R: a longer text indexes past the table); None for rotary positions (no table)."""
+    table = None
+    for name, module in encoder.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding):
+            table = module
+            break
+    if table is None:
+        return None
+    # RoBERTa and XLM-R count positions from padding_idx + 1.
+    offset = table.padding_idx + 1 if table.padding_idx is not None else 0
+    return int(table.num_embeddings) - offset
+
+
 def appends_eos(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether the tokenizer's own call ends every text with its EOS token (Qwen3-Embedding's does)."""
     eos = tokenizer.eos_token_id

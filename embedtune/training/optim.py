@@ -52,3 +52,17 @@ def apply_update(optimizer: Any, grad_norm: torch.Tensor | None, accelerator: Ac
     elif accelerator.scaler is not None or not bool(bad):
         optimizer.step()
     return bad
+
+
+def apply_resumed_settings(optimizer: Any, scheduler: Any, cfg: TrainConfig) -> None:
+    """After a resume, the config's learning rate and weight decay replace the ones the checkpoint's
+    optimizer and schedule carry, and the next step's rate is the (possibly new) schedule's value
+    at the saved step: "lower the rate and resume" does lower it. The schedule's shape (name,
+    warmup, length) is rebuilt from the config at every start already."""
+    groups = getattr(optimizer, "optimizer", optimizer).param_groups
+    scheduler.base_lrs = [cfg.learning_rate] * len(groups)
+    for group, decay in zip(groups, (cfg.weight_decay, 0.0)):  # build_optimizer's order: decayed, not decayed
+        group["initial_lr"] = cfg.learning_rate
+        group["weight_decay"] = decay
+        group["lr"] = cfg.learning_rate * scheduler.lr_lambdas[0](scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]

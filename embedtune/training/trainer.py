@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,21 +21,29 @@ from tqdm.auto import tqdm
 
 from embedtune.config import Config, ConfigError
 from embedtune.data.collate import PairCollator, TrainBatch, query_prefix
+from embedtune.data.identity import data_changes, data_identity
 from embedtune.data.records import DataError, format_stream_reject
 from embedtune.data.split import plan_data, preflight
 from embedtune.data.stream import PairBatches, make_loader
 from embedtune.distributed import any_process, cpu_processes, release, stop_signals
 from embedtune.logs import setup_logging
 from embedtune.losses import build_loss, check_loss_data, required_data, requires_negatives
-from embedtune.model.encoder import EmbeddingModel
+from embedtune.model.encoder import EmbeddingModel, position_limit
 from embedtune.model.lora import adapter_export_problem, add_adapters, keep_trainable
 from embedtune.retrieval import RetrievalSet, example_columns, example_rows, format_table, run_retrieval, set_encoder
 from embedtune.training import checkpoint
 from embedtune.training.checkpoint import CheckpointError, TrainerState
 from embedtune.training.devices import checkpoint_activations, default_precision
 from embedtune.training.export import RunFacts, export_model
+from embedtune.training.lock import OutputInUse, OutputLock
 from embedtune.training.meters import MetricsWindow, NonFiniteGuard
-from embedtune.training.optim import apply_update, build_optimizer, build_scheduler, skips_on_device
+from embedtune.training.optim import (
+    apply_resumed_settings,
+    apply_update,
+    build_optimizer,
+    build_scheduler,
+    skips_on_device,
+)
 from embedtune.training.step import Step, make_step
 from embedtune.training.tracking import RunLog
 
@@ -74,6 +83,7 @@ class Trainer:
         self.grad_norm: torch.Tensor | None = None
         self.lr = 0.0  # the rate the last step used
         self.started, self.duration_before = time.perf_counter(), 0.0  # see duration()
+        self.lock = OutputLock(cfg.output_dir)
 
     # --- setup --------------------------------------------------------------------------------
 
@@ -97,8 +107,9 @@ class Trainer:
 
     def _setup_accelerator(self) -> None:
         cfg = self.cfg
-        if not cfg.checkpoint.resume_from and (problem := checkpoint.earlier_run_problem(cfg.output_dir)):
-            raise CheckpointError(problem)
+        if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
+            raise ConfigError(f"output_dir {cfg.output_dir} is a file, not a folder: give a folder for the run's "
+                              "checkpoints, logs and model (it is made if missing)")
         self.accelerator = Accelerator(
             cpu=cpu_processes(),
             mixed_precision=default_precision(cfg),
@@ -108,19 +119,65 @@ class Trainer:
         )
         if problem := cfg.train.processes_problem(self.accelerator.num_processes):
             raise ConfigError(problem)
+        earlier = self._lock_output()  # before anything is written there
+        if not cfg.checkpoint.resume_from and (problem := checkpoint.earlier_run_problem(cfg.output_dir)):
+            raise CheckpointError(problem)
         setup_logging(cfg.output_dir, self.accelerator.is_main_process)
+        if earlier:
+            logger.info("took over the output folder's lock from a run that ended without releasing it (%s)", earlier)
         set_seed(cfg.train.seed)
 
+    def _lock_output(self) -> str | None:
+        """One run per output folder: the main process takes its lock, and every process stops if it
+        cannot. Returns the holder of a lock taken over from a run that died."""
+        in_use, earlier = None, None
+        if self.accelerator.is_main_process:
+            try:
+                earlier = self.lock.acquire()
+            except OutputInUse as exc:
+                in_use = exc
+        if any_process(in_use is not None, self.accelerator.device):
+            raise in_use or OutputInUse(f"{self.cfg.output_dir} is in use by another run (see the main process)")
+        return earlier
+
     def _setup_state(self) -> None:
-        cfg = self.cfg
-        self.state = TrainerState(config=cfg.to_dict())
+        cfg, processes = self.cfg, self.accelerator.num_processes
+        identity = data_identity(cfg.data)  # what this run reads, saved with every checkpoint
+        self.state = TrainerState(config=cfg.to_dict(), data_files=identity, processes=processes)
         self.resume_dir = None
         if cfg.checkpoint.resume_from:
+            if self.accelerator.is_main_process:  # the output lock is held: no save of this folder is under way
+                checkpoint.remove_partial(cfg.output_dir)  # a killed save's half-written folder may fill the disk
+            self.accelerator.wait_for_everyone()
             resume = checkpoint.open_resume(cfg)
+            saved = resume.state
+            self._check_data_unchanged(saved.data_files, identity)
+            if saved.processes and saved.processes != processes:
+                resume.changes.append(f"processes: {saved.processes} -> {processes} (the same global batches, "
+                                      "split another way)")
             for change in resume.changes:
                 logger.info("changed since the checkpoint: %s", change)
-            self.resume_dir, self.state = resume.path, resume.state
-            self.state.config = cfg.to_dict()
+            if saved.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                logger.info("the count of non-finite steps in a row (%d) starts again from 0", saved.nonfinite_in_a_row)
+                saved.nonfinite_in_a_row = 0
+            self.resume_dir, self.state = resume.path, saved
+            self.state.config, self.state.data_files, self.state.processes = cfg.to_dict(), identity, processes
+
+    def _check_data_unchanged(self, saved: dict[str, Any], now: dict[str, Any]) -> None:
+        """Refuse to resume on data that changed since the checkpoint, unless the config allows it."""
+        if not saved:
+            logger.info("the checkpoint predates data checks: the data files are not compared")
+            return
+        changed, harmless = data_changes(saved, now)
+        for line in harmless:
+            logger.info("data since the checkpoint: %s", line)
+        if changed and not self.cfg.checkpoint.allow_data_change:
+            raise CheckpointError("cannot resume: the data changed since the checkpoint:\n  " + "\n  ".join(changed)
+                                  + "\nRestore the files; or resume with checkpoint.allow_data_change=true to keep "
+                                  "the saved position in the changed data (some examples may then be trained twice "
+                                  "or not at all); or start a new run in another output_dir.")
+        for line in changed:
+            logger.warning("data changed since the checkpoint (checkpoint.allow_data_change=true): %s", line)
 
     def _check_data(self) -> None:
         rejected = preflight(self.cfg.data, self.require_negatives)
@@ -132,6 +189,7 @@ class Trainer:
         self.model, self.tokenizer = EmbeddingModel.from_pretrained(
             model_cfg.base_model, model_cfg.pooling, model_cfg.normalize, trust_remote_code=model_cfg.trust_remote_code,
             append_eos=model_cfg.append_eos)
+        self._fit_lengths()
         if model_cfg.unpad:
             self.model.enable_packing(self.tokenizer)
         if model_cfg.gradient_checkpointing:
@@ -149,6 +207,15 @@ class Trainer:
                         "gather them again", chunks)
             chunks = 1
         self.model.padded_chunks = chunks
+
+    def _fit_lengths(self) -> None:
+        """Query and document lengths no longer than the model's table of positions."""
+        data, limit = self.cfg.data, position_limit(self.model.encoder)
+        for key in ("query_max_length", "document_max_length"):
+            if limit is not None and getattr(data, key) > limit:
+                logger.warning("data.%s=%d is more than the %d positions %s has: texts are cut at %d tokens",
+                               key, getattr(data, key), limit, self.cfg.model.base_model, limit)
+                setattr(data, key, limit)
 
     def _setup_data(self) -> None:
         """The held-out set and the step count from one pass over the files, then the stream."""
@@ -200,6 +267,7 @@ class Trainer:
         if self.resume_dir:
             # Weights, optimizer, schedule, scaler, RNG; every pickled file read weights-only.
             checkpoint.load(self.accelerator, self.resume_dir, trainable_only=self.model if self.cfg.model.lora else None)
+            apply_resumed_settings(self.optimizer, self.scheduler, self.cfg.train)
             logger.info("resumed from %s: step %d, epoch %d, %d batches into it", self.resume_dir, self.state.step,
                         self.state.epoch, self.state.batches_in_epoch)
 
@@ -212,12 +280,25 @@ class Trainer:
             state.eval_before = self.evaluate(0) or None
             if state.eval_before:
                 logger.info("held-out before training (%d queries): %s", len(self.held_out), state.eval_before)
-        logger.info("training %d steps of %d pairs (%d per process per micro-batch)", self.total_steps,
+        logger.info("training %d steps of %d pairs (%s per process per micro-batch)", self.total_steps,
                     cfg.train.batch_size, cfg.train.pairs_per_process(self.accelerator.num_processes))
         self.started, self.duration_before = time.perf_counter(), state.duration_s
         self.window.reset()  # its first rates count training only
         self.model.train()  # from_pretrained hands the encoder over in eval mode: dropout would stay off
-        return self.finish(completed=self._loop())
+        try:
+            completed = self._loop()
+        except DataError as exc:  # a bad record, past the ones read before step 1: keep what was trained
+            raise self._saved_on(exc) from None
+        return self.finish(completed=completed)
+
+    def _saved_on(self, exc: DataError) -> DataError:
+        """``exc``, after a checkpoint of the steps trained since the last one, and how to go on."""
+        step = self.state.step
+        if step == 0 or (self.saved_at != step and not self.save_checkpoint()):
+            return exc
+        return DataError(f"{exc}\nThe run stopped with a checkpoint of step {step}: fix the data (then resume with "
+                         "checkpoint.allow_data_change=true) or set data.on_bad_record=skip, and resume with "
+                         "--resume_from_checkpoint latest.")
 
     def _loop(self) -> bool:
         """The optimizer steps; False when a stop signal ended them early (after a checkpoint)."""
@@ -241,8 +322,8 @@ class Trainer:
                     log_due = state.step % cfg.tracking.log_every_n_steps == 0 or state.step == self.total_steps
                     syncs = log_due or stop or self._due(cfg.checkpoint.every_n_steps)
                     if self.guard.reads_every_step or syncs:
-                        self._check_nonfinite()
-                    if log_due:
+                        self._check_nonfinite(bar)
+                    if log_due or stop:  # the step a stop signal ends on is logged too
                         self._log(bar)
                     # evaluate
                     if self._due(cfg.eval.every_n_steps) and state.step < self.total_steps:
@@ -304,11 +385,12 @@ class Trainer:
     def _due(self, every: int | None) -> bool:
         return bool(every) and self.state.step % every == 0  # type: ignore[operator]
 
-    def _check_nonfinite(self) -> None:
+    def _check_nonfinite(self, bar: tqdm) -> None:
         state = self.state
         self.guard.read(state.step)
         state.skipped_steps, state.nonfinite_in_a_row = self.guard.skipped, self.guard.in_a_row
         if self.guard.tripped(self.cfg.train.max_nonfinite_steps):
+            self._log(bar)  # the step the run stops on is the last line of training_metrics.jsonl
             self.save_checkpoint()
             raise TrainingStopped(
                 f"{state.nonfinite_in_a_row} steps in a row had a non-finite gradient (up to step {state.step}); "
@@ -353,8 +435,9 @@ class Trainer:
                            example_rows(result, self.held_out, cfg.eval.examples, cfg.eval.k), step=step)
         return metrics
 
-    def save_checkpoint(self) -> None:
-        """A checkpoint of this step (collective); with checkpoint.best_metric, scored first."""
+    def save_checkpoint(self) -> bool:
+        """A checkpoint of this step (collective); with checkpoint.best_metric, scored first. False
+        when the save failed and ``checkpoint.on_save_error`` let training go on."""
         cfg, state = self.cfg, self.state
         self.saved_at = state.step
         score = None
@@ -370,6 +453,8 @@ class Trainer:
             if cfg.checkpoint.on_save_error == "stop":
                 raise
             logger.error("%s Training goes on (checkpoint.on_save_error=continue).", exc)
+            return False
+        return True
 
     def finish(self, completed: bool) -> dict[str, Any]:
         """End the run: on completion a last checkpoint, the held-out metrics after training and the
@@ -407,5 +492,8 @@ class Trainer:
 def run_training(cfg: Config) -> dict[str, Any]:
     """Set up and train one run of ``cfg``; returns its summary."""
     trainer = Trainer(cfg)
-    trainer.setup()
-    return trainer.train()
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.lock.release()
