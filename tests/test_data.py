@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import bz2
+import configparser
+import functools
+import gzip
+import http.server
+import io
 import json
+import lzma
 import random
+import sys
+import threading
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_pairs, untokenized, write_jsonl
+from conftest import ROOT, make_pairs, untokenized, write_jsonl
 
+from embedtune.commands.train import main
 from embedtune.config import DataConfig
-from embedtune.data.records import DataError, token_estimate
+from embedtune.data.records import DataError, Pair, Reject, read_pairs, token_estimate
 from embedtune.data.split import eval_pairs, is_held_out, preflight
 from embedtune.data.stream import PairBatches, make_loader, ordered_pairs
 
@@ -47,6 +59,210 @@ def test_bad_input_stops_before_training_naming_file_line_and_fix(tmp_path: Path
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="nowhere.jsonl: file not found"):
         preflight(DataConfig(train_files=[str(tmp_path / "nowhere.jsonl")]))
+
+
+# --- files that are not what their name says -------------------------------------------------
+
+
+def jsonl_bytes(n: int = 5) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in make_pairs(n)).encode()
+
+
+def parquet_bytes() -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = io.BytesIO()
+    pq.write_table(pa.table({"question": ["q1", "q2"], "answer": ["a1", "a2"]}), out)
+    return out.getvalue()
+
+
+def zipped(data: bytes) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        archive.writestr("pairs.jsonl", data)
+    return out.getvalue()
+
+
+ZSTD_FRAME = b"\x28\xb5\x2f\xfd" + b"\x00" * 12  # zstd's magic number: what the file says it is
+
+
+@pytest.mark.parametrize("name, content, expected, renamed", [
+    ("pairs.jsonl", lambda: gzip.compress(jsonl_bytes()),
+     "is gzip-compressed, but its name does not end in .gz; rename it to pairs.jsonl.gz", "pairs.jsonl.gz"),
+    ("pairs.jsonl", lambda: bz2.compress(jsonl_bytes()),
+     "is bzip2-compressed, but its name does not end in .bz2; rename it to pairs.jsonl.bz2", "pairs.jsonl.bz2"),
+    ("pairs.jsonl", lambda: lzma.compress(jsonl_bytes()),
+     "is xz-compressed, but its name does not end in .xz; rename it to pairs.jsonl.xz", "pairs.jsonl.xz"),
+    ("pairs.csv", lambda: gzip.compress(b"question,answer\n" + b"".join(b"q%d,a%d\n" % (i, i) for i in range(5))),
+     "is gzip-compressed, but its name does not end in .gz; rename it to pairs.csv.gz", "pairs.csv.gz"),
+    ("pairs.jsonl", lambda: ZSTD_FRAME,
+     "is zstd-compressed, but its name does not end in .zst; rename it to pairs.jsonl.zst", None),
+    ("pairs.jsonl.gz", lambda: ZSTD_FRAME, "is zstd-compressed, but its name ends in .gz; rename it to pairs.jsonl.zst",
+     None),
+    ("pairs.parquet", lambda: gzip.compress(parquet_bytes()), "is gzip-compressed; decompress it", None),
+    ("pairs.jsonl", lambda: zipped(jsonl_bytes()), "is a zip archive, not a data file; unzip it", None),
+])
+def test_a_compressed_file_named_otherwise_is_named_by_what_it_is(tmp_path: Path, name: str,
+                                                                  content: Callable[[], bytes], expected: str,
+                                                                  renamed: str | None) -> None:
+    """Not "not valid UTF-8" on every line: the file is compressed, and the message says how to name
+    it; named so, it reads."""
+    path = tmp_path / name
+    path.write_bytes(content())
+    with pytest.raises(DataError) as err:
+        preflight(DataConfig(train_files=[str(path)]))
+    message = str(err.value)
+    assert message.startswith(f"{path}: the file ") and expected in message, message
+    assert "UTF-8" not in message and "\n" not in message
+    if renamed:
+        path.rename(tmp_path / renamed)
+        cfg = DataConfig(train_files=[str(tmp_path / renamed)], shuffle=False, eval_fraction=0)
+        assert preflight(cfg) == [] and len(list(ordered_pairs(cfg, 0, 0))) == 5
+
+
+def test_a_directory_given_as_a_data_file_is_named_with_a_glob_that_reads_it(tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", make_pairs(4))
+    write_jsonl(folder / "b.jsonl", make_pairs(3, seed=1))
+    (folder / "notes.txt").write_text("not data\n")
+    nested = tmp_path / "nested"
+    (nested / "2024").mkdir(parents=True)
+    write_jsonl(nested / "2024" / "c.jsonl", make_pairs(2))
+
+    def refused(pattern: str) -> str:
+        with pytest.raises(DataError) as err:
+            preflight(DataConfig(train_files=[pattern]))
+        assert "file not found" not in str(err.value) and "\n" not in str(err.value)
+        return str(err.value)
+
+    def read(pattern: str) -> int:
+        return len(list(ordered_pairs(DataConfig(train_files=[pattern], shuffle=False, eval_fraction=0), 0, 0)))
+
+    assert refused(str(folder)) == (f"{folder}: a directory, not a data file; give the files in it, e.g. the glob "
+                                    f"{folder}/*.jsonl, or list them")
+    assert read(f"{folder}/*.jsonl") == 7
+    assert f"e.g. the glob {nested}/**/*.jsonl," in refused(str(nested))  # its files are in subfolders
+    assert read(f"{nested}/**/*.jsonl") == 2
+    # A glob that takes in a directory names it.
+    assert refused(f"{folder}*") == (f"{folder}*: the pattern matches the directory {folder}, which is no data file; "
+                                     f"make it match files only, e.g. {folder}/*.jsonl")
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """The same pairs as JSONL, gzipped JSONL, Parquet and CSV, served over http from this machine."""
+    import datasets
+
+    records = [{"question": r["question"], "answer": r["answer"]} for r in make_pairs(6)]
+    root = tmp_path / "site"
+    root.mkdir()
+    write_jsonl(root / "p.jsonl", records)
+    (root / "p.jsonl.gz").write_bytes(gzip.compress((root / "p.jsonl").read_bytes()))
+    datasets.Dataset.from_list(records).to_parquet(str(root / "p.parquet"))
+    datasets.Dataset.from_list(records).to_csv(str(root / "p.csv"), index=False)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", [(r["question"], r["answer"]) for r in records]
+    finally:
+        server.shutdown()
+
+
+def test_data_over_http_needs_aiohttp_and_the_message_names_the_extra(served, monkeypatch: pytest.MonkeyPatch) -> None:
+    site, _ = served
+    monkeypatch.setitem(sys.modules, "aiohttp", None)  # as on a machine without it
+    for url in (f"{site}/p.jsonl", f"{site}/p.parquet", f"{site.replace('http:', 'https:')}/p.csv"):
+        with pytest.raises(DataError) as err:
+            preflight(DataConfig(train_files=[url]))
+        protocol = url.split(":")[0]
+        assert str(err.value) == (f"{url}: reading data from {protocol}:// URLs needs the aiohttp package, which is "
+                                  "not installed; pip install 'embedtune[http]' (or pip install aiohttp)")
+    # The extra the message names exists, and installs what fsspec reads http with.
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    assert "fsspec[http]" in setup["options.extras_require"]["http"].split()
+
+
+def test_data_over_http_reads_like_local_files_with_aiohttp(served) -> None:
+    pytest.importorskip("aiohttp")
+    site, expected = served
+    for name in ("p.jsonl", "p.jsonl.gz", "p.parquet", "p.csv"):
+        cfg = DataConfig(train_files=[f"{site}/{name}"], shuffle=False, eval_fraction=0)
+        assert [(p.query, p.positive) for p in ordered_pairs(cfg, 0, 0)] == expected, name
+
+
+@pytest.mark.parametrize("case", ["gzip", "directory", "http"])
+def test_a_run_given_such_data_stops_with_one_line(train_args: list[str], qa_file: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                                   case: str) -> None:
+    args = list(train_args)
+    where = args.index("--input_jsonl") + 1
+    if case == "gzip":
+        args[where] = str(tmp_path / "pairs.jsonl")
+        Path(args[where]).write_bytes(gzip.compress(qa_file.read_bytes()))
+        expected = f"{args[where]}: the file is gzip-compressed, but its name does not end in .gz"
+    elif case == "directory":
+        args[where] = str(qa_file.parent)
+        expected = f"{qa_file.parent}: a directory, not a data file; give the files in it, e.g. the glob"
+    else:
+        args[where] = "https://example.com/pairs.jsonl"
+        monkeypatch.setitem(sys.modules, "aiohttp", None)
+        expected = "https://example.com/pairs.jsonl: reading data from https:// URLs needs the aiohttp package"
+    assert main(args + ["tracking.report_to=none"]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {expected}"), err[-2000:]
+    assert "Traceback" not in err and "not valid UTF-8" not in err and "file not found" not in err
+    assert not (Path(args[args.index("--output_dir") + 1]) / "final_model").exists()
+
+
+# --- records ----------------------------------------------------------------------------------
+
+
+def test_a_repeated_key_of_a_field_the_run_reads_is_a_bad_record(tmp_path: Path) -> None:
+    """JSON keeps the last of a repeated key: the first value would be lost without a word."""
+    path = write_jsonl(tmp_path / "repeated.jsonl", [
+        '{"question": "q1", "answer": "a1"}',
+        '{"question": "q2", "answer": "the first answer", "answer": "the second answer"}',
+        '{"question": "q3", "answer": "a3", "negatives": ["n1"], "negatives": ["n2"]}',
+        '{"question": "q4", "answer": "a4", "answe\\u0072": "spelled with an escape"}',
+        '{"question": "q5", "answer": "a5", "id": 1, "id": 2, "meta": {"answer": 1, "answer": 2}}',
+        '{"question": "q6", "source": "docs", "answer": "a6", "source": "forum"}',
+    ])
+    cfg = DataConfig(train_files=[str(path)], negatives_field="negatives", on_bad_record="skip")
+    items = list(read_pairs([str(path)], cfg))
+    rejects = {i.line: i for i in items if isinstance(i, Reject)}
+    assert sorted(rejects) == [2, 3, 4, 6]
+    for line, key in ((2, "answer"), (3, "negatives"), (4, "answer"), (6, "source")):
+        assert rejects[line].reason == (f"the key '{key}' appears more than once in the record, and only one value "
+                                        f"can be used; keep one '{key}'")
+        assert rejects[line].raw == path.read_text().splitlines()[line - 1]  # kept whole for rejected.jsonl
+    # Keys the run does not read may repeat (at the top, or inside another field).
+    assert [i.id for i in items if isinstance(i, Pair)] == [f"{path}:1", f"{path}:5"]
+    unread = cfg.model_copy(update={"source_field": None})
+    assert isinstance(list(read_pairs([str(path)], unread))[5], Pair)
+    with pytest.raises(DataError, match=f"{path}, line 2: the key 'answer' appears more than once"):
+        preflight(cfg.model_copy(update={"on_bad_record": "error"}))
+
+
+def test_a_run_skips_a_record_with_a_repeated_key_and_keeps_it_in_rejected(train_args: list[str],
+                                                                           qa_file: Path) -> None:
+    lines = qa_file.read_text().splitlines()
+    lines[4] = '{"question": "which answer?", "answer": "this one", "answer": "or this one"}'
+    qa_file.write_text("\n".join(lines) + "\n")
+    out = Path(train_args[train_args.index("--output_dir") + 1])
+    assert main(train_args + ["tracking.report_to=none", "data.on_bad_record=skip", "train.max_steps=null",
+                              "--epochs", "1"]) == 0
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["line"], r["record"]) for r in rejected] == [(str(qa_file), 5, lines[4])]
+    assert "the key 'answer' appears more than once" in rejected[0]["reason"]
 
 
 @pytest.mark.parametrize("group", [None, 2])

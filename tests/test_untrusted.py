@@ -86,8 +86,10 @@ def test_a_checkpoint_with_a_malicious_pickle_is_refused_and_never_run(finished_
 
     out, args = copy_run(finished_run, tmp_path)
     marker = tmp_path / "code-ran"
-    writer(out / "checkpoints" / "step-00000004" / name, marker)
-    assert main(args + ["--resume_from_checkpoint", "latest"]) == 1
+    folder = out / "checkpoints" / "step-00000004"
+    writer(folder / name, marker)
+    checkpoint.write_manifest(str(folder))  # whoever can write the folder can write its manifest too
+    assert main(args + ["--resume_from_checkpoint", "step-00000004"]) == 1
     err = capsys.readouterr().err
     assert f"{name}: refused: it does not load as plain tensors and numbers" in err
     assert "weights_only` set to `False`" not in err  # torch's advice to load it anyway is not passed on
@@ -336,3 +338,37 @@ def test_a_run_stopped_by_its_data_loader_worker_exits_promptly(tiny_model: Path
     assert done.returncode == 1, done.stderr[-2000:]
     assert "\nerror: global batch 1 of epoch 0 holds more than 1,000 characters" in done.stderr
     assert "Caught DataError" not in done.stderr and "Traceback" not in done.stderr
+
+
+# --- model folders ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kept, expected", [
+    ((), "holds no model (an empty folder): no config.json and no weights (model.safetensors or pytorch_model.bin)"),
+    (("tokenizer.json", "tokenizer_config.json"),
+     "holds no model (only a tokenizer): no config.json and no weights (model.safetensors or pytorch_model.bin)"),
+    (("model.safetensors",), "holds no model (files: model.safetensors): no config.json;"),
+    (("config.json", "tokenizer.json", "tokenizer_config.json"),
+     "has config.json but no weights (model.safetensors or pytorch_model.bin, whole or sharded;"),
+])
+def test_a_base_model_folder_without_a_model_stops_in_one_line(tiny_model: Path, tmp_path: Path, capsys,
+                                                              kept: tuple[str, ...], expected: str) -> None:
+    """An empty folder, a tokenizer alone, weights without config.json, config.json without weights."""
+    from embedtune.commands.train import main
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in kept:
+        shutil.copy(tiny_model / name, folder / name)
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(40))
+    assert main(["--input_jsonl", str(data), "--base_model", str(folder), "--output_dir", str(tmp_path / "out"),
+                 "--batch_size", "8", "data.num_workers=0", "train.max_steps=2", "tracking.report_to=none",
+                 "eval.before=false"]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err[-2000:]
+    assert errors[0].startswith(f"error: cannot load model.base_model='{folder}': {folder} ") and expected in errors[0]
+    assert errors[0].endswith("give the folder a transformers or sentence-transformers model was saved to "
+                              "(save_pretrained writes config.json and the weights), or a Hub name")
+    assert "Traceback" not in err and "upgrade transformers" not in err
+    assert not (tmp_path / "out" / "final_model").exists()

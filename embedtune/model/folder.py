@@ -44,6 +44,15 @@ HUB_IGNORE = ["onnx/*", "openvino/*", "*.onnx", "*.h5", "*.msgpack", "*.ot", "tf
 # come from (or that would run code), not about the model: never taken from a folder.
 NOT_FROM_FOLDER = {"trust_remote_code", "token", "use_auth_token", "revision", "cache_dir", "local_files_only",
                    "subfolder"}
+# The weights transformers loads from a folder (whole, or sharded with an index).
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+ADAPTER_CONFIG = "adapter_config.json"  # a peft adapter folder: it names its base model, which has the rest
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "added_tokens.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                   "chat_template.jinja"}
+WEIGHT_NAMES = "model.safetensors or pytorch_model.bin"
+WHAT_TO_GIVE = ("give the folder a transformers or sentence-transformers model was saved to (save_pretrained "
+                "writes config.json and the weights), or a Hub name")
 
 
 class ModelLoadError(ValueError):
@@ -195,6 +204,8 @@ def read_model_folder(name: str) -> ModelFolder:
         hub_id = name
     stack = _module_stack(path)
     transformer_dir = next((folder for kind, folder in stack if kind == "Transformer"), path)
+    if problem := no_model_problem(name, transformer_dir):
+        raise ModelLoadError(problem)
     st_config = read_json_object(os.path.join(path, "config_sentence_transformers.json"))
     bert_config = _transformer_config(transformer_dir)
     prompts = st_config.get("prompts") if isinstance(st_config.get("prompts"), dict) else {}
@@ -230,6 +241,44 @@ def read_model_folder(name: str) -> ModelFolder:
         modules=tuple(kind for kind, _ in stack),
         config_kwargs=_kwargs(bert_config, "config_kwargs", "config_args"),
         tokenizer_kwargs=_kwargs(bert_config, "processor_kwargs", "tokenizer_args"), hub_id=hub_id)
+
+
+def has_weights(folder: str) -> bool:
+    """Whether ``folder`` holds weights transformers loads (or is a peft adapter folder)."""
+    return any(os.path.isfile(os.path.join(folder, f)) for f in (*WEIGHTS, ADAPTER_CONFIG))
+
+
+def _holds(folder: str) -> str:
+    """What a folder without a model holds, in a few words."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return "no such folder" if not os.path.exists(folder) else "a folder that cannot be listed"
+    if not names:
+        return "an empty folder"
+    if set(names) <= TOKENIZER_FILES:
+        return "only a tokenizer"
+    return f"files: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
+
+
+def no_model_problem(name: str, transformer_dir: str) -> str | None:
+    """Why ``transformer_dir`` holds no model to load (no config.json), or None. A folder with
+    config.json and no weights is named by ``missing_weights`` once its config has loaded, so that
+    a model's own code, or an architecture transformers lacks, is said first."""
+    if os.path.isfile(os.path.join(transformer_dir, "config.json")) or \
+            os.path.isfile(os.path.join(transformer_dir, ADAPTER_CONFIG)):
+        return None
+    lacks = "config.json" if has_weights(transformer_dir) else f"config.json and no weights ({WEIGHT_NAMES})"
+    return (f"cannot load model.base_model={name!r}: {transformer_dir} holds no model ({_holds(transformer_dir)}): "
+            f"no {lacks}; {WHAT_TO_GIVE}")
+
+
+def missing_weights(name: str, transformer_dir: str) -> str | None:
+    """Why ``transformer_dir``, which has config.json, cannot load for want of weights, or None."""
+    if has_weights(transformer_dir):
+        return None
+    return (f"cannot load model.base_model={name!r}: {transformer_dir} has config.json but no weights "
+            f"({WEIGHT_NAMES}, whole or sharded; {_holds(transformer_dir)}); {WHAT_TO_GIVE}")
 
 
 def _module_stack(path: str) -> list[tuple[str, str]]:

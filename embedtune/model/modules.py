@@ -19,7 +19,7 @@ from tokenizers import normalizers
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from embedtune.model.folder import DenseSpec, ModelFolder, ModelLoadError, one_line
+from embedtune.model.folder import DenseSpec, ModelFolder, ModelLoadError, missing_weights, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +132,8 @@ def load_transformer(folder: ModelFolder, name: str, trust_remote_code: bool
             raise ModelLoadError(f"model.base_model={name!r} is an encoder-decoder model ({config.model_type}); "
                                  "embedtune trains encoder models (BERT, XLM-R, ModernBERT, ...) and decoders with "
                                  "last-token pooling")
+        if problem := missing_weights(name, where):  # once the config loads: what to do about it comes first
+            raise ModelLoadError(problem)
         encoder = AutoModel.from_pretrained(where, config=config, dtype=torch.float32,
                                             trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code,
