@@ -197,6 +197,8 @@ def test_a_margin_no_candidate_passes_leaves_records_short_and_counted(
     ("input", '{"question": "q", answer: "a"}', "line 3: not valid JSON"),
     ("input", '{"question": "q", "reply": "a"}', "line 3: no 'answer' field"),
     ("corpus", '{"title": "only a title"}', "line 3: no 'text' field"),
+    ("corpus", '{"text": "one", "text": "two"}', "line 3: the key 'text' appears more than once"),
+    ("input", '{"question": "q", "answer": "a", "answer": "b"}', "line 3: the key 'answer' appears more than once"),
 ])
 def test_a_bad_record_is_named_by_file_and_line_and_nothing_is_written(
         tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture, which: str, line: str,

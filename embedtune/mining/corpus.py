@@ -22,10 +22,12 @@ from embedtune.data.records import (
     DataError,
     Pair,
     Reject,
+    decode_json,
     file_format,
     line_problem,
     read_file,
     read_records,
+    repeated_keys,
     text_key,
 )
 from embedtune.data.split import is_held_out
@@ -53,12 +55,15 @@ def _document_record(path: str, line: int, raw: Any) -> dict[str, Any] | Reject 
     if problem:
         return Reject(path, line, problem, raw[:SHOWN])
     try:
-        record = json.loads(raw)
+        record = decode_json(raw)
     except json.JSONDecodeError as exc:
         return Reject(path, line, f"not valid JSON ({exc.msg} at column {exc.colno}); write one JSON object "
                       "per line", raw[:SHOWN])
     if not isinstance(record, dict):
         return Reject(path, line, f"expected a JSON object, got {type(record).__name__}", raw[:SHOWN])
+    if repeated := sorted(repeated_keys(record) & {"text", "title"}):
+        return Reject(path, line, f"the key '{repeated[0]}' appears more than once in the record, and only one "
+                      f"value can be used; keep one '{repeated[0]}'", raw[:SHOWN])
     return record
 
 
