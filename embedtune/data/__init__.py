@@ -1,3 +1,3 @@
 """Q&A data: ``records`` (reading and parsing), ``split`` (held-out pairs, the reads before
 training), ``stream`` (the ordered, sharded, resumable stream), ``collate`` (tokenizing into the
-typed ``TrainBatch``)."""
+typed ``TrainBatch``), ``identity`` (what a run read, compared on resume)."""
