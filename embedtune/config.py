@@ -260,6 +260,9 @@ class TrainConfig(_Section):
     max_nonfinite_steps: int = Field(
         10, ge=1, description="Stop (with a checkpoint) after this many non-finite gradients in a row."
     )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop when checkpoint.best_metric has not improved over this many evaluations "
+        "(one at each checkpoint); the best checkpoint becomes the final model either way.")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -409,6 +412,9 @@ class Config(_Section):
         if self.checkpoint.best_metric and self.checkpoint.best_metric not in allowed:
             raise ValueError(f"checkpoint.best_metric must be one of {', '.join(allowed)} (eval.k is "
                              f"{self.eval.k}), got {self.checkpoint.best_metric!r}")
+        if self.train.early_stopping_patience and not (self.checkpoint.best_metric and self.checkpoint.every_n_steps):
+            raise ValueError("train.early_stopping_patience watches checkpoint.best_metric, evaluated at every "
+                             "checkpoint: set checkpoint.best_metric (e.g. ndcg@10) and checkpoint.every_n_steps")
         return self
 
     @model_validator(mode="after")

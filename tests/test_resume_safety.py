@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_pairs, write_jsonl
 from test_resume import args_for, logged_steps, start
 
@@ -173,3 +174,38 @@ def test_a_bad_record_mid_run_stops_with_a_checkpoint_to_resume_from(models, tmp
     assert main([*args, "data.on_bad_record=skip", "--resume_from_checkpoint", "latest"]) == 0
     progress = json.loads((out / "training_progress.json").read_text())
     assert progress["completed"] and progress["step"] > step
+
+
+# --- the best checkpoint as the final model -----------------------------------------------------
+
+
+def test_the_best_checkpoint_becomes_the_final_model_and_patience_stops_the_run(
+        models, data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file
+
+    # The held-out scores a run would see, scripted by step: best at step 4, then two evaluations
+    # without improvement.
+    scores = {2: 0.5, 4: 0.9, 6: 0.7, 8: 0.6, 10: 0.95}
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, step: {"ndcg@10": scores.get(step, 0.1)})
+    out = tmp_path / "out"
+    args = args_for(models["plain"], data, out, "tracking.report_to=none", "data.num_workers=0",
+                    "train.max_steps=12", "checkpoint.every_n_steps=2", "checkpoint.best_metric=ndcg@10",
+                    "train.early_stopping_patience=2")
+    assert main(args) == 0
+    progress = json.loads((out / "training_progress.json").read_text())
+    assert progress["step"] == 8 and progress["stopped_early"] and progress["final_step"] == 4
+    assert "stopping early at step 8: ndcg@10 has not improved over the last 2 evaluations" in train_log(out)
+    best = load_file(out / "checkpoints" / "step-00000004" / "model.safetensors")
+    last = load_file(out / "checkpoints" / "step-00000008" / "model.safetensors")
+    final = load_file(out / "final_model" / "model.safetensors")
+    assert final.keys() == {k.removeprefix("encoder.") for k in best if k.startswith("encoder.")}
+    for name, tensor in best.items():
+        if name.startswith("encoder."):
+            assert torch.equal(final[name.removeprefix("encoder.")], tensor), name
+    assert any(not torch.equal(best[n], last[n]) for n in best)
+    assert "the best by held-out ndcg@10, step 4 of 8" in (out / "final_model" / "README.md").read_text()
+
+
+def test_early_stopping_needs_the_metric_it_watches(train_args: list[str], capsys: pytest.CaptureFixture) -> None:
+    assert main([*train_args, "train.early_stopping_patience=3"]) == 2
+    assert "train.early_stopping_patience watches checkpoint.best_metric" in capsys.readouterr().err

@@ -34,7 +34,7 @@ import pickle
 import re
 import stat
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -616,15 +616,38 @@ def _save_failure(output_dir: str, final: str, tmp: str, error: Exception | None
             "checkpoint.keep_last) for the next save.")
 
 
+def best_checkpoint(scores: dict[str, float], among: Iterable[str] | None = None) -> str | None:
+    """The name of the best-scoring checkpoint (the earliest of equals), of those ``among`` when given."""
+    names = [n for n in scores if among is None or n in among]
+    return max(sorted(names), key=lambda n: scores[n], default=None)
+
+
+def evaluations_since_best(scores: dict[str, float]) -> int:
+    """How many scored checkpoints came after the best one: evaluations without improvement."""
+    best = best_checkpoint(scores)
+    return sum(name > best for name in scores) if best else 0
+
+
+def load_weights(model: nn.Module, path: str, trainable_only: bool) -> bool:
+    """The model weights of checkpoint ``path`` into ``model`` (unwrapped), nothing else; False
+    when the checkpoint holds none in one file (FSDP and DeepSpeed shard them)."""
+    from safetensors.torch import load_file
+
+    file = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(file):
+        return False
+    verify(path)
+    model.load_state_dict(load_file(file, device=str(next(model.parameters()).device)), strict=not trainable_only)
+    return True
+
+
 def _retain(output_dir: str, keep_last: int, scores: dict[str, float], best_metric: str | None) -> None:
     """Delete complete checkpoints beyond the last ``keep_last`` (and the best one)."""
     found = complete_checkpoints(output_dir)
     keep = set(found[-keep_last:]) if keep_last > 0 else set(found)
     present = {os.path.basename(p): p for p in found}
-    if best_metric and scores:
-        best = max((n for n in scores if n in present), key=lambda n: scores[n], default=None)
-        if best:
-            keep.add(present[best])
+    if best_metric and (best := best_checkpoint(scores, present)):
+        keep.add(present[best])
     for path in found:
         if path not in keep:
             remove_path(path)

@@ -40,6 +40,7 @@ class RunFacts:
     wandb_url: str | None
     examples_seen: int
     steps: int
+    final_step: int | None = None  # the best checkpoint's step, when it became the final model
 
 
 def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Config, facts: RunFacts,
@@ -96,7 +97,7 @@ def _write(tmp: str, path: str, unwrapped: Any, tokenizer: Any, state: Any, cfg:
     text = render_card(tmp, base_model=cfg.model.base_model, config=cfg.to_dict(),
                        fingerprint=data_fingerprint(data.train_files), eval_before=facts.eval_before,
                        eval_after=facts.eval_after, wandb_url=facts.wandb_url, num_examples=facts.examples_seen,
-                       steps=facts.steps, duration_s=duration(), precision=precision)
+                       steps=facts.steps, duration_s=duration(), precision=precision, final_step=facts.final_step)
     write_atomic(os.path.join(tmp, CARD), text.replace(json.dumps(tmp), json.dumps(path)))
 
 

@@ -247,7 +247,8 @@ def _logs_section(config: dict[str, Any], wandb_url: str | None) -> str:
 def render_card(model_dir: str, *, base_model: str, config: dict[str, Any], fingerprint: dict[str, Any],
                 eval_before: dict[str, float] | None, eval_after: dict[str, float] | None,
                 wandb_url: str | None, num_examples: int | None, steps: int | None,
-                duration_s: float | None, embedding_dim: int | None = None, precision: str | None = None) -> str:
+                duration_s: float | None, embedding_dim: int | None = None, precision: str | None = None,
+                final_step: int | None = None) -> str:
     """The card's text (see ``write_model_card``)."""
     config = scrub_config(config)
     hub = hub_name(base_model)
@@ -283,6 +284,11 @@ def render_card(model_dir: str, *, base_model: str, config: dict[str, Any], fing
     if remote_code:
         model_lines.append("- **Remote code:** the base model's own code runs when it loads "
                            "(trained with `model.trust_remote_code=true`; load it with `trust_remote_code=True`)")
+    best_metric = _get(config, "checkpoint.best_metric")
+    if best_metric and final_step is not None:
+        model_lines.append(f"- **Checkpoint:** the best by held-out {best_metric}, step {final_step:,}"
+                           + (f" of {steps:,}" if steps else "") + " (chosen on the held-out set whose metrics "
+                           "are shown below, so they lean optimistic)")
     lora = _get(config, "model.lora")
     if isinstance(lora, dict):
         kept = ("kept apart: this folder holds only the adapters and names the base model, which loading reads "
@@ -344,7 +350,7 @@ def write_model_card(model_dir: str, *, base_model: str, config: dict[str, Any],
                      eval_before: dict[str, float] | None, eval_after: dict[str, float] | None,
                      wandb_url: str | None, num_examples: int | None, steps: int | None,
                      duration_s: float | None, embedding_dim: int | None = None,
-                     precision: str | None = None) -> str:
+                     precision: str | None = None, final_step: int | None = None) -> str:
     """Write ``model_dir/README.md`` and return its path.
 
     Call it after the model is saved: sentence-transformers writes its own generic README.md
@@ -356,7 +362,7 @@ def write_model_card(model_dir: str, *, base_model: str, config: dict[str, Any],
     text = render_card(model_dir, base_model=base_model, config=config, fingerprint=fingerprint,
                        eval_before=eval_before, eval_after=eval_after, wandb_url=wandb_url,
                        num_examples=num_examples, steps=steps, duration_s=duration_s, embedding_dim=embedding_dim,
-                       precision=precision)
+                       precision=precision, final_step=final_step)
     path = os.path.join(model_dir, CARD)
     write_atomic(path, text)
     return path

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from embedtune.config import Config, ConfigError
@@ -84,6 +84,7 @@ class Trainer:
         self.lr = 0.0  # the rate the last step used
         self.started, self.duration_before = time.perf_counter(), 0.0  # see duration()
         self.lock = OutputLock(cfg.output_dir)
+        self.stopped_early = False  # train.early_stopping_patience ended the run
 
     # --- setup --------------------------------------------------------------------------------
 
@@ -305,7 +306,8 @@ class Trainer:
         cfg, state, accelerator = self.cfg, self.state, self.accelerator
         with stop_signals() as signals, tqdm(total=self.total_steps, initial=state.step, desc="train", unit="step",
                                              disable=not accelerator.is_main_process) as bar:
-            while state.step < self.total_steps if cfg.train.max_steps else state.epoch < cfg.train.epochs:
+            while not self.stopped_early and (state.step < self.total_steps if cfg.train.max_steps
+                                              else state.epoch < cfg.train.epochs):
                 for batch in self._epoch_batches():
                     # micro-step: forward and backward; the update on a step's last micro-batch
                     self._micro_step(batch)
@@ -333,7 +335,7 @@ class Trainer:
                         self.save_checkpoint()
                     if stop:
                         return False
-                    if cfg.train.max_steps and state.step >= self.total_steps:
+                    if self._no_longer_improving() or (cfg.train.max_steps and state.step >= self.total_steps):
                         break
                 else:  # the epoch's data ran out
                     self._next_epoch()
@@ -381,6 +383,39 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.window.add(loss, batch)
         self.state.examples_seen += batch.global_size
+
+    def _no_longer_improving(self) -> bool:
+        """Early stopping (collective, after a save): the main process holds the scores and decides."""
+        patience, state = self.cfg.train.early_stopping_patience, self.state
+        if not patience or self.saved_at != state.step:
+            return False
+        waited = checkpoint.evaluations_since_best(state.scores) if self.accelerator.is_main_process else 0
+        if any_process(waited >= patience, self.accelerator.device):
+            self.stopped_early = True
+            logger.info("stopping early at step %d: %s has not improved over the last %d evaluations", state.step,
+                        self.cfg.checkpoint.best_metric, patience)
+        return self.stopped_early
+
+    def _restore_best(self) -> int | None:
+        """With checkpoint.best_metric, the best checkpoint's weights become the final model;
+        returns its step (None when there is none to take)."""
+        cfg, accelerator = self.cfg.checkpoint, self.accelerator
+        if not cfg.best_metric:
+            return None
+        chosen = [checkpoint.best_checkpoint(self.state.scores) if accelerator.is_main_process else None]
+        broadcast_object_list(chosen)  # the main process holds the scores
+        if chosen[0] is None:
+            return None
+        step = int(chosen[0].removeprefix("step-"))
+        if step != self.state.step:
+            path = os.path.join(checkpoint.checkpoints_dir(self.cfg.output_dir), chosen[0])
+            if not checkpoint.load_weights(accelerator.unwrap_model(self.model), path, bool(self.cfg.model.lora)):
+                logger.warning("the best checkpoint's weights are sharded (%s): the final model is the last step's",
+                               path)
+                return None
+            logger.info("the final model is the best checkpoint by %s: step %d (%.4f)", cfg.best_metric, step,
+                        self.state.scores.get(chosen[0], float("nan")))
+        return step
 
     def _due(self, every: int | None) -> bool:
         return bool(every) and self.state.step % every == 0  # type: ignore[operator]
@@ -462,7 +497,8 @@ class Trainer:
         cfg, state, accelerator = self.cfg, self.state, self.accelerator
         summary: dict[str, Any] = {
             "completed": completed, "processes": accelerator.num_processes, "step": state.step,
-            "epochs_completed": cfg.train.epochs if completed and not cfg.train.max_steps else state.epoch,
+            "epochs_completed": cfg.train.epochs if completed and not (cfg.train.max_steps or self.stopped_early)
+            else state.epoch,
             "examples_seen": state.examples_seen, "duration_s": 0.0, "skipped_steps": state.skipped_steps,
             "eval_before": state.eval_before}
         if not completed:
@@ -470,17 +506,19 @@ class Trainer:
         else:
             if cfg.checkpoint.every_n_steps and self.saved_at != state.step:
                 self.save_checkpoint()  # the end state too, so a crash in the final eval or export loses nothing
+            final_step = self._restore_best()
             after = self.evaluate(state.step)
             if after:
                 logger.info("held-out metrics (%d queries, %d documents):\n%s", len(self.held_out),
                             len(self.held_out.corpus), format_table(state.eval_before, after))
             wandb = self.run_log.wandb_run
             facts = RunFacts(state.eval_before, after or None, None if wandb is None or wandb.offline else wandb.url,
-                             state.examples_seen, state.step)
+                             state.examples_seen, state.step, final_step)
             final_dir = export_model(accelerator, self.model, self.tokenizer, cfg, facts, self.duration)
             self.run_log.summary({**{f"final/{k}": v for k, v in after.items()},
                               **{f"before/{k}": v for k, v in (state.eval_before or {}).items()}})
-            summary.update(eval_after=after, final_model=final_dir)
+            summary.update(eval_after=after, final_model=final_dir, final_step=final_step or state.step,
+                           stopped_early=self.stopped_early)
         summary["duration_s"] = self.duration()
         self.run_log.progress(**summary)
         self.model = self.optimizer = None  # drop DDP before the process group goes
