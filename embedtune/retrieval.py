@@ -227,6 +227,30 @@ def metrics_from_scores(scores: torch.Tensor, relevant: list[set[int]], k: int =
     return metrics_from_ranking(scores.topk(depth, dim=1).indices, relevant, k)[0]
 
 
+def paired_change(before: Sequence[float], after: Sequence[float], resamples: int = 10_000,
+                  seed: int = 0) -> dict[str, float]:
+    """How one metric changed, query by query, between two models on the same queries: the mean
+    change, a paired bootstrap 95% interval on it (queries resampled with replacement), and how
+    many queries got better, worse or stayed the same."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired_change needs the same queries on both sides ({len(before)} vs {len(after)})")
+    diff = torch.tensor(after, dtype=torch.float64) - torch.tensor(before, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.empty(resamples, dtype=torch.float64)
+    for start in range(0, resamples, 1000):  # a thousand resamples at a time keeps memory flat
+        rows = min(1000, resamples - start)
+        means[start:start + rows] = diff[torch.randint(len(diff), (rows, len(diff)), generator=generator)].mean(1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"change": float(diff.mean()), "low": low, "high": high, "better": int((diff > 1e-12).sum()),
+            "worse": int((diff < -1e-12).sum()), "same": int((diff.abs() <= 1e-12).sum()), "queries": len(diff)}
+
+
+def describe_change(name: str, change: dict[str, float]) -> str:
+    return (f"{name} change over {change['queries']:,} queries: {change['change']:+.4f} (95% interval "
+            f"{change['low']:+.4f} to {change['high']:+.4f}); better on {change['better']:,}, worse on "
+            f"{change['worse']:,}, the same on {change['same']:,}")
+
+
 # --- encoding --------------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ from conftest import make_pairs, write_jsonl
 
 from embedtune.commands.eval import main
 from embedtune.data.records import DataError
-from embedtune.retrieval import RetrievalSet, metrics_from_scores, query_metrics
+from embedtune.retrieval import RetrievalSet, metrics_from_scores, paired_change, query_metrics
 
 WORDS = ["apple", "river", "engine", "violin", "glacier", "pepper", "compass", "lantern", "harbor", "meadow"]
 
@@ -148,3 +148,18 @@ def test_eval_command_reads_each_questions_own_instruction_as_training_does(
     own = json.loads((tmp_path / "own.json").read_text())["metrics"]
     assert own == pytest.approx(before, abs=1e-5)
     assert json.loads((tmp_path / "none.json").read_text())["metrics"] != pytest.approx(before, abs=1e-5)
+
+
+def test_the_paired_change_and_its_interval() -> None:
+    before = [0.2, 0.5, 0.4, 0.9, 0.1, 0.3] * 20
+    better = [b + 0.1 + 0.05 * (i % 3) for i, b in enumerate(before)]
+    change = paired_change(before, better)
+    assert change["change"] == pytest.approx(0.15) and 0.1 < change["low"] < 0.15 < change["high"] < 0.2
+    assert (change["better"], change["worse"], change["same"], change["queries"]) == (120, 0, 0, 120)
+    same = paired_change(before, before)
+    assert (same["change"], same["low"], same["high"], same["same"]) == (0, 0, 0, 120)
+    mixed = paired_change([0.5] * 100, [0.6] * 50 + [0.4] * 50)  # no change on average: 0 inside
+    assert mixed["low"] < 0 < mixed["high"] and (mixed["better"], mixed["worse"]) == (50, 50)
+    assert paired_change(before, better) == change  # seeded: the same interval every time
+    with pytest.raises(ValueError, match="the same queries"):
+        paired_change(before, better[:-1])

@@ -43,6 +43,12 @@ def test_a_run_writes_model_metrics_progress_log_and_wandb(train_args: list[str]
     assert "held-out metrics" in (out / "logs" / "train.log").read_text()
     card = (out / "final_model" / "README.md").read_text()
     assert f"{progress['eval_after']['ndcg@10']:.4f}" in card and "sha256" in card
+    # nDCG's change query by query, with its bootstrap interval, wherever the metrics go.
+    change = progress["eval_change"]
+    assert change["better"] + change["worse"] + change["same"] == change["queries"] > 0
+    assert change["change"] == pytest.approx(progress["eval_after"]["ndcg@10"] - progress["eval_before"]["ndcg@10"])
+    assert change["low"] <= change["change"] <= change["high"]
+    assert f"nDCG@10 change over {change['queries']} queries: {change['change']:+.4f}" in card
 
     # W&B: read back from the offline run's own file.
     [run_file] = run_files(str(out))
@@ -55,6 +61,8 @@ def test_a_run_writes_model_metrics_progress_log_and_wandb(train_args: list[str]
     evals = {row["_step"]: row["eval/ndcg@10"] for row in run["history"] if "eval/ndcg@10" in row}
     assert sorted(evals) == [0, 4]
     assert evals[4] == pytest.approx(progress["eval_after"]["ndcg@10"])
+    changes = {row["_step"]: row["eval/ndcg@10_change"] for row in run["history"] if "eval/ndcg@10_change" in row}
+    assert changes == {4: pytest.approx(change["change"])}
     assert progress["wandb"]["id"] == run["meta"]["id"]
     assert run["summary"]["final/ndcg@10"] == pytest.approx(progress["eval_after"]["ndcg@10"])
     assert run["summary"]["before/mrr@10"] == pytest.approx(progress["eval_before"]["mrr@10"])

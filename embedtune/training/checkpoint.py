@@ -109,6 +109,7 @@ class TrainerState:
     duration_s: float = 0.0
     wandb_run_id: str | None = None
     eval_before: dict[str, float] | None = None
+    eval_before_per_query: list[float] | None = None  # the base model's nDCG@k per held-out query
     scores: dict[str, float] = field(default_factory=dict)  # checkpoint name -> best-metric value
     config: dict[str, Any] = field(default_factory=dict)
     data_files: dict[str, Any] = field(default_factory=dict)  # what the run read, file by file; {}: not recorded
@@ -157,6 +158,9 @@ def _state_problem(data: Any) -> str | None:
     before = data.get("eval_before")
     if before is not None and not (isinstance(before, dict) and all(number(v) for v in before.values())):
         return "'eval_before' must map metric names to numbers"
+    per_query = data.get("eval_before_per_query")
+    if per_query is not None and not (isinstance(per_query, list) and all(number(v) for v in per_query)):
+        return "'eval_before_per_query' must be a list of numbers"
     scores = data.get("scores", {})
     if not (isinstance(scores, dict) and all(NAME.match(str(k)) and number(v) for k, v in scores.items())):
         return "'scores' must map checkpoint names (step-NNNNNNNN) to numbers"

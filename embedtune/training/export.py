@@ -41,6 +41,7 @@ class RunFacts:
     examples_seen: int
     steps: int
     final_step: int | None = None  # the best checkpoint's step, when it became the final model
+    eval_change: dict[str, float] | None = None  # nDCG's paired change from the base model, query by query
 
 
 def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Config, facts: RunFacts,
@@ -97,7 +98,8 @@ def _write(tmp: str, path: str, unwrapped: Any, tokenizer: Any, state: Any, cfg:
     text = render_card(tmp, base_model=cfg.model.base_model, config=cfg.to_dict(),
                        fingerprint=data_fingerprint(data.train_files), eval_before=facts.eval_before,
                        eval_after=facts.eval_after, wandb_url=facts.wandb_url, num_examples=facts.examples_seen,
-                       steps=facts.steps, duration_s=duration(), precision=precision, final_step=facts.final_step)
+                       steps=facts.steps, duration_s=duration(), precision=precision, final_step=facts.final_step,
+                       eval_change=facts.eval_change)
     write_atomic(os.path.join(tmp, CARD), text.replace(json.dumps(tmp), json.dumps(path)))
 
 

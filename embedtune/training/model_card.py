@@ -23,6 +23,7 @@ from embedtune import __version__
 from embedtune.data.records import PACKAGE_PREFIX, resolve_files
 from embedtune.files import human_bytes, read_json, write_atomic
 from embedtune.model.folder import EMBEDDED_MODELS, read_model_folder
+from embedtune.retrieval import describe_change
 from embedtune.secrets import scrub_config, scrub_text
 
 CARD = "README.md"
@@ -244,11 +245,27 @@ def _logs_section(config: dict[str, Any], wandb_url: str | None) -> str:
             "folder (`wandb sync` uploads it).")
 
 
+def _evaluation(config: dict[str, Any], before: dict[str, float] | None, after: dict[str, float] | None,
+                change: dict[str, float] | None) -> str:
+    """The card's evaluation section: the before / after table and nDCG's paired change."""
+    if not (after or before):
+        return "No held-out evaluation was run."
+    k = _get(config, "eval.k", 10)
+    text = ("Retrieval on the held-out questions: each one ranks the corpus of all held-out answers, and "
+            f"a metric@k looks at the top k (eval.k = {k}). Before is the base model, after the "
+            "fine-tuned one, on the same questions.\n\n" + eval_table(before, after))
+    if change:
+        text += "\n\n" + describe_change(f"nDCG@{k}", change) + (
+            ". The interval is a paired bootstrap over the held-out questions: where it excludes 0, the "
+            "change is unlikely to be chance.")
+    return text
+
+
 def render_card(model_dir: str, *, base_model: str, config: dict[str, Any], fingerprint: dict[str, Any],
                 eval_before: dict[str, float] | None, eval_after: dict[str, float] | None,
                 wandb_url: str | None, num_examples: int | None, steps: int | None,
                 duration_s: float | None, embedding_dim: int | None = None, precision: str | None = None,
-                final_step: int | None = None) -> str:
+                final_step: int | None = None, eval_change: dict[str, float] | None = None) -> str:
     """The card's text (see ``write_model_card``)."""
     config = scrub_config(config)
     hub = hub_name(base_model)
@@ -299,13 +316,7 @@ def render_card(model_dir: str, *, base_model: str, config: dict[str, Any], fing
     if any(prompts.values()):
         model_lines.append("- **Prompts:** " + ", ".join(f"{k} {json.dumps(v)}" for k, v in prompts.items()))
 
-    if eval_after or eval_before:
-        k = _get(config, "eval.k", 10)
-        evaluation = ("Retrieval on the held-out questions: each one ranks the corpus of all held-out answers, and "
-                      f"a metric@k looks at the top k (eval.k = {k}). Before is the base model, after the "
-                      "fine-tuned one, on the same questions.\n\n" + eval_table(eval_before, eval_after))
-    else:
-        evaluation = "No held-out evaluation was run."
+    evaluation = _evaluation(config, eval_before, eval_after, eval_change)
 
     body = f"""# {title}
 
@@ -350,7 +361,8 @@ def write_model_card(model_dir: str, *, base_model: str, config: dict[str, Any],
                      eval_before: dict[str, float] | None, eval_after: dict[str, float] | None,
                      wandb_url: str | None, num_examples: int | None, steps: int | None,
                      duration_s: float | None, embedding_dim: int | None = None,
-                     precision: str | None = None, final_step: int | None = None) -> str:
+                     precision: str | None = None, final_step: int | None = None,
+                     eval_change: dict[str, float] | None = None) -> str:
     """Write ``model_dir/README.md`` and return its path.
 
     Call it after the model is saved: sentence-transformers writes its own generic README.md
@@ -362,7 +374,7 @@ def write_model_card(model_dir: str, *, base_model: str, config: dict[str, Any],
     text = render_card(model_dir, base_model=base_model, config=config, fingerprint=fingerprint,
                        eval_before=eval_before, eval_after=eval_after, wandb_url=wandb_url,
                        num_examples=num_examples, steps=steps, duration_s=duration_s, embedding_dim=embedding_dim,
-                       precision=precision, final_step=final_step)
+                       precision=precision, final_step=final_step, eval_change=eval_change)
     path = os.path.join(model_dir, CARD)
     write_atomic(path, text)
     return path
@@ -384,4 +396,5 @@ def write_run_card(output_dir: str, model_dir: str | None = None) -> str:
         fingerprint=data_fingerprint(_get(config, "data.train_files") or []),
         eval_before=progress.get("eval_before"), eval_after=progress.get("eval_after"),
         wandb_url=wandb.get("url"), num_examples=progress.get("examples_seen"), steps=progress.get("step"),
-        duration_s=progress.get("duration_s"))
+        duration_s=progress.get("duration_s"), final_step=progress.get("final_step")
+        if _get(config, "checkpoint.best_metric") else None, eval_change=progress.get("eval_change"))

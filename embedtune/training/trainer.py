@@ -30,7 +30,16 @@ from embedtune.logs import setup_logging
 from embedtune.losses import build_loss, check_loss_data, required_data, requires_negatives
 from embedtune.model.encoder import EmbeddingModel, position_limit
 from embedtune.model.lora import adapter_export_problem, add_adapters, keep_trainable
-from embedtune.retrieval import RetrievalSet, example_columns, example_rows, format_table, run_retrieval, set_encoder
+from embedtune.retrieval import (
+    RetrievalSet,
+    describe_change,
+    example_columns,
+    example_rows,
+    format_table,
+    paired_change,
+    run_retrieval,
+    set_encoder,
+)
 from embedtune.training import checkpoint
 from embedtune.training.checkpoint import CheckpointError, TrainerState
 from embedtune.training.devices import checkpoint_activations, default_precision
@@ -85,6 +94,7 @@ class Trainer:
         self.started, self.duration_before = time.perf_counter(), 0.0  # see duration()
         self.lock = OutputLock(cfg.output_dir)
         self.stopped_early = False  # train.early_stopping_patience ended the run
+        self.per_query: list[float] | None = None  # the last evaluation's nDCG per query (main process)
 
     # --- setup --------------------------------------------------------------------------------
 
@@ -279,6 +289,7 @@ class Trainer:
         cfg, state = self.cfg, self.state
         if not self.resume_dir and cfg.eval.before:
             state.eval_before = self.evaluate(0) or None
+            state.eval_before_per_query = self.per_query
             if state.eval_before:
                 logger.info("held-out before training (%d queries): %s", len(self.held_out), state.eval_before)
         logger.info("training %d steps of %d pairs (%s per process per micro-batch)", self.total_steps,
@@ -396,6 +407,20 @@ class Trainer:
                         self.cfg.checkpoint.best_metric, patience)
         return self.stopped_early
 
+    def _paired_change(self, step: int) -> dict[str, float] | None:
+        """nDCG's change query by query from the base model to the final one, with a bootstrap
+        interval (main process: it holds the per-query figures), logged where the metrics go."""
+        before, after = self.state.eval_before_per_query, self.per_query
+        if not before or not after or len(before) != len(after):
+            return None
+        change = paired_change(before, after, seed=self.cfg.train.seed)
+        name = f"ndcg@{self.cfg.eval.k}"
+        logger.info("%s", describe_change(name, change))
+        self.run_log.log({f"eval/{name}_change": change["change"], f"eval/{name}_change_low": change["low"],
+                          f"eval/{name}_change_high": change["high"], "eval/queries_better": change["better"],
+                          "eval/queries_worse": change["worse"], "eval/queries_same": change["same"]}, step=step)
+        return change
+
     def _restore_best(self) -> int | None:
         """With checkpoint.best_metric, the best checkpoint's weights become the final model;
         returns its step (None when there is none to take)."""
@@ -464,6 +489,8 @@ class Trainer:
         encode = set_encoder(self.model, self.collate, self.held_out, cfg.eval.batch_size, self.accelerator)
         result = run_retrieval(encode, self.held_out, cfg.eval.k, compute=self.accelerator.is_main_process)
         metrics = result.metrics if result is not None else {}
+        # Each query's own nDCG, for the paired change between the base and the final model.
+        self.per_query = [q[f"ndcg@{cfg.eval.k}"] for q in result.per_query] if result is not None else None
         self.run_log.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
         if result is not None and cfg.eval.examples:
             self.run_log.table("eval/examples", example_columns(cfg.eval.k),
@@ -508,17 +535,19 @@ class Trainer:
                 self.save_checkpoint()  # the end state too, so a crash in the final eval or export loses nothing
             final_step = self._restore_best()
             after = self.evaluate(state.step)
+            change = None
             if after:
                 logger.info("held-out metrics (%d queries, %d documents):\n%s", len(self.held_out),
                             len(self.held_out.corpus), format_table(state.eval_before, after))
+                change = self._paired_change(state.step)
             wandb = self.run_log.wandb_run
             facts = RunFacts(state.eval_before, after or None, None if wandb is None or wandb.offline else wandb.url,
-                             state.examples_seen, state.step, final_step)
+                             state.examples_seen, state.step, final_step, change)
             final_dir = export_model(accelerator, self.model, self.tokenizer, cfg, facts, self.duration)
             self.run_log.summary({**{f"final/{k}": v for k, v in after.items()},
                               **{f"before/{k}": v for k, v in (state.eval_before or {}).items()}})
-            summary.update(eval_after=after, final_model=final_dir, final_step=final_step or state.step,
-                           stopped_early=self.stopped_early)
+            summary.update(eval_after=after, eval_change=change, final_model=final_dir,
+                           final_step=final_step or state.step, stopped_early=self.stopped_early)
         summary["duration_s"] = self.duration()
         self.run_log.progress(**summary)
         self.model = self.optimizer = None  # drop DDP before the process group goes
