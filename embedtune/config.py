@@ -360,6 +360,9 @@ class EvalConfig(_Section):
                                    "(or JSONL).")
     examples: int = Field(10, ge=0, description="Example queries (and as many of the worst) in the W&B table "
                           "of retrievals.")
+    general_files: list[str] = Field(default_factory=list, description="Q&A files (fields as data.*) of a "
+                                     "retrieval task the base model was good at: evaluated before and after as "
+                                     "general/..., and guarded by export.merge_with_base: auto.")
 
     @model_validator(mode="after")
     def _beir_files(self) -> EvalConfig:
@@ -371,6 +374,22 @@ class EvalConfig(_Section):
     def uses_beir_files(self) -> bool:
         """Whether the queries, corpus and qrels files replace the held-out pairs."""
         return bool(self.queries_file and self.corpus_file and self.qrels_file)
+
+
+class ExportConfig(_Section):
+    merge_with_base: Literal["auto"] | float | None = Field(
+        None, description="Interpolate the final weights with the base model's: the fine-tuned model's share, 0 "
+        "to 1 (1: as trained). auto: the share among 0.25, 0.5, 0.75 and 1 with the best held-out nDCG (and, with "
+        "eval.general_files, no more than merge_tolerance below the base model there). null: off.")
+    merge_tolerance: float = Field(0.01, ge=0, le=1, description="auto: how far nDCG on eval.general_files may "
+                                   "fall below the base model's.")
+
+    @field_validator("merge_with_base")
+    @classmethod
+    def _share(cls, value: Any) -> Any:
+        if isinstance(value, float) and not 0 <= value <= 1:
+            raise ValueError("export.merge_with_base must be auto, a share from 0 to 1, or null")
+        return value
 
 
 class TrackingConfig(_Section):
@@ -396,6 +415,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("output_dir")
@@ -412,6 +432,10 @@ class Config(_Section):
         if self.checkpoint.best_metric and self.checkpoint.best_metric not in allowed:
             raise ValueError(f"checkpoint.best_metric must be one of {', '.join(allowed)} (eval.k is "
                              f"{self.eval.k}), got {self.checkpoint.best_metric!r}")
+        if self.export.merge_with_base == "auto" and not (self.data.eval_fraction or self.data.eval_files
+                                                           or self.eval.uses_beir_files()):
+            raise ValueError("export.merge_with_base: auto chooses the share on the held-out set, and there is "
+                             "none: set data.eval_fraction (e.g. 0.1) or data.eval_files, or give a share (0 to 1)")
         if self.train.early_stopping_patience and not (self.checkpoint.best_metric and self.checkpoint.every_n_steps):
             raise ValueError("train.early_stopping_patience watches checkpoint.best_metric, evaluated at every "
                              "checkpoint: set checkpoint.best_metric (e.g. ndcg@10) and checkpoint.every_n_steps")

@@ -42,6 +42,7 @@ class RunFacts:
     steps: int
     final_step: int | None = None  # the best checkpoint's step, when it became the final model
     eval_change: dict[str, float] | None = None  # nDCG's paired change from the base model, query by query
+    merge: dict[str, Any] | None = None  # export.merge_with_base: the share used and the figures behind it
 
 
 def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Config, facts: RunFacts,
@@ -99,7 +100,7 @@ def _write(tmp: str, path: str, unwrapped: Any, tokenizer: Any, state: Any, cfg:
                        fingerprint=data_fingerprint(data.train_files), eval_before=facts.eval_before,
                        eval_after=facts.eval_after, wandb_url=facts.wandb_url, num_examples=facts.examples_seen,
                        steps=facts.steps, duration_s=duration(), precision=precision, final_step=facts.final_step,
-                       eval_change=facts.eval_change)
+                       eval_change=facts.eval_change, merge=facts.merge)
     write_atomic(os.path.join(tmp, CARD), text.replace(json.dumps(tmp), json.dumps(path)))
 
 

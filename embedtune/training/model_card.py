@@ -245,6 +245,19 @@ def _logs_section(config: dict[str, Any], wandb_url: str | None) -> str:
             "folder (`wandb sync` uploads it).")
 
 
+def _merge_line(merge: dict[str, Any]) -> str:
+    """What export.merge_with_base did, for the card's model facts."""
+    line = (f"- **Merged with the base model:** {merge['share']:g} of the fine-tuned weights, "
+            f"{1 - merge['share']:g} of the base model's")
+    if merge.get("held_out"):
+        figures = ", ".join(f"{float(s):g}: {v:.4f}" for s, v in merge["held_out"].items())
+        line += f" (chosen on held-out {merge.get('metric', 'nDCG')}, by share: {figures}"
+        if merge.get("general"):
+            line += "; on the general set: " + ", ".join(f"{float(s):g}: {v:.4f}" for s, v in merge["general"].items())
+        line += ")"
+    return line
+
+
 def _evaluation(config: dict[str, Any], before: dict[str, float] | None, after: dict[str, float] | None,
                 change: dict[str, float] | None) -> str:
     """The card's evaluation section: the before / after table and nDCG's paired change."""
@@ -265,7 +278,8 @@ def render_card(model_dir: str, *, base_model: str, config: dict[str, Any], fing
                 eval_before: dict[str, float] | None, eval_after: dict[str, float] | None,
                 wandb_url: str | None, num_examples: int | None, steps: int | None,
                 duration_s: float | None, embedding_dim: int | None = None, precision: str | None = None,
-                final_step: int | None = None, eval_change: dict[str, float] | None = None) -> str:
+                final_step: int | None = None, eval_change: dict[str, float] | None = None,
+                merge: dict[str, Any] | None = None) -> str:
     """The card's text (see ``write_model_card``)."""
     config = scrub_config(config)
     hub = hub_name(base_model)
@@ -306,6 +320,8 @@ def render_card(model_dir: str, *, base_model: str, config: dict[str, Any], fing
         model_lines.append(f"- **Checkpoint:** the best by held-out {best_metric}, step {final_step:,}"
                            + (f" of {steps:,}" if steps else "") + " (chosen on the held-out set whose metrics "
                            "are shown below, so they lean optimistic)")
+    if merge:
+        model_lines.append(_merge_line(merge))
     lora = _get(config, "model.lora")
     if isinstance(lora, dict):
         kept = ("kept apart: this folder holds only the adapters and names the base model, which loading reads "
@@ -362,7 +378,7 @@ def write_model_card(model_dir: str, *, base_model: str, config: dict[str, Any],
                      wandb_url: str | None, num_examples: int | None, steps: int | None,
                      duration_s: float | None, embedding_dim: int | None = None,
                      precision: str | None = None, final_step: int | None = None,
-                     eval_change: dict[str, float] | None = None) -> str:
+                     eval_change: dict[str, float] | None = None, merge: dict[str, Any] | None = None) -> str:
     """Write ``model_dir/README.md`` and return its path.
 
     Call it after the model is saved: sentence-transformers writes its own generic README.md
@@ -374,7 +390,8 @@ def write_model_card(model_dir: str, *, base_model: str, config: dict[str, Any],
     text = render_card(model_dir, base_model=base_model, config=config, fingerprint=fingerprint,
                        eval_before=eval_before, eval_after=eval_after, wandb_url=wandb_url,
                        num_examples=num_examples, steps=steps, duration_s=duration_s, embedding_dim=embedding_dim,
-                       precision=precision, final_step=final_step, eval_change=eval_change)
+                       precision=precision, final_step=final_step, eval_change=eval_change,
+                       merge=merge)
     path = os.path.join(model_dir, CARD)
     write_atomic(path, text)
     return path
@@ -397,4 +414,5 @@ def write_run_card(output_dir: str, model_dir: str | None = None) -> str:
         eval_before=progress.get("eval_before"), eval_after=progress.get("eval_after"),
         wandb_url=wandb.get("url"), num_examples=progress.get("examples_seen"), steps=progress.get("step"),
         duration_s=progress.get("duration_s"), final_step=progress.get("final_step")
-        if _get(config, "checkpoint.best_metric") else None, eval_change=progress.get("eval_change"))
+        if _get(config, "checkpoint.best_metric") else None, eval_change=progress.get("eval_change"),
+        merge=progress.get("merge"))

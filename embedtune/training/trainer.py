@@ -23,7 +23,7 @@ from embedtune.config import Config, ConfigError
 from embedtune.data.collate import PairCollator, TrainBatch, query_prefix
 from embedtune.data.identity import data_changes, data_identity
 from embedtune.data.records import DataError, format_stream_reject
-from embedtune.data.split import plan_data, preflight
+from embedtune.data.split import eval_pairs, plan_data, preflight
 from embedtune.data.stream import PairBatches, make_loader
 from embedtune.distributed import any_process, cpu_processes, release, stop_signals
 from embedtune.logs import setup_logging
@@ -45,6 +45,7 @@ from embedtune.training.checkpoint import CheckpointError, TrainerState
 from embedtune.training.devices import checkpoint_activations, default_precision
 from embedtune.training.export import RunFacts, export_model
 from embedtune.training.lock import OutputInUse, OutputLock
+from embedtune.training.merge import AUTO_SHARES, base_state, choose_share, trained_state, use_share
 from embedtune.training.meters import MetricsWindow, NonFiniteGuard
 from embedtune.training.optim import (
     apply_resumed_settings,
@@ -95,6 +96,7 @@ class Trainer:
         self.lock = OutputLock(cfg.output_dir)
         self.stopped_early = False  # train.early_stopping_patience ended the run
         self.per_query: list[float] | None = None  # the last evaluation's nDCG per query (main process)
+        self.general_before: float | None = None  # nDCG on eval.general_files before training (fresh runs)
 
     # --- setup --------------------------------------------------------------------------------
 
@@ -243,6 +245,10 @@ class Trainer:
                                                     data.max_eval_queries)
         else:
             self.held_out = RetrievalSet.from_pairs(plan.eval_pairs)
+        # A task the base model was good at (eval.general_files): watched before and after, and by the merge.
+        general = eval_pairs(data.model_copy(update={"eval_files": cfg.eval.general_files, "eval_fraction": 0.0}),
+                             self.require_negatives) if cfg.eval.general_files else []
+        self.general = RetrievalSet.from_pairs(general)
         # max_steps stops by steps; otherwise the epochs decide (the count is then exact but only
         # shapes the schedule and the progress bar).
         self.total_steps = cfg.train.planned_steps(plan.train_pairs, data.drop_last)
@@ -290,6 +296,7 @@ class Trainer:
         if not self.resume_dir and cfg.eval.before:
             state.eval_before = self.evaluate(0) or None
             state.eval_before_per_query = self.per_query
+            self.general_before = self._score_general(0)
             if state.eval_before:
                 logger.info("held-out before training (%d queries): %s", len(self.held_out), state.eval_before)
         logger.info("training %d steps of %d pairs (%s per process per micro-batch)", self.total_steps,
@@ -497,6 +504,57 @@ class Trainer:
                            example_rows(result, self.held_out, cfg.eval.examples, cfg.eval.k), step=step)
         return metrics
 
+    def _score_general(self, step: int) -> float | None:
+        if not len(self.general):
+            return None
+        value = self.score(self.general)
+        if value is not None:
+            self.run_log.log({f"general/ndcg@{self.cfg.eval.k}": value}, step=step)
+        return value
+
+    def score(self, data: RetrievalSet) -> float | None:
+        """nDCG@k on ``data`` (collective; the main process gets the figure), logged nowhere."""
+        if not len(data):
+            return None
+        encode = set_encoder(self.model, self.collate, data, self.cfg.eval.batch_size, self.accelerator)
+        result = run_retrieval(encode, data, self.cfg.eval.k, compute=self.accelerator.is_main_process)
+        return result.metrics[f"ndcg@{self.cfg.eval.k}"] if result is not None else None
+
+    def _merge_with_base(self, step: int) -> dict[str, Any] | None:
+        """export.merge_with_base: the final weights moved back toward the base model's, by a given
+        share or by the one the held-out set (and the general set's floor) chooses."""
+        setting, accelerator = self.cfg.export.merge_with_base, self.accelerator
+        if setting is None:
+            return None
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            logger.warning("export.merge_with_base is not applied to sharded weights (FSDP, DeepSpeed)")
+            return None
+        model = accelerator.unwrap_model(self.model)
+        tuned = trained_state(model)
+        base = base_state(self.cfg.model, tuned)
+        held_out: dict[float, float] = {}
+        general: dict[float, float] = {}
+        if setting == "auto":
+            for share in (0.0, *AUTO_SHARES):
+                use_share(model, tuned, base, share)
+                held_out[share] = self.score(self.held_out) or 0.0
+                if len(self.general):
+                    general[share] = self.score(self.general) or 0.0
+            chosen = [choose_share(held_out, general, self.cfg.export.merge_tolerance)
+                      if accelerator.is_main_process else None]
+            broadcast_object_list(chosen)  # the main process holds the figures
+            share = float(chosen[0])  # type: ignore[arg-type]
+        else:
+            share = float(setting)
+        use_share(model, tuned, base, share)
+        name = f"ndcg@{self.cfg.eval.k}"
+        logger.info("merged with the base model: %g of the fine-tuned weights%s", share,
+                    f" (held-out {name} by share: {', '.join(f'{s:g}: {v:.4f}' for s, v in held_out.items())}"
+                    + (f"; general set: {', '.join(f'{s:g}: {v:.4f}' for s, v in general.items())}" if general
+                       else "") + ")" if held_out else "")
+        self.run_log.log({"export/merge_share": share}, step=step)
+        return {"share": share, "held_out": held_out, "general": general, "metric": name}
+
     def save_checkpoint(self) -> bool:
         """A checkpoint of this step (collective); with checkpoint.best_metric, scored first. False
         when the save failed and ``checkpoint.on_save_error`` let training go on."""
@@ -534,7 +592,9 @@ class Trainer:
             if cfg.checkpoint.every_n_steps and self.saved_at != state.step:
                 self.save_checkpoint()  # the end state too, so a crash in the final eval or export loses nothing
             final_step = self._restore_best()
+            merge = self._merge_with_base(state.step)
             after = self.evaluate(state.step)
+            general = {"before": self.general_before, "after": self._score_general(state.step)}
             change = None
             if after:
                 logger.info("held-out metrics (%d queries, %d documents):\n%s", len(self.held_out),
@@ -542,11 +602,12 @@ class Trainer:
                 change = self._paired_change(state.step)
             wandb = self.run_log.wandb_run
             facts = RunFacts(state.eval_before, after or None, None if wandb is None or wandb.offline else wandb.url,
-                             state.examples_seen, state.step, final_step, change)
+                             state.examples_seen, state.step, final_step, change, merge)
             final_dir = export_model(accelerator, self.model, self.tokenizer, cfg, facts, self.duration)
             self.run_log.summary({**{f"final/{k}": v for k, v in after.items()},
                               **{f"before/{k}": v for k, v in (state.eval_before or {}).items()}})
-            summary.update(eval_after=after, eval_change=change, final_model=final_dir,
+            summary.update(eval_after=after, eval_change=change, merge=merge, final_model=final_dir,
+                           general=general if len(self.general) else None,
                            final_step=final_step or state.step, stopped_early=self.stopped_early)
         summary["duration_s"] = self.duration()
         self.run_log.progress(**summary)
