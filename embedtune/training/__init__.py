@@ -1,3 +1,3 @@
 """Training: ``trainer`` (the Trainer and its loop), ``step`` (plain and GradCache micro-steps),
 ``devices`` (precision, activation checkpointing), ``optim``, ``meters``, ``checkpoint``, ``lock``,
-``tracking``, ``export`` and ``model_card``."""
+``tracking``, ``merge`` (with the base model), ``export`` and ``model_card``."""
