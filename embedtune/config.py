@@ -134,6 +134,10 @@ class DataConfig(_Section):
         None, ge=2, le=4096, description="Sort the pairs of every N consecutive global batches by the length of "
         "their documents and cut the batches from that, so a batch holds texts of about one length (much less "
         "padding); the batches then go in a seeded random order. null: off.")
+    batch_by_source: bool = Field(
+        False, description="Draw every global batch from one source (data.source_field): in-batch negatives then "
+        "come from the same kind of text. Batches go in the order they fill, so sources come in proportion to their "
+        "size; what is left of each source at the end of the epoch trains in mixed batches.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_eval_queries: int = Field(1000, ge=1)
     num_workers: int | None = Field(None, ge=0, le=256, description="DataLoader workers that read and tokenize; "
@@ -146,6 +150,15 @@ class DataConfig(_Section):
         if self.max_negatives > self.max_negatives_per_record:
             raise ValueError(f"data.max_negatives ({self.max_negatives}) is more than data.max_negatives_per_record "
                              f"({self.max_negatives_per_record}), the most a record may list; raise the latter too")
+        return self
+
+    @model_validator(mode="after")
+    def _by_source(self) -> DataConfig:
+        if self.batch_by_source and not self.source_field:
+            raise ValueError("data.batch_by_source needs data.source_field, the field that names each record's source")
+        if self.batch_by_source and self.group_by_length:
+            raise ValueError("data.batch_by_source and data.group_by_length both decide what goes in a batch; "
+                             "keep one")
         return self
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ import http.server
 import io
 import json
 import lzma
+import math
 import random
 import sys
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, make_pairs, untokenized, write_jsonl
+from pydantic import ValidationError
 
 from embedtune.commands.train import main
 from embedtune.config import DataConfig
@@ -412,3 +414,71 @@ def test_an_eval_file_is_used_as_is_and_nothing_is_carved_from_training(tmp_path
     cfg = DataConfig(train_files=[str(train)], eval_files=[str(held)], eval_fraction=0.5)
     assert [p.query for p in eval_pairs(cfg)] == [r["question"] for r in make_pairs(7, seed=5)]
     assert len(list(ordered_pairs(cfg, 0, 0))) == 30
+
+
+# --- batches by source ----------------------------------------------------------------------------
+
+
+def sourced_pairs(sizes: dict[str, int]) -> list[dict]:
+    records = make_pairs(sum(sizes.values()))
+    sources = [name for name, n in sizes.items() for _ in range(n)]
+    random.Random(5).shuffle(sources)
+    return [{**r, "source": s} for r, s in zip(records, sources)]
+
+
+def test_batches_by_source_hold_one_source_each_and_cover_the_epoch_once(tmp_path: Path) -> None:
+    records = sourced_pairs({"manuals": 61, "faq": 30, "forum": 5})  # forum: fewer pairs than a batch
+    path = write_jsonl(tmp_path / "p.jsonl", records)
+    source_of = {f"{path}:{i + 1}": r["source"] for i, r in enumerate(records)}
+    cfg = DataConfig(train_files=[str(path)], shuffle_buffer=16, eval_fraction=0, batch_by_source=True)
+    batches = batch_ids(cfg, 0)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == sorted(source_of) and len(flat) == len(set(flat))
+    # As many batches as without grouping (the schedule's count holds), the partial one last.
+    assert len(batches) == math.ceil(96 / 8) and all(len(b) == 8 for b in batches[:-1])
+    kinds = [{source_of[i] for i in b} for b in batches]
+    single = [k for k in kinds if len(k) == 1]
+    # 61 // 8 + 30 // 8 batches of one source; the 5 + 6 + 5 left over train in the mixed ones.
+    assert len(single) == 7 + 3 and sum(len(k) > 1 for k in kinds) == 2
+    assert all(len(k) == 1 for k in kinds[:-2])  # the mixed ones come last
+    assert len([k for k in single if k == {"manuals"}]) == 7
+    # Fixed by (data, seed, epoch): workers do not change it, and it differs from the plain order.
+    assert batch_ids(cfg, workers=2) == batches
+    plain = batch_ids(cfg.model_copy(update={"batch_by_source": False}), 0)
+    assert plain != batches
+
+
+def test_batches_by_source_resume_from_any_batch_and_split_across_processes(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", sourced_pairs({"a": 40, "b": 27, "c": 13}))
+    cfg = DataConfig(train_files=[str(path)], shuffle_buffer=16, eval_fraction=0, batch_by_source=True)
+    full = batch_ids(cfg, 0)
+    for done in (1, 4, len(full) - 1):
+        dataset = PairBatches(cfg, 8, 1, seed=3, collate=no_tokenize)
+        dataset.set_position(0, done)
+        assert [b.ids for b in make_loader(dataset, 2, pin_memory=False)] == full[done:]
+    slices = []
+    for rank in range(3):
+        dataset = PairBatches(cfg, 8, 1, seed=3, collate=no_tokenize, num_processes=3, rank=rank)
+        slices.append([b.ids for b in make_loader(dataset, 0, pin_memory=False)])
+    for step, batch in enumerate(full):
+        assert sum((slices[r][step] for r in range(3)), []) == batch
+
+
+def test_batches_by_source_need_a_source_field_and_not_length_grouping() -> None:
+    with pytest.raises(ValidationError, match="data.batch_by_source needs data.source_field"):
+        DataConfig(train_files=["x.jsonl"], batch_by_source=True, source_field=None)
+    with pytest.raises(ValidationError, match="keep one"):
+        DataConfig(train_files=["x.jsonl"], batch_by_source=True, group_by_length=4)
+
+
+def test_a_run_trains_on_batches_by_source_for_the_epochs_steps(tiny_model: Path, tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", sourced_pairs({"manuals": 50, "faq": 30}))
+    out = tmp_path / "out"
+    assert main(["--input_jsonl", str(path), "--base_model", str(tiny_model), "--output_dir", str(out),
+                 "--batch_size", "8", "--epochs", "1", "data.batch_by_source=true", "data.eval_fraction=0",
+                 "data.num_workers=0", "tracking.report_to=none", "tracking.log_batch_ids=true",
+                 "data.query_max_length=24", "data.document_max_length=32"]) == 0
+    rows = [json.loads(line) for line in (out / "batches.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11))  # 80 pairs, batch 8: the planned 10 steps
+    progress = json.loads((out / "training_progress.json").read_text())
+    assert progress["completed"] and progress["step"] == 10

@@ -124,7 +124,45 @@ class PairBatches(IterableDataset):
         """The epoch's global batches with the bad records met while filling each."""
         if self.cfg.group_by_length:
             return self._grouped(self._stream_batches(), self.cfg.group_by_length)
+        if self.cfg.batch_by_source:
+            return self._by_source()
         return self._stream_batches()
+
+    def _by_source(self) -> Iterator[tuple[list[Pair], list[Reject]]]:
+        """Batches of one source each (``data.batch_by_source``), in the order they fill from the
+        shuffled stream, so sources come in proportion to their size; at the end of the epoch what
+        is left of every source (less than a batch each) is cut into batches in source order, the
+        last one partial, so an epoch has as many batches as without grouping. All of it depends
+        on (data, seed, epoch) only."""
+        pending: dict[str | None, list[Pair]] = {}
+        rejects: list[Reject] = []
+        number = 0
+        for item in ordered_pairs(self.cfg, self.seed, self.epoch, self.require_negatives):
+            if isinstance(item, Reject):
+                rejects.append(item)
+                continue
+            batch = pending.setdefault(item.source, [])
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                del pending[item.source]
+                self._check_chars(batch, number)
+                yield batch, rejects
+                rejects, number = [], number + 1
+        rest = [p for source in sorted(pending, key=str) for p in pending[source]]
+        for start in range(0, len(rest), self.batch_size):
+            batch = rest[start:start + self.batch_size]
+            if len(batch) < self.batch_size and self.cfg.drop_last:
+                logger.info("dropped the last %d pairs of epoch %d (a partial global batch)", len(batch), self.epoch)
+                break
+            self._check_chars(batch, number)
+            yield batch, rejects
+            rejects, number = [], number + 1
+        if rejects:
+            yield [], rejects
+
+    def _check_chars(self, batch: list[Pair], number: int) -> None:
+        if sum(map(pair_chars, batch)) > self.cfg.max_batch_chars:
+            raise DataError(too_much_text(batch, number, self.epoch, self.cfg.max_batch_chars))
 
     def _grouped(self, batches: Iterator[tuple[list[Pair], list[Reject]]],
                  window: int) -> Iterator[tuple[list[Pair], list[Reject]]]:
