@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None, prog: str = "embedtune train") -> int:
         with run_signals():  # from setup to the end: a signal is never lost, a repeated one never kills
             run_training(cfg)
     except (DataError, ConfigError, ModelLoadError, CheckpointError, TrainingStopped) as exc:
-        logger.error("%s", exc)
+        if logger.handlers:  # once the run's log is set up: the message goes to train.log too
+            logger.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

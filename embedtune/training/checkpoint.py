@@ -598,6 +598,7 @@ def save(accelerator: Accelerator, output_dir: str, state: TrainerState, keep_la
         # Agree on the outcome, so that no process goes on, renames or retries alone.
         if any_process(error is not None, accelerator.device):
             message = _save_failure(output_dir, final, tmp, error)
+            accelerator.wait_for_everyone()  # every process has measured the folder before it goes
             if main:
                 remove_path(tmp)
             raise CheckpointError(message)
