@@ -548,16 +548,24 @@ class Soak:
 
     def kill(self, run: Start, kind: str) -> str | None:
         """SIGKILL at a moment chosen by ``kind``; for ``damage``, then damage the newest checkpoint."""
-        proc = self.launch(run)
+        proc = self.run_until(run, kind)
+        if proc is None:
+            return None
+        kill_tree(proc)
+        outcome = self.killed(run, kind)
+        return outcome + self.damage(run) if kind == "damage" else outcome
+
+    def run_until(self, run: Start, kind: str, preemptible: bool = False) -> subprocess.Popen | None:
+        """Start ``run`` and wait for the moment ``kind`` chooses; None when the run ended first
+        (it must have ended well)."""
+        proc = self.launch(run, preemptible=preemptible)
         ready, lag = kill_moment(kind, self.rng, self.out, run.since, run.step, run.resume)
         reached = wait_for(proc, ready, RUN_TIMEOUT_S, run.log)
         time.sleep(lag)
         if not reached or proc.poll() is not None:
             finish(proc, run.log)
             return None
-        kill_tree(proc)
-        outcome = self.killed(run, kind)
-        return outcome + self.damage(run) if kind == "damage" else outcome
+        return proc
 
     def damage(self, run: Start) -> str:
         """Overwrite a few KiB in the middle of the newest checkpoint's weights."""
@@ -577,15 +585,11 @@ class Soak:
     def storm(self, run: Start, kind: str) -> str | None:
         """SIGTERM to every process, then once or twice more; the run must stop cleanly with a
         checkpoint of the step it stopped on."""
-        proc = self.launch(run, preemptible=True)
         # At a step or inside a save: a storm before the training processes handle SIGTERM goes
         # unseen (as launch/preemptible.sh says), and the run would train to the end.
         moment = self.rng.choice(("step", "save"))
-        ready, lag = kill_moment(moment, self.rng, self.out, run.since, run.step, run.resume)
-        reached = wait_for(proc, ready, RUN_TIMEOUT_S, run.log)
-        time.sleep(lag)
-        if not reached or proc.poll() is not None:
-            finish(proc, run.log)
+        proc = self.run_until(run, moment, preemptible=True)
+        if proc is None:
             return None
         at = time.time() - run.since
         sent = [signal_tree(proc, signal.SIGTERM)]
