@@ -232,7 +232,7 @@ def paired_change(before: Sequence[float], after: Sequence[float], resamples: in
     """How one metric changed, query by query, between two models on the same queries: the mean
     change, a paired bootstrap 95% interval on it (queries resampled with replacement), and how
     many queries got better, worse or stayed the same."""
-    if len(before) != len(after) or not before:
+    if len(before) != len(after) or len(before) == 0:
         raise ValueError(f"paired_change needs the same queries on both sides ({len(before)} vs {len(after)})")
     diff = torch.tensor(after, dtype=torch.float64) - torch.tensor(before, dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)

@@ -1,4 +1,4 @@
-"""Benchmarks that print figures: ``embedtune bench throughput``, ``memory``, ``resume``, ``gradcache`` and ``negatives``.
+"""Benchmarks that print figures: ``embedtune bench throughput``, ``memory``, ``resume``, ``gradcache``, ``negatives`` and ``quality``.
 
 ``resume`` measures what resuming deep into a stream costs: the time to the first training batch
 of a fresh run against one resumed N examples in, on a generated JSONL file. The resumed loader
@@ -30,7 +30,7 @@ from embedtune.data.stream import PairBatches, make_loader
 from embedtune.losses.ranking import MultipleNegativesRankingLoss
 from embedtune.model.encoder import EmbeddingModel
 from embedtune.model.folder import resolve_model_path
-from embedtune.tools import memory, throughput
+from embedtune.tools import memory, quality, throughput
 from embedtune.training.step import GradCacheStep, plain_step
 
 WORDS = ("how do i read write open close parse format join split sort filter map reduce encode decode "
@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                                         "checkpointing, LoRA, both, on a 0.5B decoder"))
     throughput.add_arguments(sub.add_parser("throughput", help="training pairs/s, tokens/s, padding, MFU, memory; "
                                             "--compare runs SentenceTransformerTrainer on the same workload"))
+    quality.add_arguments(sub.add_parser("quality", help="held-out quality of the default recipe; --compare trains "
+                                         "SentenceTransformerTrainer on the same pairs and seeds, with a paired "
+                                         "bootstrap interval on the difference"))
     negatives = sub.add_parser("negatives", help="quickstart trained with and without mined hard negatives, "
                                "held-out metrics side by side")
     negatives.add_argument("--out", default="outputs/negatives")
@@ -189,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.name == "negatives":
         return bench_negatives(args.out, args.num_negatives, args.relative_margin)
+    if args.name == "quality":
+        return quality.main(args)
     if args.name == "throughput":
         return throughput.main(args)
     if args.name == "memory":
