@@ -15,6 +15,7 @@ from typing import Any
 
 from embedtune.config import DataConfig
 from embedtune.data.records import resolve_files
+from embedtune.files import hash_file
 from embedtune.secrets import scrub_text
 
 WHOLE_BYTES = 256 << 20
@@ -23,17 +24,15 @@ BLOCK_BYTES = 1 << 20
 
 
 def sampled_hash(path: str, size: int) -> str:
-    """A hash of the file's size and contents: all of them up to ``WHOLE_BYTES``, else ``BLOCKS``
-    blocks at evenly spaced offsets."""
+    """The file's sha256 (``files.hash_file``) up to ``WHOLE_BYTES``; above that, a sha256 of its
+    size and ``BLOCKS`` blocks at evenly spaced offsets."""
+    if size <= WHOLE_BYTES:
+        return hash_file(path)[1]
     digest = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
-        if size <= WHOLE_BYTES:
-            while block := f.read(BLOCK_BYTES):
-                digest.update(block)
-        else:
-            for i in range(BLOCKS):
-                f.seek((size - BLOCK_BYTES) * i // (BLOCKS - 1))
-                digest.update(f.read(BLOCK_BYTES))
+        for i in range(BLOCKS):
+            f.seek((size - BLOCK_BYTES) * i // (BLOCKS - 1))
+            digest.update(f.read(BLOCK_BYTES))
     return digest.hexdigest()
 
 
