@@ -138,6 +138,10 @@ class DataConfig(_Section):
         False, description="Draw every global batch from one source (data.source_field): in-batch negatives then "
         "come from the same kind of text. Batches go in the order they fill, so sources come in proportion to their "
         "size; what is left of each source at the end of the epoch trains in mixed batches.")
+    source_weights: dict[str, float] | None = Field(
+        None, description="How many times each source's pairs come in an epoch, by source name (data.source_field): "
+        "2 = every pair twice, 0.5 = half of them (a seeded, evenly spread half, another one each epoch); a source "
+        "not named keeps 1. Shifts the mix of sources without touching the files. null: every pair once.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_eval_queries: int = Field(1000, ge=1)
     num_workers: int | None = Field(None, ge=0, le=256, description="DataLoader workers that read and tokenize; "
@@ -156,6 +160,12 @@ class DataConfig(_Section):
     def _by_source(self) -> DataConfig:
         if self.batch_by_source and not self.source_field:
             raise ValueError("data.batch_by_source needs data.source_field, the field that names each record's source")
+        if self.source_weights is not None and not self.source_field:
+            raise ValueError("data.source_weights needs data.source_field, the field that names each record's source")
+        for name, weight in (self.source_weights or {}).items():
+            if not (math.isfinite(weight) and 0 <= weight <= 1000):
+                raise ValueError(f"data.source_weights: the weight of {name!r} is {weight}; give a number from 0 "
+                                 "(leave the source out) to 1000")
         if self.batch_by_source and self.group_by_length:
             raise ValueError("data.batch_by_source and data.group_by_length both decide what goes in a batch; "
                              "keep one")

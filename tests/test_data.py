@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from embedtune.commands.train import main
 from embedtune.config import DataConfig
 from embedtune.data.records import DataError, Pair, Reject, read_pairs, token_estimate
-from embedtune.data.split import eval_pairs, is_held_out, preflight
+from embedtune.data.split import eval_pairs, is_held_out, plan_data, preflight
 from embedtune.data.stream import PairBatches, make_loader, ordered_pairs
 
 no_tokenize = untokenized
@@ -482,3 +482,72 @@ def test_a_run_trains_on_batches_by_source_for_the_epochs_steps(tiny_model: Path
     assert [r["step"] for r in rows] == list(range(1, 11))  # 80 pairs, batch 8: the planned 10 steps
     progress = json.loads((out / "training_progress.json").read_text())
     assert progress["completed"] and progress["step"] == 10
+
+
+def test_source_weights_repeat_or_thin_each_source_exactly_and_change_the_thinned_share_each_epoch(
+        tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", sourced_pairs({"manuals": 40, "faq": 10, "forum": 6}))
+    source_of = {f"{path}:{i + 1}": r["source"] for i, r in enumerate(sourced_pairs({"manuals": 40, "faq": 10,
+                                                                                       "forum": 6}))}
+    cfg = DataConfig(train_files=[str(path)], eval_fraction=0, shuffle_buffer=1000,
+                     source_weights={"manuals": 0.25, "forum": 2.5})
+    planned = plan_data(cfg, count=True)
+    assert planned.sources == {"manuals": 40, "faq": 10, "forum": 6}
+    assert planned.train_pairs == 10 + 10 + 15  # a quarter of 40, 10 as they are, 2.5 x 6
+    kept: list[set[str]] = []
+    for epoch in range(3):
+        ids = [i for b in batch_ids(cfg, 0, epoch) for i in b]
+        assert len(ids) == planned.train_pairs  # the step count known before step 1 is the one trained
+        count = {s: sum(source_of[i] == s for i in ids) for s in ("manuals", "faq", "forum")}
+        assert count == {"manuals": 10, "faq": 10, "forum": 15}
+        forum = [i for i in ids if source_of[i] == "forum"]
+        assert sorted(set(forum)) == sorted(i for i, s in source_of.items() if s == "forum")  # each twice or thrice
+        assert all(forum.count(i) in (2, 3) for i in set(forum))
+        kept.append({i for i in ids if source_of[i] == "manuals"})
+        # Workers do not change it.
+        assert [i for b in batch_ids(cfg, 2, epoch) for i in b] == ids
+    assert len(kept[0] | kept[1] | kept[2]) > 10  # another quarter of the source each epoch
+
+
+def test_source_weights_with_batches_by_source_resume_and_split_across_processes(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", sourced_pairs({"a": 30, "b": 12, "c": 3}))
+    cfg = DataConfig(train_files=[str(path)], shuffle_buffer=16, eval_fraction=0, batch_by_source=True,
+                     source_weights={"c": 3.0, "a": 0.5})
+    full = batch_ids(cfg, 0, epoch=1)
+    assert sum(map(len, full)) == 15 + 12 + 9
+    for done in (1, len(full) - 1):
+        dataset = PairBatches(cfg, 8, 1, seed=3, collate=no_tokenize)
+        dataset.set_position(1, done)
+        assert [b.ids for b in make_loader(dataset, 2, pin_memory=False)] == full[done:]
+    slices = []
+    for rank in range(2):
+        dataset = PairBatches(cfg, 8, 1, seed=3, collate=no_tokenize, num_processes=2, rank=rank,
+                              sizes=plan_data(cfg, count=True).sources)
+        dataset.set_epoch(1)
+        slices.append([b.ids for b in make_loader(dataset, 0, pin_memory=False)])
+    for step, batch in enumerate(full):
+        assert slices[0][step] + slices[1][step] == batch
+
+
+def test_source_weights_are_checked_against_the_sources_the_data_has(tiny_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="source_weights needs data.source_field"):
+        DataConfig(train_files=["x.jsonl"], source_weights={"a": 2}, source_field=None)
+    with pytest.raises(ValidationError, match="the weight of 'a' is -1"):
+        DataConfig(train_files=["x.jsonl"], source_weights={"a": -1})
+    path = write_jsonl(tmp_path / "p.jsonl", sourced_pairs({"manuals": 40, "faq": 5}))
+    args = ["--input_jsonl", str(path), "--base_model", str(tiny_model), "--batch_size", "8",
+            "data.eval_fraction=0", "data.num_workers=0", "tracking.report_to=none", "data.query_max_length=24",
+            "data.document_max_length=32"]
+    # A weight for a source no record has: one line naming it and the sources there are, before step 1.
+    out = tmp_path / "typo"
+    assert main([*args, "--output_dir", str(out), "data.source_weights={manual: 2}"]) == 1
+    log = (out / "logs" / "train.log").read_text()
+    assert "data.source_weights names the source 'manual', which no training record has" in log
+    assert "sources: faq (5), manuals (40)" in log and not (out / "final_model").exists()
+    # A source smaller than a batch under batch_by_source: named, and its pairs still train.
+    out = tmp_path / "small"
+    assert main([*args, "--output_dir", str(out), "data.batch_by_source=true", "tracking.log_batch_ids=true"]) == 0
+    log = (out / "logs" / "train.log").read_text()
+    assert "source 'faq' has 5 training pair(s) per epoch, fewer than a batch of 8" in log
+    trained = [i for line in (out / "batches.jsonl").read_text().splitlines() for i in json.loads(line)["ids"]]
+    assert len(trained) == 45

@@ -312,3 +312,20 @@ def test_a_lora_adapter_export_that_would_not_load_fails_its_row(
     code, out, rows = validate(args_for(tiny_model, qa_file, tmp_path, "model.lora.r=4"), tmp_path, capsys)
     assert code == 0 and rows["lora"]["status"] == OK
     assert "r 4, alpha 32, dropout 0.05 on the usual layers; export merged" in row_line(out, "lora")
+
+
+def test_validate_reports_the_sources_and_fails_a_weight_for_a_source_the_data_lacks(
+        tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    records = [{**r, "source": "manuals" if i % 4 else "faq"} for i, r in enumerate(make_pairs(80))]
+    data = write_jsonl(tmp_path / "p.jsonl", records)
+    args = args_for(tiny_model, data, tmp_path, "data.eval_fraction=0")
+    code, out, rows = validate([*args, "data.source_weights={faq: 3}"], tmp_path, capsys)
+    sources = rows["sources"]
+    assert sources["status"] == OK and sources["data"]["sources"] == {"manuals": 60, "faq": 20}
+    # The step count is the weighted epoch's: 60 + 3 x 20 pairs in batches of 16.
+    assert sources["data"]["epoch_pairs"] == 120 and rows["optimizer steps"]["data"]["per_epoch"] == 8
+    code, out, rows = validate([*args, "data.source_weights={forum: 3}"], tmp_path, capsys)
+    assert code == 1 and rows["sources"]["status"] == FAIL
+    assert "names the source 'forum', which no training record has" in rows["sources"]["detail"]
+    code, out, rows = validate([*args, "data.batch_by_source=true", "--batch_size", "32"], tmp_path, capsys)
+    assert rows["sources"]["status"] == WARN and "source 'faq' has 20 training pair(s)" in rows["sources"]["detail"]

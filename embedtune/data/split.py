@@ -26,6 +26,39 @@ from embedtune.data.records import (
 
 logger = logging.getLogger(__name__)
 
+
+def weighted_total(sizes: dict[str | None, int], weights: dict[str, float] | None) -> int:
+    """The training pairs of an epoch once ``data.source_weights`` has repeated or thinned each
+    source's (``stream.weighted`` makes exactly these)."""
+    total = 0
+    for name, n in sizes.items():
+        weight = (weights or {}).get(name, 1.0) if name is not None else 1.0
+        total += int(weight) * n + round((weight - int(weight)) * n)
+    return total
+
+
+def source_problems(sizes: dict[str | None, int], cfg: DataConfig, batch_size: int) -> tuple[str | None, list[str]]:
+    """What the sources of the training data say about ``data.source_weights`` and
+    ``data.batch_by_source``: an error (a weight for a source no training record has), and notes
+    (a source with fewer pairs in an epoch than a batch, whose pairs then train in the mixed
+    batches at the end of each epoch)."""
+    known = {name for name in sizes if name is not None}
+    listed = ", ".join(f"{name} ({n:,})" for name, n in sorted(sizes.items(), key=lambda kv: str(kv[0]))
+                       if name is not None)[:400] or "none: no training record has the field"
+    for name in cfg.source_weights or {}:
+        if name not in known:
+            return (f"data.source_weights names the source {name!r}, which no training record has in its "
+                    f"'{cfg.source_field}' field (sources: {listed}); fix the name or leave it out"), []
+    notes = []
+    if cfg.batch_by_source:
+        for name, n in sorted(sizes.items(), key=lambda kv: str(kv[0])):
+            pairs = weighted_total({name: n}, cfg.source_weights)
+            if 0 < pairs < batch_size:
+                notes.append(f"source {name!r} has {pairs} training pair(s) per epoch, fewer than a batch of "
+                             f"{batch_size}: with data.batch_by_source they train in the mixed batches at the end "
+                             "of each epoch (raise its data.source_weights entry to give it batches of its own)")
+    return None, notes
+
 PREFLIGHT_RECORDS = 1000
 MAX_REJECTS_SHOWN = 5
 POSITIVE_LABEL = 0.5  # labelled pairs at or above this count as question and answer for evaluation
@@ -67,7 +100,8 @@ class DataPlan:
     """What training needs to know of its data before step 1."""
 
     eval_pairs: list[Pair]
-    train_pairs: int | None  # training pairs in one epoch; None when not counted
+    train_pairs: int | None  # training pairs in one epoch (after data.source_weights); None when not counted
+    sources: dict[str | None, int] | None = None  # each source's training pairs; None when not counted
 
 
 def plan_data(cfg: DataConfig, count: bool, held_out: bool = True, require_negatives: bool = False) -> DataPlan:
@@ -81,17 +115,19 @@ def plan_data(cfg: DataConfig, count: bool, held_out: bool = True, require_negat
     collect = held_out and carved and cfg.eval_fraction > 0
     if not count and not collect:
         return DataPlan(held, None)
-    questions, train = HeldOutQuestions(), 0
+    questions, sources = HeldOutQuestions(), {}
     for item in read_pairs(resolve_files(cfg.train_files), cfg, require_negatives):
         if isinstance(item, Reject):
             continue  # the training stream reports its own bad records
         if trains_on(item, cfg):
-            train += 1
+            sources[item.source] = sources.get(item.source, 0) + 1
         elif collect and len(held) < cfg.max_eval_queries and questions.admit(item):
             held.append(item)
             if not count and len(held) >= cfg.max_eval_queries:
                 break
-    return DataPlan(held, train if count else None)
+    if not count:
+        return DataPlan(held, None)
+    return DataPlan(held, weighted_total(sources, cfg.source_weights), sources)
 
 
 def _eval_file_pairs(cfg: DataConfig, require_negatives: bool) -> list[Pair]:

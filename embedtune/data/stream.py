@@ -51,12 +51,22 @@ def _rng(seed: int, epoch: int, purpose: str) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{purpose}")
 
 
-def ordered_pairs(cfg: DataConfig, seed: int, epoch: int, require_negatives: bool = False) -> Iterator[Pair | Reject]:
-    """All training pairs of one epoch in their global order; rejects pass straight through."""
+def ordered_pairs(cfg: DataConfig, seed: int, epoch: int, require_negatives: bool = False,
+                  sizes: dict[str | None, int] | None = None) -> Iterator[Pair | Reject]:
+    """All training pairs of one epoch in their global order; rejects pass straight through.
+
+    With ``data.source_weights``, each pair comes as many times as its source's weight says
+    (``weighted``) before the shuffle; ``sizes`` (each source's training pairs, from
+    ``split.source_sizes``) saves the pass that would count them.
+    """
     files = resolve_files(cfg.train_files)
     if cfg.shuffle:
         _rng(seed, epoch, "files").shuffle(files)
-    source = read_pairs(files, cfg, require_negatives)
+    source: Iterator[Pair | Reject] = read_pairs(files, cfg, require_negatives)
+    if cfg.source_weights:
+        if sizes is None:
+            sizes = source_sizes(cfg, require_negatives)
+        source = weighted(source, cfg, sizes, seed, epoch)
     if not cfg.shuffle:
         for item in source:
             if isinstance(item, Reject) or trains_on(item, cfg):
@@ -80,6 +90,48 @@ def ordered_pairs(cfg: DataConfig, seed: int, epoch: int, require_negatives: boo
     yield from buffer
 
 
+def weighted(items: Iterator[Pair | Reject], cfg: DataConfig, sizes: dict[str | None, int], seed: int,
+             epoch: int) -> Iterator[Pair | Reject]:
+    """The training pairs, each repeated by its source's weight (``data.source_weights``).
+
+    A weight ``w = k + f`` gives each pair of a source of ``n`` training pairs ``k`` copies, and
+    ``round(f * n)`` of them one more: every ``1/f``-th pair of the source in reading order, from a
+    seeded offset that changes with the epoch. So an epoch holds exactly ``split.weighted_total`` pairs
+    (the step count is known before step 1), a different share each epoch, spread evenly over the
+    files; held-out pairs and bad records pass through as they are.
+    """
+    weights = cfg.source_weights or {}
+    seen: dict[str | None, int] = {}
+    shifts: dict[str | None, int] = {}
+    for item in items:
+        if isinstance(item, Reject) or not trains_on(item, cfg):
+            yield item
+            continue
+        weight = weights.get(item.source, 1.0) if item.source is not None else 1.0
+        whole, part = int(weight), weight - int(weight)
+        copies = whole
+        if part:
+            n = max(sizes.get(item.source, 0), 1)
+            if item.source not in shifts:
+                shifts[item.source] = _rng(seed, epoch, f"source-weight:{item.source}").randrange(n)
+            index = seen.get(item.source, 0)
+            seen[item.source] = index + 1
+            extra = round(part * n)
+            j = (index + shifts[item.source]) % n
+            copies += (j + 1) * extra // n > j * extra // n
+        for _ in range(copies):
+            yield item
+
+
+def source_sizes(cfg: DataConfig, require_negatives: bool = False) -> dict[str | None, int]:
+    """Each source's training pairs (one pass over the files, in file order)."""
+    sizes: dict[str | None, int] = {}
+    for item in read_pairs(resolve_files(cfg.train_files), cfg, require_negatives):
+        if isinstance(item, Pair) and trains_on(item, cfg):
+            sizes[item.source] = sizes.get(item.source, 0) + 1
+    return sizes
+
+
 def micro_batch_sizes(size: int, accumulation: int) -> list[int]:
     """Split a global batch into equal micro-batches (sizes differ by at most one)."""
     base, extra = divmod(size, accumulation)
@@ -101,8 +153,10 @@ class PairBatches(IterableDataset):
 
     def __init__(self, cfg: DataConfig, batch_size: int, accumulation: int, seed: int,
                  collate: Callable[[list[Pair]], TrainBatch], num_processes: int = 1, rank: int = 0,
-                 all_ids: bool = False, require_negatives: bool = False) -> None:
+                 all_ids: bool = False, require_negatives: bool = False,
+                 sizes: dict[str | None, int] | None = None) -> None:
         self.cfg = cfg
+        self.sizes = sizes  # each source's training pairs, for data.source_weights (None: counted when needed)
         self.require_negatives = require_negatives
         self.batch_size = batch_size
         self.accumulation = accumulation
@@ -137,7 +191,7 @@ class PairBatches(IterableDataset):
         pending: dict[str | None, list[Pair]] = {}
         rejects: list[Reject] = []
         number = 0
-        for item in ordered_pairs(self.cfg, self.seed, self.epoch, self.require_negatives):
+        for item in ordered_pairs(self.cfg, self.seed, self.epoch, self.require_negatives, self.sizes):
             if isinstance(item, Reject):
                 rejects.append(item)
                 continue
@@ -201,7 +255,7 @@ class PairBatches(IterableDataset):
         pending: list[Pair] = []
         rejects: list[Reject] = []
         chars, number = 0, 0
-        for item in ordered_pairs(self.cfg, self.seed, self.epoch, self.require_negatives):
+        for item in ordered_pairs(self.cfg, self.seed, self.epoch, self.require_negatives, self.sizes):
             if isinstance(item, Reject):
                 rejects.append(item)
                 continue

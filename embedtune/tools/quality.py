@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,7 @@ from accelerate.state import AcceleratorState
 
 import embedtune
 from embedtune.commands import train as train_command
-from embedtune.config import Config, DataConfig, parse_args
+from embedtune.config import Config, ConfigError, DataConfig, parse_args
 from embedtune.data.collate import PairCollator
 from embedtune.data.records import (
     DataError,
@@ -55,6 +55,7 @@ from embedtune.data.records import (
 from embedtune.data.split import eval_pairs, trains_on
 from embedtune.distributed import cpu_processes
 from embedtune.files import read_json, write_json
+from embedtune.mining.corpus import read_documents
 from embedtune.model.encoder import EmbeddingModel
 from embedtune.model.folder import resolve_model_path
 from embedtune.retrieval import EvalResult, RetrievalSet, paired_change, run_retrieval, set_encoder
@@ -90,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-queries", help="BEIR-style queries JSONL instead of the held-out pairs")
     parser.add_argument("--eval-corpus", help="BEIR-style corpus JSONL (with --eval-queries)")
     parser.add_argument("--eval-qrels", help="BEIR-style qrels TSV or JSONL (with --eval-queries)")
+    parser.add_argument("--eval-distractors", nargs="+", default=[], metavar="FILE",
+                        help="documents (JSONL with 'text', optional 'title') added to the held-out corpus")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128, help="tokens per query and per document")
@@ -100,6 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-eval-queries", type=int, default=1000, help="held-out queries evaluated")
     parser.add_argument("--out", default="outputs/quality", help="the runs' folders and models (kept)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure, per seed too, as JSON")
+    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="embedtune settings beyond its default recipe (e.g. data.batch_by_source=true), "
+                        "as `embedtune train` takes them; the shared settings cannot be overridden")
 
 
 # --- the data ------------------------------------------------------------------------------------
@@ -126,6 +132,11 @@ def load_split(args: argparse.Namespace) -> Split:
         pairs = eval_pairs(cfg)
         held, ids = RetrievalSet.from_pairs(pairs), [p.id for p in pairs]
         source = f"held out of --data by question hash (eval_fraction {fraction})"
+    if args.eval_distractors:
+        known = set(held.corpus)
+        extra = [t for t in dict.fromkeys(read_documents(resolve_files(args.eval_distractors))) if t not in known]
+        held = replace(held, corpus=held.corpus + extra)
+        source += f", with {len(extra):,} distractor documents from {' '.join(args.eval_distractors)}"
     if not train:
         raise DataError("no training pair: the files hold none, or all are held out")
     if not len(held):
@@ -158,7 +169,10 @@ def write_train_file(pairs: Sequence[Pair], path: str) -> list[str]:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for pair in pairs:
-            f.write(json.dumps({"question": pair.query, "answer": pair.positive}, ensure_ascii=False) + "\n")
+            record = {"question": pair.query, "answer": pair.positive}
+            if pair.source is not None:  # for embedtune's source-aware settings
+                record["source"] = pair.source
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return [item.id for item in read_pairs([path], DataConfig(train_files=[path], eval_fraction=0.0))
             if isinstance(item, Pair)]
 
@@ -188,7 +202,7 @@ def train_embedtune(model_dir: str, train_file: str, args: argparse.Namespace, s
             "--max_seq_length", str(args.max_length), f"train.learning_rate={yaml_float(args.learning_rate)}",
             f"train.warmup_ratio={yaml_float(args.warmup_ratio)}", f"train.seed={seed}", "train.mixed_precision=no",
             "data.eval_fraction=0", "eval.before=false", "checkpoint.every_n_steps=null",
-            "tracking.report_to=none", "tracking.log_batch_ids=true"]
+            "tracking.report_to=none", "tracking.log_batch_ids=true", *getattr(args, "overrides", [])]
     cfg = parse_args(argv)
     shutil.rmtree(out, ignore_errors=True)  # a folder with an earlier run is refused
     started = time.perf_counter()
@@ -204,17 +218,17 @@ def train_embedtune(model_dir: str, train_file: str, args: argparse.Namespace, s
     # loop_seconds: the trainer's own count (the loop and the export), beside the wall time from the start.
     return {"seconds": seconds, "loop_seconds": progress["duration_s"], "steps": progress["step"],
             "trained": trained, "model": os.path.join(out, "final_model"),
-            "settings": embedtune_settings(cfg, progress["step"])}
+            "settings": embedtune_settings(cfg, progress["step"], getattr(args, "overrides", []))}
 
 
-def embedtune_settings(cfg: Config, steps: int) -> dict[str, Any]:
+def embedtune_settings(cfg: Config, steps: int, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """What embedtune's run used beyond the shared settings, from its resolved config."""
     return {"loss": cfg.loss.name, "scale": cfg.loss.scale, "similarity": "cosine",
             "mask_false_negatives": cfg.loss.mask_false_negatives, "optimizer": "AdamW (no decay on biases, norms)",
             "weight_decay": cfg.train.weight_decay, "max_grad_norm": cfg.train.max_grad_norm,
             "scheduler": cfg.train.scheduler, "warmup_steps": cfg.train.warmup_steps(steps), "steps": steps,
             "order": f"seeded streaming shuffle (buffer {cfg.data.shuffle_buffer:,} records), by train.seed and epoch",
-            "drop_last": cfg.data.drop_last}
+            "drop_last": cfg.data.drop_last, "overrides": list(overrides)}
 
 
 class RecordingCollator:
@@ -301,7 +315,7 @@ def train_isolated(trainer: str, model_dir: str, train_file: str, args: argparse
     if os.path.exists(result):
         os.remove(result)
     job = {"trainer": trainer, "model_dir": model_dir, "train_file": train_file, "seed": seed, "out": out,
-           "result": result, "options": {name: getattr(args, name) for name in SHARED_OPTIONS}}
+           "result": result, "options": {name: getattr(args, name) for name in (*SHARED_OPTIONS, "overrides")}}
     code = "import sys; from embedtune.tools.quality import run_job; run_job(sys.argv[1])"
     done = subprocess.run([sys.executable, "-c", code, json.dumps(job)])
     figures = read_json(result)
@@ -456,7 +470,8 @@ def settings_line(s: dict[str, Any]) -> str:
     return (f"{s['loss']} scale {s['scale']:g} on {s['similarity']}, in-batch false negatives {masked}; "
             f"{s['optimizer']}, weight decay {s['weight_decay']:g}, gradient norm clipped at {s['max_grad_norm']}, "
             f"{s['scheduler']} schedule, {s['warmup_steps']} warmup step(s) of {s['steps']}; order: {s['order']}; "
-            f"last partial batch {'dropped' if s['drop_last'] else 'trained'}")
+            f"last partial batch {'dropped' if s['drop_last'] else 'trained'}"
+            + (f"; beyond the defaults: {' '.join(s['overrides'])}" if s.get("overrides") else ""))
 
 
 def report(result: dict[str, Any]) -> str:
@@ -504,6 +519,20 @@ def main(args: argparse.Namespace) -> int:
     """Run the bench, print its report (and write the JSON); 1 on a data error, 2 on bad options."""
     if not 0 <= args.warmup_ratio < 1:
         print("error: --warmup-ratio must be at least 0 and below 1", file=sys.stderr)
+        return 2
+    shared = {"train.epochs", "train.batch_size", "train.learning_rate", "train.warmup_ratio", "train.seed",
+              "train.mixed_precision", "data.query_max_length", "data.document_max_length", "data.train_files",
+              "data.eval_fraction", "model.base_model"}
+    for item in args.overrides:
+        key = item.partition("=")[0].strip()
+        if "=" not in item or key in shared:
+            print(f"error: --set {item}: " + (f"{key} is shared by both trainers; use the bench's own option"
+                                               if key in shared else "expected KEY=VALUE"), file=sys.stderr)
+            return 2
+    try:
+        parse_args(["--input_jsonl", "x.jsonl", *args.overrides])
+    except ConfigError as exc:
+        print(f"error: --set: {exc}", file=sys.stderr)
         return 2
     try:
         result = run(args)

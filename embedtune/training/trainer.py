@@ -23,7 +23,7 @@ from embedtune.config import Config, ConfigError
 from embedtune.data.collate import PairCollator, TrainBatch, query_prefix
 from embedtune.data.identity import data_changes, data_identity
 from embedtune.data.records import DataError, format_stream_reject
-from embedtune.data.split import eval_pairs, plan_data, preflight
+from embedtune.data.split import eval_pairs, plan_data, preflight, source_problems
 from embedtune.data.stream import PairBatches, make_loader
 from embedtune.distributed import any_process, cpu_processes, release, stop_signals
 from embedtune.logs import setup_logging
@@ -238,8 +238,14 @@ class Trainer:
                                     query_prefix(data, self.model.folder), data.document_prefix,
                                     padded_chunks=self.model.padded_chunks)
         beir = cfg.eval.uses_beir_files()
-        plan = plan_data(data, count=not cfg.train.max_steps, held_out=not beir,
-                         require_negatives=self.require_negatives)
+        plan = plan_data(data, count=not cfg.train.max_steps or bool(data.source_weights) or data.batch_by_source,
+                         held_out=not beir, require_negatives=self.require_negatives)
+        if plan.sources is not None:
+            problem, notes = source_problems(plan.sources, data, cfg.train.batch_size)
+            if problem:
+                raise ConfigError(problem)
+            for note in notes:
+                logger.warning("%s", note)
         if beir:
             self.held_out = RetrievalSet.from_files(cfg.eval.queries_file, cfg.eval.corpus_file, cfg.eval.qrels_file,
                                                     data.max_eval_queries)
@@ -254,7 +260,8 @@ class Trainer:
         self.total_steps = cfg.train.planned_steps(plan.train_pairs, data.drop_last)
         self.dataset = PairBatches(data, cfg.train.batch_size, cfg.train.gradient_accumulation_steps, cfg.train.seed,
                                    self.collate, accelerator.num_processes, accelerator.process_index,
-                                   all_ids=cfg.tracking.log_batch_ids, require_negatives=self.require_negatives)
+                                   all_ids=cfg.tracking.log_batch_ids, require_negatives=self.require_negatives,
+                                   sizes=plan.sources)
         self.loader = make_loader(self.dataset, data.num_workers, pin_memory=accelerator.device.type == "cuda")
 
     def _setup_optimizer(self) -> None:

@@ -46,7 +46,7 @@ def run_checks(cfg: Config, sample_size: int = DEFAULT_SAMPLE, free_bytes: int |
     # without a hard negative a bad record.
     data_rows, stats = data_section(cfg, sample_size, requires_negatives(needs), model)
     checks += data_rows
-    checks += plan_section(cfg, stats.train if stats is not None else None, model, free_bytes)
+    checks += plan_section(cfg, stats.epoch_pairs if stats is not None else None, model, free_bytes)
     return checks
 
 

@@ -24,7 +24,7 @@ from embedtune.commands.validate.environment import LoadedModel
 from embedtune.config import Config, ConfigError, DataConfig
 from embedtune.data.collate import query_prefix
 from embedtune.data.records import DataError, Pair, Reject, document_tokens, read_records, resolve_files, text_key
-from embedtune.data.split import MAX_REJECTS_SHOWN, HeldOutQuestions, trains_on
+from embedtune.data.split import MAX_REJECTS_SHOWN, HeldOutQuestions, source_problems, trains_on, weighted_total
 from embedtune.files import human_bytes
 from embedtune.model.packing import padded_tokens
 
@@ -45,7 +45,9 @@ class DataStats:
     eval_files: list[str] = field(default_factory=list)
     records: int = 0  # non-blank lines or rows of the training files
     pairs: int = 0  # good records of the training files
-    train: int = 0
+    train: int = 0  # training pairs in the files (data.source_weights may repeat or thin them: epoch_pairs)
+    sources: dict[str | None, int] = field(default_factory=dict)  # training pairs per source
+    epoch_pairs: int = 0  # training pairs of one epoch, after data.source_weights
     held_out: int = 0  # carved off the training files, or the good records of the eval files
     eval_queries: int = 0  # distinct held-out questions usable for evaluation (before max_eval_queries)
     eval_in_train: int = 0  # training pairs whose question is also a held-out one (eval files only)
@@ -145,6 +147,7 @@ class DataScan:
             self.hold_out(item)
         else:
             stats.train += 1
+            stats.sources[item.source] = stats.sources.get(item.source, 0) + 1
             if query_key in self.eval_file_questions:
                 stats.eval_in_train += 1
 
@@ -159,6 +162,7 @@ def scan_data(cfg: Config, sample_size: int, require_negatives: bool = False) ->
     scan.eval_file_questions = frozenset(scan.evaluated.seen)
     for item, raw in read_records(scan.stats.files, cfg.data, require_negatives):
         scan.train_record(item, raw)
+    scan.stats.epoch_pairs = weighted_total(scan.stats.sources, cfg.data.source_weights)
     return scan.stats
 
 
@@ -239,7 +243,25 @@ def data_checks(cfg: Config, stats: DataStats) -> list[Check]:
                         f"{empty_total} ({parts}; counted among the bad records)" if empty_total else "none",
                         {"total": empty_total, **{r: stats.empty[r] for r in ROLES}}))
     checks.append(duplicates_check(cfg, stats))
+    if d.batch_by_source or d.source_weights or len(stats.sources) > 1:
+        checks.append(sources_check(cfg, stats))
     return checks
+
+
+def sources_check(cfg: Config, stats: DataStats) -> Check:
+    """The training pairs per source, and what data.source_weights and data.batch_by_source make of them."""
+    d = cfg.data
+    problem, notes = source_problems(stats.sources, d, cfg.train.batch_size)
+    shown = ", ".join(f"{name if name is not None else '(none)'} {number(n)}"
+                      + (f" x{d.source_weights[name]:g}" if name in (d.source_weights or {}) else "")
+                      for name, n in sorted(stats.sources.items(), key=lambda kv: -kv[1]))
+    detail = f"{len(stats.sources)} source(s) of training pairs: {shown}"
+    if d.source_weights:
+        detail += f"; {number(stats.epoch_pairs)} pairs per epoch after data.source_weights"
+    status = FAIL if problem else WARN if notes else OK
+    detail = "\n".join([detail, *([problem] if problem else notes)])
+    return Check("data", "sources", status, detail,
+                 {"sources": {str(k): v for k, v in stats.sources.items()}, "epoch_pairs": stats.epoch_pairs})
 
 
 # --- token lengths and padding, on the sample ---------------------------------------------------
