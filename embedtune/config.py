@@ -266,6 +266,37 @@ class LossConfig(_Section):
         return self.mini_batch_size
 
 
+class HardNegativesSection(_Section):
+    """train.hard_negatives: mining with the weights being trained, at step boundaries."""
+
+    before_training: bool = Field(True, description="Mine once with the base model before step 1 (what a separate "
+                                  "`embedtune mine` run would do).")
+    every_n_steps: int | None = Field(None, ge=1, description="Mine again every N optimizer steps, with the "
+                                      "current weights.")
+    every_epoch: bool = Field(False, description="Mine again at the start of every epoch after the first.")
+    num: int = Field(1, ge=1, le=64, description="Hard negatives per training pair.")
+    relative_margin: float | None = Field(
+        0.05, ge=0, lt=1, description="Keep only documents scoring below (1 - this) x the positive's score: a "
+        "document nearly as close as the answer is more likely another answer than a negative.")
+    margin: float | None = Field(None, ge=0, description="Instead: keep documents scoring below the positive's "
+                                 "score minus this.")
+    skip_top: int = Field(0, ge=0, description="Pass over the closest documents (after the question's own answers).")
+    max_candidates: int = Field(1000, ge=1, description="How deep a search may go for documents that pass the margin.")
+    batch_size: int = Field(128, ge=1, description="Texts per forward pass while mining.")
+
+    @model_validator(mode="after")
+    def _when(self) -> HardNegativesSection:
+        if not (self.before_training or self.every_n_steps or self.every_epoch):
+            raise ValueError("train.hard_negatives mines never: set before_training, every_n_steps or every_epoch")
+        if self.margin is not None and self.relative_margin is not None and "relative_margin" in self.model_fields_set:
+            raise ValueError("train.hard_negatives: give margin or relative_margin, not both")
+        return self
+
+    def margins(self) -> tuple[float | None, float | None]:
+        """(margin, relative_margin) as mining applies them: a margin given sets the default relative one aside."""
+        return self.margin, None if self.margin is not None else self.relative_margin
+
+
 class TrainConfig(_Section):
     batch_size: int = Field(32, ge=1, description="Pairs per optimizer step, across all processes.")
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -286,6 +317,11 @@ class TrainConfig(_Section):
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop when checkpoint.best_metric has not improved over this many evaluations "
         "(one at each checkpoint); the best checkpoint becomes the final model either way.")
+    hard_negatives: HardNegativesSection | None = Field(
+        None, description="Mine hard negatives for every training pair during training, from the other training "
+        "pairs' answers (held-out ones never), with the current weights, and train on them with the in-batch "
+        "negatives; they replace the records' own (data.negatives_field). Saved with each checkpoint, so a resumed "
+        "run trains on the same ones. null: off.")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -157,6 +157,10 @@ class PairBatches(IterableDataset):
                  sizes: dict[str | None, int] | None = None) -> None:
         self.cfg = cfg
         self.sizes = sizes  # each source's training pairs, for data.source_weights (None: counted when needed)
+        # Negatives mined during training (train.hard_negatives): an object with apply(pair) -> pair
+        # and a step (-1: nothing mined yet). Workers take a copy when an iterator starts, so the
+        # trainer starts a new one after each round.
+        self.negatives: Any = None
         self.require_negatives = require_negatives
         self.batch_size = batch_size
         self.accumulation = accumulation
@@ -191,7 +195,7 @@ class PairBatches(IterableDataset):
         pending: dict[str | None, list[Pair]] = {}
         rejects: list[Reject] = []
         number = 0
-        for item in ordered_pairs(self.cfg, self.seed, self.epoch, self.require_negatives, self.sizes):
+        for item in self._pairs():
             if isinstance(item, Reject):
                 rejects.append(item)
                 continue
@@ -213,6 +217,14 @@ class PairBatches(IterableDataset):
             rejects, number = [], number + 1
         if rejects:
             yield [], rejects
+
+    def _pairs(self) -> Iterator[Pair | Reject]:
+        """The epoch's pairs in order, with the mined negatives in place of their own once a round has run."""
+        items = ordered_pairs(self.cfg, self.seed, self.epoch, self.require_negatives, self.sizes)
+        table = self.negatives
+        if table is None or table.step < 0:
+            return items
+        return (item if isinstance(item, Reject) else table.apply(item) for item in items)
 
     def _check_chars(self, batch: list[Pair], number: int) -> None:
         if sum(map(pair_chars, batch)) > self.cfg.max_batch_chars:
@@ -255,7 +267,7 @@ class PairBatches(IterableDataset):
         pending: list[Pair] = []
         rejects: list[Reject] = []
         chars, number = 0, 0
-        for item in ordered_pairs(self.cfg, self.seed, self.epoch, self.require_negatives, self.sizes):
+        for item in self._pairs():
             if isinstance(item, Reject):
                 rejects.append(item)
                 continue

@@ -83,7 +83,7 @@ RESUME_KEYS = (
     "data.max_negatives", "data.shuffle", "data.shuffle_buffer", "data.group_by_length",
     "data.batch_by_source", "data.source_field", "data.source_weights", "data.eval_files",
     "data.eval_fraction", "data.drop_last", "data.max_record_bytes", "data.max_negatives_per_record",
-    "train.batch_size", "train.gradient_accumulation_steps", "train.seed",
+    "train.batch_size", "train.gradient_accumulation_steps", "train.seed", "train.hard_negatives",
 )
 
 

@@ -28,6 +28,7 @@ from embedtune.data.stream import PairBatches, make_loader
 from embedtune.distributed import any_process, cpu_processes, release, stop_signals
 from embedtune.logs import setup_logging
 from embedtune.losses import build_loss, check_loss_data, required_data, requires_negatives
+from embedtune.mining.refresh import MinedNegatives, mine_round
 from embedtune.model.encoder import EmbeddingModel, position_limit
 from embedtune.model.lora import adapter_export_problem, add_adapters, keep_trainable
 from embedtune.retrieval import (
@@ -97,6 +98,8 @@ class Trainer:
         self.stopped_early = False  # train.early_stopping_patience ended the run
         self.per_query: list[float] | None = None  # the last evaluation's nDCG per query (main process)
         self.general_before: float | None = None  # nDCG on eval.general_files before training (fresh runs)
+        self.mined: MinedNegatives | None = None  # train.hard_negatives' latest round
+        self.restart_stream = False  # a round just ran: the stream starts again at the position reached
 
     # --- setup --------------------------------------------------------------------------------
 
@@ -116,6 +119,10 @@ class Trainer:
         needs = required_data(self.loss_fn)
         check_loss_data(needs, self.cfg.data, self.cfg.loss.name)
         self.require_negatives = requires_negatives(needs)
+        if self.cfg.train.hard_negatives and needs != "pairs":
+            raise ConfigError(f"train.hard_negatives trains mined negatives with the in-batch ones, which "
+                              f"{self.cfg.loss.name} does not use: choose MultipleNegativesRankingLoss (or its cached "
+                              "or symmetric form), or mine once with `embedtune mine` for a triplet loss")
         self.step_fn = make_step(self.cfg.loss)
 
     def _setup_accelerator(self) -> None:
@@ -263,12 +270,16 @@ class Trainer:
                                    all_ids=cfg.tracking.log_batch_ids, require_negatives=self.require_negatives,
                                    sizes=plan.sources)
         self.loader = make_loader(self.dataset, data.num_workers, pin_memory=accelerator.device.type == "cuda")
+        self.mined = MinedNegatives() if cfg.train.hard_negatives else None
+        self.dataset.negatives = self.mined
 
     def _setup_optimizer(self) -> None:
         cfg, accelerator = self.cfg, self.accelerator
         optimizer = build_optimizer(self.model, cfg.train, accelerator.device)
         self.scheduler = build_scheduler(optimizer, cfg.train, self.total_steps)
         accelerator.register_for_checkpointing(self.scheduler)
+        if self.mined is not None:  # a resumed run trains on the negatives mined before it stopped
+            accelerator.register_for_checkpointing(self.mined)
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
         if cfg.model.lora:  # the frozen weights come from the base model at every start
             accelerator.register_save_state_pre_hook(keep_trainable)
@@ -309,6 +320,9 @@ class Trainer:
         logger.info("training %d steps of %d pairs (%s per process per micro-batch)", self.total_steps,
                     cfg.train.batch_size, cfg.train.pairs_per_process(self.accelerator.num_processes))
         self.started, self.duration_before = time.perf_counter(), state.duration_s
+        hard = cfg.train.hard_negatives
+        if hard and hard.before_training and not self.resume_dir:
+            self._mine()  # with the base model, as a separate `embedtune mine` run would
         self.window.reset()  # its first rates count training only
         self.model.train()  # from_pretrained hands the encoder over in eval mode: dropout would stay off
         try:
@@ -344,6 +358,8 @@ class Trainer:
                     state.step += 1
                     state.batches_in_epoch += 1
                     bar.update(1)
+                    if self._mining_due():  # before a save at this step, which then holds the new negatives
+                        self._mine()
                     stop = any_process(signals["stop"], accelerator.device)
                     # log: the host reads the device's counters only where it syncs anyway
                     log_due = state.step % cfg.tracking.log_every_n_steps == 0 or state.step == self.total_steps
@@ -368,20 +384,47 @@ class Trainer:
 
     def _epoch_batches(self) -> Iterator[TrainBatch]:
         """The batches of the epoch in progress, from the saved position; bad records are dealt
-        with here, and a batch of nothing but bad records is not trained on."""
+        with here, and a batch of nothing but bad records is not trained on. After a mining round
+        the stream starts again from the position reached (the batches read ahead carry the old
+        negatives), which is where a run resumed from a checkpoint of that step starts too."""
         cfg, state = self.cfg, self.state
-        self.dataset.set_position(state.epoch, state.batches_in_epoch)
-        for batch in self.loader:
-            self.run_log.step = state.step + 1
-            if batch.rejects:
-                if cfg.data.on_bad_record == "error":
-                    raise DataError(format_stream_reject(batch.rejects[0]))
-                self.run_log.reject(batch.rejects, first_epoch=state.epoch == 0)
-            if not batch.step_size:  # only bad records, no pairs
-                continue
-            if batch.all_ids is not None:
-                self.run_log.batch_ids(state.step + 1, batch.all_ids)
-            yield batch
+        while True:
+            self.dataset.set_position(state.epoch, state.batches_in_epoch)
+            self.restart_stream = False
+            for batch in self.loader:
+                self.run_log.step = state.step + 1
+                if batch.rejects:
+                    if cfg.data.on_bad_record == "error":
+                        raise DataError(format_stream_reject(batch.rejects[0]))
+                    self.run_log.reject(batch.rejects, first_epoch=state.epoch == 0)
+                if not batch.step_size:  # only bad records, no pairs
+                    continue
+                if batch.all_ids is not None:
+                    self.run_log.batch_ids(state.step + 1, batch.all_ids)
+                yield batch
+                if self.restart_stream:
+                    break
+            else:
+                return
+
+    def _mining_due(self) -> bool:
+        hard = self.cfg.train.hard_negatives
+        return bool(hard and hard.every_n_steps and self.state.step % hard.every_n_steps == 0
+                    and self.state.step < self.total_steps)
+
+    def _mine(self) -> None:
+        """A round of train.hard_negatives with the weights of this step (collective); the stream
+        picks the new negatives up from the next batch on."""
+        assert self.mined is not None
+        step = self.state.step
+        figures = mine_round(self.model, self.collate, self.cfg, self.accelerator, step, self.mined)
+        self.restart_stream = True
+        wanted = self.cfg.train.hard_negatives.num  # type: ignore[union-attr]
+        logger.info("hard negatives mined with the weights of step %d: %d training pairs against their %d distinct "
+                    "answers, %.2f negatives per pair (%d with fewer than %d: the margin left too few), in %.1f s",
+                    step, figures.pairs, figures.corpus, figures.found, figures.short, wanted, figures.seconds)
+        self.run_log.log({"negatives/seconds": figures.seconds, "negatives/per_pair": figures.found,
+                          "negatives/pairs_short": figures.short}, step=step)
 
     def _next_epoch(self) -> None:
         state = self.state
@@ -390,6 +433,10 @@ class Trainer:
                             "partial batch; check data.eval_fraction and train.batch_size")
         state.epoch += 1
         state.batches_in_epoch = 0
+        hard = self.cfg.train.hard_negatives
+        more = state.step < self.total_steps if self.cfg.train.max_steps else state.epoch < self.cfg.train.epochs
+        if hard and hard.every_epoch and more:
+            self._mine()
 
     def _micro_step(self, batch: TrainBatch) -> None:
         cfg, accelerator = self.cfg, self.accelerator
