@@ -167,6 +167,30 @@ def test_a_killed_run_resumes_onto_the_negatives_its_checkpoint_holds(models, da
     assert at % 4 == 0 and at >= 8 and rounds[0] == at + 4
 
 
+def saved_table(out: Path, step: int) -> MinedNegatives:
+    table = MinedNegatives()
+    table.load_state_dict(torch.load(out / "checkpoints" / f"step-{step:08d}" / "custom_checkpoint_1.pkl",
+                                     weights_only=True))
+    return table
+
+
+def test_two_processes_mine_the_same_negatives_as_one_and_train_the_same_run(models, data, tmp_path: Path) -> None:
+    extra = ("tracking.report_to=none", "train.hard_negatives={num: 2, every_n_steps: 12}", "--epochs", "1",
+             "checkpoint.keep_last=10")
+    runs = {}
+    for processes in (1, 2):
+        runs[processes] = tmp_path / f"p{processes}"
+        finish(start(args_for(models["plain"], data, runs[processes], *extra), processes=processes))
+    # Each process embedded and searched its share; both ended with the whole table, the one
+    # process's (the base model's round, kept in the step-4 checkpoint; and step 12's).
+    for step in (4, 12):
+        one, two = saved_table(runs[1], step), saved_table(runs[2], step)
+        assert one.step == two.step == (0 if step == 4 else 12) and len(one) == len(two) > 100
+        assert torch.equal(one.keys, two.keys) and one.texts == two.texts
+        assert (one.rows != two.rows).float().mean() < 0.02  # float rounding may swap a near tie
+    assert_same_run(runs[2], runs[1], atol=5e-5)
+
+
 def test_hard_negatives_need_an_in_batch_loss_and_a_time_to_mine(tiny_model: Path, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
     data = write_jsonl(tmp_path / "p.jsonl", [{**r, "label": 1.0} for r in make_pairs(20)])

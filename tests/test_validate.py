@@ -329,3 +329,14 @@ def test_validate_reports_the_sources_and_fails_a_weight_for_a_source_the_data_l
     assert "names the source 'forum', which no training record has" in rows["sources"]["detail"]
     code, out, rows = validate([*args, "data.batch_by_source=true", "--batch_size", "32"], tmp_path, capsys)
     assert rows["sources"]["status"] == WARN and "source 'faq' has 20 training pair(s)" in rows["sources"]["detail"]
+
+
+def test_validate_lists_the_steps_hard_negatives_are_mined_at(tiny_model: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    data = write_jsonl(tmp_path / "p.jsonl", make_pairs(80))
+    args = args_for(tiny_model, data, tmp_path, "data.eval_fraction=0", "--epochs", "2",
+                    "train.hard_negatives={every_n_steps: 2, every_epoch: true}")
+    code, out, rows = validate(args, tmp_path, capsys)
+    # 80 pairs in batches of 16: 5 steps an epoch, 10 in all; rounds before step 1, every 2 steps
+    # and at the second epoch's start, none after the last step.
+    assert code == 0 and rows["hard negatives"]["data"]["rounds"] == [0, 2, 4, 5, 6, 8]

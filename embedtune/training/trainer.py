@@ -435,7 +435,7 @@ class Trainer:
         state.batches_in_epoch = 0
         hard = self.cfg.train.hard_negatives
         more = state.step < self.total_steps if self.cfg.train.max_steps else state.epoch < self.cfg.train.epochs
-        if hard and hard.every_epoch and more:
+        if hard and hard.every_epoch and more and self.mined is not None and self.mined.step != state.step:
             self._mine()
 
     def _micro_step(self, batch: TrainBatch) -> None:

@@ -40,6 +40,27 @@ def step_check(cfg: Config, train_pairs: int) -> tuple[Check, int]:
     return Check("steps", "optimizer steps", status, detail, data), total
 
 
+def mining_rounds(cfg: Config, total: int, per_epoch: int) -> list[int]:
+    """The steps whose weights train.hard_negatives mines with, as the trainer schedules them."""
+    hard = cfg.train.hard_negatives
+    if hard is None:
+        return []
+    rounds = {0} if hard.before_training else set()
+    if hard.every_n_steps:
+        rounds |= set(range(hard.every_n_steps, total, hard.every_n_steps))
+    if hard.every_epoch and per_epoch:
+        rounds |= set(range(per_epoch, total, per_epoch))
+    return sorted(rounds)
+
+
+def mining_check(cfg: Config, total: int, per_epoch: int, train_pairs: int) -> Check:
+    rounds = mining_rounds(cfg, total, per_epoch)
+    shown = ", ".join(map(str, rounds[:8])) + (f", ... ({len(rounds)} in all)" if len(rounds) > 8 else "")
+    detail = (f"{len(rounds)} round(s), with the weights of step {shown}: each embeds the training questions and "
+              f"their distinct answers (about {number(2 * train_pairs)} texts, a third of an epoch's compute)")
+    return Check("steps", "hard negatives", OK, detail, {"rounds": rounds})
+
+
 def processes_check(cfg: Config) -> Check:
     """Whether the batch can be shared by the processes of this launch (WORLD_SIZE), by the rule
     the trainer applies at start."""
@@ -132,6 +153,8 @@ def plan_section(cfg: Config, train_pairs: int | None, model: LoadedModel | None
     if train_pairs is not None:
         steps, total = step_check(cfg, train_pairs)
         checks += [steps, processes_check(cfg)]
+        if cfg.train.hard_negatives:
+            checks.append(mining_check(cfg, total, steps.data["per_epoch"], train_pairs))
     checks.append(output_check(cfg))
     if model is None:
         checks.append(Check("output", "disk space", WARN, "not estimated: the model did not load"))
