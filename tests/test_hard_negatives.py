@@ -146,6 +146,24 @@ def test_steps_train_on_the_mined_negatives_and_each_round_uses_the_weights_of_i
     assert [m["step"] for m in rounds] == sorted(tables) and all(m["negatives/per_pair"] > 0.9 for m in rounds)
 
 
+def test_every_epoch_mines_at_each_epochs_start_and_not_twice_on_a_rounds_step(tiny_model: Path,
+                                                                              tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "p.jsonl", sharing_pairs(80))
+    out = tmp_path / "out"
+    # 65 training pairs in batches of 8: 9 steps an epoch; rounds every 3 steps land on step 9 too.
+    trainer = trainer_for(tiny_model, data, out, "train.hard_negatives={every_epoch: true, every_n_steps: 3}",
+                          "--epochs", "3")
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.lock.release()
+    log = (out / "logs" / "train.log").read_text()
+    rounds = [int(line.split(ROUND)[1].split(":")[0]) for line in log.splitlines() if ROUND in line]
+    steps = summary["step"]
+    per_epoch = steps // 3
+    assert rounds == sorted(set(range(0, steps, 3)) | {per_epoch, 2 * per_epoch})
+
+
 def test_a_killed_run_resumes_onto_the_negatives_its_checkpoint_holds(models, data, tmp_path: Path) -> None:
     # Rounds and checkpoints both every 4 steps: the checkpoint of a step holds that step's round.
     extra = ("tracking.report_to=none", "train.hard_negatives={every_n_steps: 4, num: 2}")
