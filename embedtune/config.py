@@ -283,11 +283,20 @@ class HardNegativesSection(_Section):
     skip_top: int = Field(0, ge=0, description="Pass over the closest documents (after the question's own answers).")
     max_candidates: int = Field(1000, ge=1, description="How deep a search may go for documents that pass the margin.")
     batch_size: int = Field(128, ge=1, description="Texts per forward pass while mining.")
+    in_batch: bool = Field(
+        False, description="Instead of adding each pair's negatives to its record (more documents to encode per "
+        "step), build every batch from pairs whose answers are each other's negatives, so the in-batch negatives are "
+        "the mined ones at no cost per step. Rounds then run at epoch starts only (before_training, every_epoch).")
+    window: int = Field(64, ge=1, le=4096, description="in_batch: how many batches of the shuffled stream are "
+                        "regrouped together (a pair's negatives are found among the pairs of its window).")
 
     @model_validator(mode="after")
     def _when(self) -> HardNegativesSection:
         if not (self.before_training or self.every_n_steps or self.every_epoch):
             raise ValueError("train.hard_negatives mines never: set before_training, every_n_steps or every_epoch")
+        if self.in_batch and self.every_n_steps:
+            raise ValueError("train.hard_negatives.in_batch orders each epoch by the negatives mined at its start: "
+                             "use every_epoch rather than every_n_steps")
         if self.margin is not None and self.relative_margin is not None and "relative_margin" in self.model_fields_set:
             raise ValueError("train.hard_negatives: give margin or relative_margin, not both")
         return self
@@ -498,6 +507,10 @@ class Config(_Section):
         if self.train.early_stopping_patience and not (self.checkpoint.best_metric and self.checkpoint.every_n_steps):
             raise ValueError("train.early_stopping_patience watches checkpoint.best_metric, evaluated at every "
                              "checkpoint: set checkpoint.best_metric (e.g. ndcg@10) and checkpoint.every_n_steps")
+        hard = self.train.hard_negatives
+        if hard and hard.in_batch and (self.data.batch_by_source or self.data.group_by_length):
+            raise ValueError("train.hard_negatives.in_batch, data.batch_by_source and data.group_by_length each "
+                             "decide what goes in a batch; keep one")
         return self
 
     @model_validator(mode="after")

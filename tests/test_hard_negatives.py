@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_pairs, write_jsonl
-from test_resume import args_for, assert_same_run, finish, kill_when, logged_steps, start
+from test_resume import args_for, assert_same_run, batches, finish, kill_when, logged_steps, start
 
 from embedtune.commands.train import main
 from embedtune.config import ConfigError, parse_args
 from embedtune.data.records import Pair, read_pairs, text_key
+from embedtune.data.stream import make_loader
 from embedtune.data.split import is_held_out
 from embedtune.mining.refresh import MinedNegatives, pair_key
 from embedtune.training.trainer import Trainer
@@ -207,6 +208,60 @@ def test_two_processes_mine_the_same_negatives_as_one_and_train_the_same_run(mod
         assert torch.equal(one.keys, two.keys) and one.texts == two.texts
         assert (one.rows != two.rows).float().mean() < 0.02  # float rounding may swap a near tie
     assert_same_run(runs[2], runs[1], atol=5e-5)
+
+
+def test_in_batch_mode_puts_each_pairs_negatives_in_its_own_batch_and_keeps_the_epoch(
+        tiny_model: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "p.jsonl", sharing_pairs(200))
+    trainer = trainer_for(tiny_model, data, tmp_path / "out",
+                          "train.hard_negatives={in_batch: true, num: 1, relative_margin: null}")
+    try:
+        table = trainer.mined
+        plain = [[p.id for p in b] for b, _ in trainer.dataset.global_batches()]
+        trainer._mine()
+        dataset = trainer.dataset
+        grouped = [b for b, _ in dataset.global_batches()]
+        # The same pairs, once each, in as many batches of the same sizes; no negatives attached.
+        assert sorted(p.id for b in grouped for p in b) == sorted(i for b in plain for i in b)
+        assert [len(b) for b in grouped] == [len(b) for b in plain]
+        assert all(p.negatives == () for b in grouped for p in b)
+
+        def together(batches: list[list[Pair]]) -> float:
+            """Share of pairs whose mined negative is the answer of another pair in their batch."""
+            hits = total = 0
+            for batch in batches:
+                answers = {text_key(p.positive) for p in batch}
+                for pair in batch:
+                    keys = table.negative_keys(pair)  # type: ignore[union-attr]
+                    total += 1
+                    hits += bool(keys) and keys[0] in answers
+            return hits / total
+
+        by_id = {p.id: p for b in grouped for p in b}
+        # Hubs (answers close to many questions) cap what any grouping reaches; random batches reach B/N.
+        assert together(grouped) > 0.35 and together(grouped) > 5 * together([[by_id[i] for i in b] for b in plain])
+        # Fixed by (data, seed, epoch, negatives): workers and a resumed position give the same batches.
+        ids = [[p.id for p in b] for b in grouped]
+        dataset.set_position(0, 3)
+        assert [b.ids for b in make_loader(dataset, 2, pin_memory=False)] == ids[3:]
+    finally:
+        trainer.lock.release()
+
+
+def test_an_in_batch_run_killed_mid_epoch_resumes_into_the_same_run(models, data, tmp_path: Path) -> None:
+    extra = ("tracking.report_to=none", "train.hard_negatives={in_batch: true, every_epoch: true, window: 4}")
+    reference = tmp_path / "reference"
+    finish(start(args_for(models["dropout"], data, reference, *extra)))
+    out = tmp_path / "out"
+    args = args_for(models["dropout"], data, out, *extra)
+    run = start(args)
+    kill_when(run, lambda: logged_steps(out) >= 22)  # in the second epoch, after its round
+    run.wait()
+    finish(start(args + ["--resume_from_checkpoint", "latest"]))
+    assert_same_run(out, reference)
+    plain = tmp_path / "plain"
+    finish(start(args_for(models["dropout"], data, plain, "tracking.report_to=none")))
+    assert sorted(map(tuple, (ids for _, ids in batches(out)))) != sorted(map(tuple, (ids for _, ids in batches(plain))))
 
 
 def test_hard_negatives_need_an_in_batch_loss_and_a_time_to_mine(tiny_model: Path, tmp_path: Path,

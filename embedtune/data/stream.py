@@ -29,7 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from embedtune.config import DataConfig
 from embedtune.data.collate import TrainBatch
-from embedtune.data.records import DataError, Pair, Reject, document_tokens, read_pairs, resolve_files
+from embedtune.data.records import DataError, Pair, Reject, document_tokens, read_pairs, resolve_files, text_key
 from embedtune.data.split import trains_on
 
 logger = logging.getLogger(__name__)
@@ -161,6 +161,9 @@ class PairBatches(IterableDataset):
         # and a step (-1: nothing mined yet). Workers take a copy when an iterator starts, so the
         # trainer starts a new one after each round.
         self.negatives: Any = None
+        # train.hard_negatives.in_batch: the batches of every this many are regrouped so that each
+        # pair's mined negatives are the answers of pairs in its own batch (None: off).
+        self.neighbour_window: int | None = None
         self.require_negatives = require_negatives
         self.batch_size = batch_size
         self.accumulation = accumulation
@@ -180,6 +183,8 @@ class PairBatches(IterableDataset):
 
     def global_batches(self) -> Iterator[tuple[list[Pair], list[Reject]]]:
         """The epoch's global batches with the bad records met while filling each."""
+        if self.neighbour_window and self.negatives is not None and self.negatives.step >= 0:
+            return self._neighbours(self._stream_batches(), self.neighbour_window)
         if self.cfg.group_by_length:
             return self._grouped(self._stream_batches(), self.cfg.group_by_length)
         if self.cfg.batch_by_source:
@@ -222,13 +227,89 @@ class PairBatches(IterableDataset):
         """The epoch's pairs in order, with the mined negatives in place of their own once a round has run."""
         items = ordered_pairs(self.cfg, self.seed, self.epoch, self.require_negatives, self.sizes)
         table = self.negatives
-        if table is None or table.step < 0:
+        if table is None or table.step < 0 or self.neighbour_window:
             return items
         return (item if isinstance(item, Reject) else table.apply(item) for item in items)
 
     def _check_chars(self, batch: list[Pair], number: int) -> None:
         if sum(map(pair_chars, batch)) > self.cfg.max_batch_chars:
             raise DataError(too_much_text(batch, number, self.epoch, self.cfg.max_batch_chars))
+
+    def _neighbours(self, batches: Iterator[tuple[list[Pair], list[Reject]]],
+                    window: int) -> Iterator[tuple[list[Pair], list[Reject]]]:
+        """``window`` stream batches at a time, regrouped so that pairs whose answers are each
+        other's mined negatives share a batch (``train.hard_negatives.in_batch``).
+
+        Two pairs are linked when one's mined negative is the other's answer; the window's pairs
+        are partitioned greedily into batches that hold as many links as they can (``_partition``). The layout is cut into
+        batches of the same sizes; full batches go in a seeded random order, each shuffled within,
+        a last partial one stays last, and the window's bad records come with its first batch. It
+        depends on (data, seed, epoch) and the epoch's mined negatives only.
+        """
+        table, number = self.negatives, 0
+        for part in itertools.count():
+            taken = list(itertools.islice(batches, window))
+            if not taken:
+                return
+            pairs = [p for chunk, _ in taken for p in chunk]
+            rejects = [r for _, chunk in taken for r in chunk]
+            answered_by: dict[int, list[int]] = {}
+            for i, pair in enumerate(pairs):
+                answered_by.setdefault(text_key(pair.positive), []).append(i)
+            after: list[list[int]] = [[] for _ in pairs]  # the pairs to place after each pair
+            asked_by: list[list[int]] = [[] for _ in pairs]
+            for i, pair in enumerate(pairs):
+                for key in table.negative_keys(pair):
+                    for j in answered_by.get(key, ()):
+                        if j != i:
+                            after[i].append(j)
+                            asked_by[j].append(i)
+            layout = self._partition([sorted(set(a) | set(b)) for a, b in zip(after, asked_by)])
+            ordered = [pairs[i] for i in layout]
+            rng = _rng(self.seed, self.epoch, f"neighbour-groups:{part}")
+            full = len(ordered) // self.batch_size * self.batch_size
+            cut = [ordered[i:i + self.batch_size] for i in range(0, full, self.batch_size)]
+            rng.shuffle(cut)
+            if full < len(ordered):
+                cut.append(ordered[full:])
+            if not cut:
+                cut = [[]]
+            for i, batch in enumerate(cut):
+                rng.shuffle(batch)
+                self._check_chars(batch, number)
+                yield batch, rejects if i == 0 else []
+                number += 1
+
+    def _partition(self, links: list[list[int]]) -> list[int]:
+        """The window's pairs (by index) in batch order: each batch starts from the first unplaced
+        pair in stream order and grows by the unplaced pair with the most links into it (ties by
+        stream order), or, with none linked, the next unplaced pair."""
+        size, placed, layout = self.batch_size, [False] * len(links), []
+        cursor = 0
+        while cursor < len(links):
+            if placed[cursor]:
+                cursor += 1
+                continue
+            gain: dict[int, int] = {}
+            batch = 0
+            pick = cursor
+            while batch < size:
+                placed[pick] = True
+                layout.append(pick)
+                batch += 1
+                gain.pop(pick, None)
+                for j in links[pick]:
+                    if not placed[j]:
+                        gain[j] = gain.get(j, 0) + 1
+                if gain:
+                    pick = min(gain, key=lambda j: (-gain[j], j))
+                else:
+                    while cursor < len(links) and placed[cursor]:
+                        cursor += 1
+                    if cursor == len(links):
+                        break
+                    pick = cursor
+        return layout
 
     def _grouped(self, batches: Iterator[tuple[list[Pair], list[Reject]]],
                  window: int) -> Iterator[tuple[list[Pair], list[Reject]]]:

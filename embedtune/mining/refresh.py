@@ -54,6 +54,7 @@ class MinedNegatives:
         self.rows = torch.empty(0, 0, dtype=torch.int32)  # (pairs, num); -1: no negative in that slot
         self.texts: list[str] = []
         self._index: np.ndarray | None = None
+        self._text_keys: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -64,6 +65,7 @@ class MinedNegatives:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.keys, self.rows, self.texts = int(state["step"]), state["keys"], state["rows"], state["texts"]
         self._index = None
+        self._text_keys = None
 
     def set(self, step: int, keys: list[int], rows: list[list[int]], texts: list[str], num: int) -> None:
         order = sorted(range(len(keys)), key=keys.__getitem__)
@@ -77,13 +79,24 @@ class MinedNegatives:
         """The pair's mined negatives, best first; None when no round has covered it."""
         if self.step < 0 or not len(self.keys):
             return None
+        at = self._find(pair)
+        return None if at is None else tuple(self.texts[r] for r in self.rows[at].tolist() if r >= 0)
+
+    def _find(self, pair: Pair) -> int | None:
         if self._index is None:
             self._index = self.keys.numpy()
         key = pair_key(pair.query, pair.positive)
         at = int(np.searchsorted(self._index, key))
-        if at == len(self._index) or self._index[at] != key:
-            return None
-        return tuple(self.texts[r] for r in self.rows[at].tolist() if r >= 0)
+        return None if at == len(self._index) or self._index[at] != key else at
+
+    def negative_keys(self, pair: Pair) -> list[int]:
+        """The text keys of the pair's mined negatives (none when no round has covered it)."""
+        if self.step < 0 or not len(self.keys):
+            return []
+        if self._text_keys is None:
+            self._text_keys = [text_key(t) for t in self.texts]
+        at = self._find(pair)
+        return [] if at is None else [self._text_keys[r] for r in self.rows[at].tolist() if r >= 0]
 
     def apply(self, pair: Pair) -> Pair:
         """``pair`` with its mined negatives in place of its own (unchanged when it has none mined)."""

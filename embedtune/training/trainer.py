@@ -272,6 +272,8 @@ class Trainer:
         self.loader = make_loader(self.dataset, data.num_workers, pin_memory=accelerator.device.type == "cuda")
         self.mined = MinedNegatives() if cfg.train.hard_negatives else None
         self.dataset.negatives = self.mined
+        hard = cfg.train.hard_negatives
+        self.dataset.neighbour_window = hard.window if hard and hard.in_batch else None
 
     def _setup_optimizer(self) -> None:
         cfg, accelerator = self.cfg, self.accelerator
