@@ -69,9 +69,8 @@ class MinedNegatives:
 
     def set(self, step: int, keys: list[int], rows: list[list[int]], texts: list[str], num: int) -> None:
         order = sorted(range(len(keys)), key=keys.__getitem__)
-        table = torch.full((len(keys), num), -1, dtype=torch.int32)
-        for out, i in enumerate(order):
-            table[out, :len(rows[i])] = torch.tensor(rows[i], dtype=torch.int32)
+        padded = [rows[i][:num] + [-1] * (num - len(rows[i][:num])) for i in order]
+        table = torch.tensor(padded, dtype=torch.int32).reshape(len(keys), num)
         self.load_state_dict({"step": step, "keys": torch.tensor([keys[i] for i in order], dtype=torch.long),
                               "rows": table, "texts": texts})
 
