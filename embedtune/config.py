@@ -27,6 +27,10 @@ CHECKPOINT_NAME = re.compile(r"^step-\d{8}$")
 LOSS_NAMES = ("MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss",
               "CachedMultipleNegativesRankingLoss", "ContrastiveLoss", "OnlineContrastiveLoss",
               "CosineSimilarityLoss", "CoSENTLoss", "TripletLoss")
+IN_BATCH_LOSSES = LOSS_NAMES[:3]  # the losses that rank each query against the batch's documents
+# train.hard_negatives when a config does not give it (and the loss trains on in-batch negatives): one
+# round with the base model before step 1, its negatives trained as in-batch ones at no cost per step.
+DEFAULT_MINING = {"in_batch": True}
 CACHED_LOSS_MINI_BATCH = 32  # the GradCache mini-batch of CachedMultipleNegativesRankingLoss by default
 
 
@@ -330,7 +334,8 @@ class TrainConfig(_Section):
         None, description="Mine hard negatives for every training pair during training, from the other training "
         "pairs' answers (held-out ones never), with the current weights, and train on them with the in-batch "
         "negatives; they replace the records' own (data.negatives_field). Saved with each checkpoint, so a resumed "
-        "run trains on the same ones. null: off.")
+        "run trains on the same ones. Not given: {in_batch: true} for the in-batch ranking losses when no other "
+        "batch grouping is set, else off. null: off.")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -485,6 +490,23 @@ class Config(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mining(cls, raw: Any) -> Any:
+        """train.hard_negatives, when not given: mined in-batch negatives (DEFAULT_MINING) where the loss
+        trains on in-batch negatives and no other batch grouping is asked for; otherwise off."""
+        if not isinstance(raw, dict):
+            return raw
+        train = raw.get("train", {})
+        if not isinstance(train, dict) or "hard_negatives" in train:
+            return raw
+        loss, data = raw.get("loss", {}), raw.get("data", {})
+        name = loss.get("name", LossConfig().name) if isinstance(loss, dict) else loss.name
+        grouped = (data.get("batch_by_source") or data.get("group_by_length")) if isinstance(data, dict) \
+            else (data.batch_by_source or data.group_by_length)
+        default = dict(DEFAULT_MINING) if name in IN_BATCH_LOSSES and not grouped else None
+        return {**raw, "train": {**train, "hard_negatives": default}}
 
     @field_validator("output_dir")
     @classmethod

@@ -522,6 +522,13 @@ def _default(dotted: str) -> Any:
     return model.model_fields[key].get_default(call_default_factory=True)  # type: ignore[union-attr]
 
 
+def _mining_default(cfg: Config) -> Any:
+    """train.hard_negatives as the config fills it in when not given (as stored in a checkpoint)."""
+    defaulted = Config.model_validate({"data": {"train_files": cfg.data.train_files},
+                                       "loss": {"name": cfg.loss.name}})
+    return defaulted.to_dict()["train"]["hard_negatives"]
+
+
 def _absent(tree: dict[str, Any], dotted: str) -> bool:
     *sections, key = dotted.split(".")
     for part in sections:
@@ -536,6 +543,10 @@ def check_resume(saved: dict[str, Any], current: Config) -> list[str]:
     does not have (it predates the key) counts as its default, which is how that run behaved.
     """
     saved, now = scrub_config(saved), scrub_config(current.to_dict())
+    if _absent(saved, "train.hard_negatives") and _lookup(now, "train.hard_negatives") == _mining_default(current):
+        # Runs before this key mined nothing; the default that mines now steps aside for them.
+        current.train.hard_negatives = None
+        now = scrub_config(current.to_dict())
     breaking = []
     for key in RESUME_KEYS:
         if not _absent(saved, key):
