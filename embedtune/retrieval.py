@@ -294,13 +294,19 @@ def encode_texts(model: torch.nn.Module, tokenize: Callable[[list[str]], Ragged]
                  texts: list[str], batch_size: int, accelerator: Any) -> torch.Tensor:
     """Embed texts in eval mode, split across processes; every process gets all rows (fp32, CPU).
 
-    Texts are sorted by (estimated token) length so batches carry little padding, and dealt out in turn so every
-    process gets a similar share of long and short ones.
+    Texts are sorted by (estimated token) length and cut into batches, so batches carry little
+    padding; the batches are dealt out in turn, so every process gets a similar share of long and
+    short ones, and a text is embedded in the same batch whatever the number of processes (its
+    embedding, and so evaluation and mining, do not change with it).
     """
-    share = length_order(texts)[accelerator.process_index::accelerator.num_processes]
+    order = length_order(texts)
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    # Only the last batch of all can be short, and it is the last of its process's: the process
+    # cuts its share back into exactly these batches.
+    share = [row for batch in batches[accelerator.process_index::accelerator.num_processes] for row in batch]
     # Every process runs as many forward passes as the busiest one: under FSDP a forward pass
     # is collective, and a process that stopped early would leave the others waiting.
-    passes = math.ceil(math.ceil(len(texts) / accelerator.num_processes) / batch_size)
+    passes = math.ceil(len(batches) / accelerator.num_processes)
     with accelerator.autocast():
         local = embed_rows(accelerator.unwrap_model(model), tokenize, texts, share, batch_size, accelerator.device,
                            passes, model)
