@@ -502,9 +502,14 @@ class Config(_Section):
         if not isinstance(train, dict) or "hard_negatives" in train:
             return raw
         loss, data = raw.get("loss", {}), raw.get("data", {})
-        name = loss.get("name", LossConfig().name) if isinstance(loss, dict) else loss.name
-        grouped = (data.get("batch_by_source") or data.get("group_by_length")) if isinstance(data, dict) \
-            else (data.batch_by_source or data.group_by_length)
+        if isinstance(loss, LossConfig):
+            loss = {"name": loss.name}
+        if isinstance(data, DataConfig):
+            data = {"batch_by_source": data.batch_by_source, "group_by_length": data.group_by_length}
+        if not isinstance(loss, dict) or not isinstance(data, dict):
+            return raw  # not a section: validation explains
+        name = loss.get("name", LossConfig.model_fields["name"].default)
+        grouped = data.get("batch_by_source") or data.get("group_by_length")
         default = dict(DEFAULT_MINING) if name in IN_BATCH_LOSSES and not grouped else None
         return {**raw, "train": {**train, "hard_negatives": default}}
 
