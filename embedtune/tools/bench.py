@@ -131,9 +131,11 @@ def bench_negatives(out: str, num_negatives: int, relative_margin: float) -> int
                   "--num-negatives", str(num_negatives), "--relative-margin", str(relative_margin),
                   "--held-out", str(cfg.data.eval_fraction), "--query-max-length", str(cfg.data.query_max_length),
                   "--document-max-length", str(cfg.data.document_max_length)]),
-        ("without", ["train", "--config", "quickstart", f"output_dir={out}/without", "tracking.report_to=none"]),
+        # Both without the trainer's own mining (train.hard_negatives), to show what the mined file adds.
+        ("without", ["train", "--config", "quickstart", f"output_dir={out}/without", "tracking.report_to=none",
+                     "train.hard_negatives=null"]),
         ("with", ["train", "--config", "quickstart", f"output_dir={out}/with", "tracking.report_to=none",
-                  f"data.train_files=[{mined}]", "data.negatives_field=negatives"]),
+                  f"data.train_files=[{mined}]", "data.negatives_field=negatives", "train.hard_negatives=null"]),
     ]
     for name, command in steps:
         for run_dir in (os.path.join(out, "without"), os.path.join(out, "with")):
