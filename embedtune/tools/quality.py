@@ -228,7 +228,8 @@ def embedtune_settings(cfg: Config, steps: int, overrides: Sequence[str] = ()) -
             "weight_decay": cfg.train.weight_decay, "max_grad_norm": cfg.train.max_grad_norm,
             "scheduler": cfg.train.scheduler, "warmup_steps": cfg.train.warmup_steps(steps), "steps": steps,
             "order": f"seeded streaming shuffle (buffer {cfg.data.shuffle_buffer:,} records), by train.seed and epoch",
-            "drop_last": cfg.data.drop_last, "overrides": list(overrides)}
+            "drop_last": cfg.data.drop_last, "overrides": list(overrides),
+            "hard_negatives": cfg.train.hard_negatives.model_dump() if cfg.train.hard_negatives else None}
 
 
 class RecordingCollator:
@@ -464,6 +465,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def mining_line(h: dict[str, Any]) -> str:
+    """train.hard_negatives in a few words."""
+    when = ["before step 1"] * bool(h["before_training"]) + [f"every {h['every_n_steps']} steps"] * bool(
+        h["every_n_steps"]) + ["every epoch"] * bool(h["every_epoch"])
+    margin = f"margin {h['margin']:g}" if h["margin"] is not None else (
+        f"relative margin {h['relative_margin']:g}" if h["relative_margin"] is not None else "no margin")
+    how = "trained as in-batch negatives" if h["in_batch"] else "added to each pair"
+    return f"{h['num']} per pair, {margin}, {', '.join(when)}, {how}"
+
+
 def settings_line(s: dict[str, Any]) -> str:
     """A trainer's own settings in one line."""
     masked = "masked" if s["mask_false_negatives"] else "not masked"
@@ -471,6 +482,7 @@ def settings_line(s: dict[str, Any]) -> str:
             f"{s['optimizer']}, weight decay {s['weight_decay']:g}, gradient norm clipped at {s['max_grad_norm']}, "
             f"{s['scheduler']} schedule, {s['warmup_steps']} warmup step(s) of {s['steps']}; order: {s['order']}; "
             f"last partial batch {'dropped' if s['drop_last'] else 'trained'}"
+            + (f"; hard negatives mined ({mining_line(s['hard_negatives'])})" if s.get("hard_negatives") else "")
             + (f"; beyond the defaults: {' '.join(s['overrides'])}" if s.get("overrides") else ""))
 
 
