@@ -165,19 +165,26 @@ def test_every_epoch_mines_at_each_epochs_start_and_not_twice_on_a_rounds_step(t
     assert rounds == sorted(set(range(0, steps, 3)) | {per_epoch, 2 * per_epoch})
 
 
-def test_a_killed_run_resumes_onto_the_negatives_its_checkpoint_holds(models, data, tmp_path: Path) -> None:
-    # Rounds and checkpoints both every 4 steps: the checkpoint of a step holds that step's round.
-    extra = ("tracking.report_to=none", "train.hard_negatives={every_n_steps: 4, num: 2}")
+def killed_and_resumed(model: Path, data: Path, tmp_path: Path, kill_at: int, mining: str) -> Path:
+    """A run SIGKILLed once it has logged ``kill_at`` steps, then resumed: checked to be the same
+    run (batches, weights) as an uninterrupted one; returns its output folder."""
+    extra = ("tracking.report_to=none", mining)
     reference = tmp_path / "reference"
-    finish(start(args_for(models["dropout"], data, reference, *extra)))
+    finish(start(args_for(model, data, reference, *extra)))
     out = tmp_path / "out"
-    args = args_for(models["dropout"], data, out, *extra)
+    args = args_for(model, data, out, *extra)
     run = start(args)
-    kill_when(run, lambda: logged_steps(out) >= 10)
+    kill_when(run, lambda: logged_steps(out) >= kill_at)
     run.wait()
     assert not (out / "final_model").exists()
     finish(start(args + ["--resume_from_checkpoint", "latest"]))
     assert_same_run(out, reference)
+    return out
+
+
+def test_a_killed_run_resumes_onto_the_negatives_its_checkpoint_holds(models, data, tmp_path: Path) -> None:
+    # Rounds and checkpoints both every 4 steps: the checkpoint of a step holds that step's round.
+    out = killed_and_resumed(models["dropout"], data, tmp_path, 10, "train.hard_negatives={every_n_steps: 4, num: 2}")
     log = (out / "logs" / "train.log").read_text()
     resumed = log[log.index("resumed from"):]
     at = int(resumed.split("step ", 1)[1].split(",")[0])
@@ -249,16 +256,9 @@ def test_in_batch_mode_puts_each_pairs_negatives_in_its_own_batch_and_keeps_the_
 
 
 def test_an_in_batch_run_killed_mid_epoch_resumes_into_the_same_run(models, data, tmp_path: Path) -> None:
-    extra = ("tracking.report_to=none", "train.hard_negatives={in_batch: true, every_epoch: true, window: 4}")
-    reference = tmp_path / "reference"
-    finish(start(args_for(models["dropout"], data, reference, *extra)))
-    out = tmp_path / "out"
-    args = args_for(models["dropout"], data, out, *extra)
-    run = start(args)
-    kill_when(run, lambda: logged_steps(out) >= 22)  # in the second epoch, after its round
-    run.wait()
-    finish(start(args + ["--resume_from_checkpoint", "latest"]))
-    assert_same_run(out, reference)
+    # Killed in the second epoch, after its round.
+    out = killed_and_resumed(models["dropout"], data, tmp_path, 22,
+                             "train.hard_negatives={in_batch: true, every_epoch: true, window: 4}")
     plain = tmp_path / "plain"
     finish(start(args_for(models["dropout"], data, plain, "tracking.report_to=none")))
     assert sorted(map(tuple, (ids for _, ids in batches(out)))) != sorted(map(tuple, (ids for _, ids in batches(plain))))

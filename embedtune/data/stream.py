@@ -30,7 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from embedtune.config import DataConfig
 from embedtune.data.collate import TrainBatch
 from embedtune.data.records import DataError, Pair, Reject, document_tokens, read_pairs, resolve_files, text_key
-from embedtune.data.split import trains_on
+from embedtune.data.split import plan_data, trains_on
 
 logger = logging.getLogger(__name__)
 
@@ -124,12 +124,8 @@ def weighted(items: Iterator[Pair | Reject], cfg: DataConfig, sizes: dict[str | 
 
 
 def source_sizes(cfg: DataConfig, require_negatives: bool = False) -> dict[str | None, int]:
-    """Each source's training pairs (one pass over the files, in file order)."""
-    sizes: dict[str | None, int] = {}
-    for item in read_pairs(resolve_files(cfg.train_files), cfg, require_negatives):
-        if isinstance(item, Pair) and trains_on(item, cfg):
-            sizes[item.source] = sizes.get(item.source, 0) + 1
-    return sizes
+    """Each source's training pairs (one pass over the files: ``plan_data``'s count)."""
+    return plan_data(cfg, count=True, held_out=False, require_negatives=require_negatives).sources or {}
 
 
 def micro_batch_sizes(size: int, accumulation: int) -> list[int]:
@@ -241,44 +237,25 @@ class PairBatches(IterableDataset):
         other's mined negatives share a batch (``train.hard_negatives.in_batch``).
 
         Two pairs are linked when one's mined negative is the other's answer; the window's pairs
-        are partitioned greedily into batches that hold as many links as they can (``_partition``). The layout is cut into
-        batches of the same sizes; full batches go in a seeded random order, each shuffled within,
-        a last partial one stays last, and the window's bad records come with its first batch. It
-        depends on (data, seed, epoch) and the epoch's mined negatives only.
+        are partitioned greedily into batches that hold as many links as they can (``_partition``),
+        then cut as ``_regrouped`` does. It depends on (data, seed, epoch) and the epoch's mined
+        negatives only.
         """
-        table, number = self.negatives, 0
-        for part in itertools.count():
-            taken = list(itertools.islice(batches, window))
-            if not taken:
-                return
-            pairs = [p for chunk, _ in taken for p in chunk]
-            rejects = [r for _, chunk in taken for r in chunk]
-            answered_by: dict[int, list[int]] = {}
-            for i, pair in enumerate(pairs):
-                answered_by.setdefault(text_key(pair.positive), []).append(i)
-            after: list[list[int]] = [[] for _ in pairs]  # the pairs to place after each pair
-            asked_by: list[list[int]] = [[] for _ in pairs]
-            for i, pair in enumerate(pairs):
-                for key in table.negative_keys(pair):
-                    for j in answered_by.get(key, ()):
-                        if j != i:
-                            after[i].append(j)
-                            asked_by[j].append(i)
-            layout = self._partition([sorted(set(a) | set(b)) for a, b in zip(after, asked_by)])
-            ordered = [pairs[i] for i in layout]
-            rng = _rng(self.seed, self.epoch, f"neighbour-groups:{part}")
-            full = len(ordered) // self.batch_size * self.batch_size
-            cut = [ordered[i:i + self.batch_size] for i in range(0, full, self.batch_size)]
-            rng.shuffle(cut)
-            if full < len(ordered):
-                cut.append(ordered[full:])
-            if not cut:
-                cut = [[]]
-            for i, batch in enumerate(cut):
-                rng.shuffle(batch)
-                self._check_chars(batch, number)
-                yield batch, rejects if i == 0 else []
-                number += 1
+        return self._regrouped(batches, window, "neighbour-groups", self._linked_order)
+
+    def _linked_order(self, pairs: list[Pair]) -> list[Pair]:
+        """A window's pairs in batch order, linked by the mined negatives (see ``_neighbours``)."""
+        answered_by: dict[int, list[int]] = {}
+        for i, pair in enumerate(pairs):
+            answered_by.setdefault(text_key(pair.positive), []).append(i)
+        links: list[set[int]] = [set() for _ in pairs]
+        for i, pair in enumerate(pairs):
+            for key in self.negatives.negative_keys(pair):
+                for j in answered_by.get(key, ()):
+                    if j != i:
+                        links[i].add(j)
+                        links[j].add(i)
+        return [pairs[i] for i in self._partition([sorted(linked) for linked in links])]
 
     def _partition(self, links: list[list[int]]) -> list[int]:
         """The window's pairs (by index) in batch order: each batch starts from the first unplaced
@@ -321,26 +298,31 @@ class PairBatches(IterableDataset):
         similar work); a last partial batch stays last. The window's bad records come with its
         first batch. All of it depends on (data, seed, epoch) only, never on processes or workers.
         """
+        return self._regrouped(batches, window, "length-groups", lambda pairs: sorted(pairs, key=document_tokens))
+
+    def _regrouped(self, batches: Iterator[tuple[list[Pair], list[Reject]]], window: int, purpose: str,
+                   arrange: Callable[[list[Pair]], list[Pair]]) -> Iterator[tuple[list[Pair], list[Reject]]]:
+        """``window`` stream batches at a time, their pairs put in order by ``arrange`` and cut into
+        batches of the same sizes: full batches in a seeded random order (by ``purpose``), each
+        shuffled within, a last partial one last; the window's bad records come with its first batch."""
         number = 0
         for part in itertools.count():
             taken = list(itertools.islice(batches, window))
             if not taken:
                 return
-            pairs = [p for chunk, _ in taken for p in chunk]
+            ordered = arrange([p for chunk, _ in taken for p in chunk])
             rejects = [r for _, chunk in taken for r in chunk]
-            pairs.sort(key=document_tokens)
-            rng = _rng(self.seed, self.epoch, f"length-groups:{part}")
-            full = len(pairs) // self.batch_size * self.batch_size
-            cut = [pairs[i:i + self.batch_size] for i in range(0, full, self.batch_size)]
+            rng = _rng(self.seed, self.epoch, f"{purpose}:{part}")
+            full = len(ordered) // self.batch_size * self.batch_size
+            cut = [ordered[i:i + self.batch_size] for i in range(0, full, self.batch_size)]
             rng.shuffle(cut)
-            if full < len(pairs):
-                cut.append(pairs[full:])
+            if full < len(ordered):
+                cut.append(ordered[full:])
             if not cut:
                 cut = [[]]
             for i, batch in enumerate(cut):
                 rng.shuffle(batch)
-                if sum(map(pair_chars, batch)) > self.cfg.max_batch_chars:
-                    raise DataError(too_much_text(batch, number, self.epoch, self.cfg.max_batch_chars))
+                self._check_chars(batch, number)
                 yield batch, rejects if i == 0 else []
                 number += 1
 
