@@ -43,7 +43,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from embedtune.config import Config
+from embedtune.config import DEFAULT_MINING, IN_BATCH_LOSSES, Config, HardNegativesSection
 from embedtune.distributed import any_process
 from embedtune.files import (
     HASH,
@@ -524,9 +524,9 @@ def _default(dotted: str) -> Any:
 
 def _mining_default(cfg: Config) -> Any:
     """train.hard_negatives as the config fills it in when not given (as stored in a checkpoint)."""
-    defaulted = Config.model_validate({"data": {"train_files": cfg.data.train_files},
-                                       "loss": {"name": cfg.loss.name}})
-    return defaulted.to_dict()["train"]["hard_negatives"]
+    if cfg.loss.name not in IN_BATCH_LOSSES:
+        return None
+    return HardNegativesSection(**DEFAULT_MINING).model_dump(mode="json")
 
 
 def _absent(tree: dict[str, Any], dotted: str) -> bool:

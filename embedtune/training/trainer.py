@@ -411,8 +411,7 @@ class Trainer:
 
     def _mining_due(self) -> bool:
         hard = self.cfg.train.hard_negatives
-        return bool(hard and hard.every_n_steps and self.state.step % hard.every_n_steps == 0
-                    and self.state.step < self.total_steps)
+        return bool(hard) and self._due(hard.every_n_steps) and self.state.step < self.total_steps  # type: ignore[union-attr]
 
     def _mine(self) -> None:
         """A round of train.hard_negatives with the weights of this step (collective); the stream
