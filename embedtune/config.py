@@ -213,6 +213,10 @@ class ModelConfig(_Section):
     padded_chunks: int = Field(4, ge=1, le=64, description="Where training batches are padded (not packed), "
                                "encode each process's texts in this many chunks sorted by length, each padded "
                                "only to its own longest text (at least 16 texts a chunk). 1: one padded block.")
+    layout_by_cost: bool = Field(True, description="On the CPU, lay each training batch out packed or in 1 to "
+                                 "padded_chunks padded chunks, whichever a model of the step's cost puts lowest for "
+                                 "its lengths (the same embeddings either way). false: packed whenever unpad is on, "
+                                 "else padded_chunks chunks.")
     gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward "
                                          "pass instead of keeping them: far less memory for a second forward pass "
                                          "of compute. Exact: dropout draws the same masks when recomputed.")

@@ -105,11 +105,11 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengt
 
 @pytest.mark.parametrize("masking", [Masking(), Masking(causal=True), Masking(causal=True, window=3),
                                      Masking(window=2)], ids=["full", "causal", "causal-window", "window"])
-@pytest.mark.parametrize("route", ["per_text", "padded"])
+@pytest.mark.parametrize("route", ["per_text", "grouped", "padded"])
 def test_packed_attention_routes_mask_as_the_module_does(route: str, masking: Masking) -> None:
     generator = torch.Generator().manual_seed(0)
     lengths = [5, 1, 8, 3]
-    packing = pack_ragged(Ragged(torch.zeros(sum(lengths), dtype=torch.long), torch.tensor(lengths))).packing
+    packing = pack_ragged(Ragged(torch.zeros(sum(lengths), dtype=torch.long), torch.tensor(lengths)), groups=2).packing
     q = torch.randn(sum(lengths), 4, 8, generator=generator)
     k, v = (torch.randn(sum(lengths), 2, 8, generator=generator) for _ in range(2))  # grouped-query
     got = _attend(route, q, k, v, packing, None, 0.0, masking)

@@ -73,6 +73,7 @@ def test_dropout_is_replayed_so_the_gradient_is_that_of_the_loss_computed(tokeni
     or padded in length-sorted chunks)."""
     model, tokenizer = EmbeddingModel.from_pretrained(str(tiny(tokenizer_dir, tmp_path, dropout=0.3)))
     assert model.enable_packing(tokenizer) if layout == "packed" else not model.packed
+    model.layout_by_cost = False  # the layout named, whatever the lengths
     model.train()
     batch, loss_fn, step = batch_of(tokenizer), MultipleNegativesRankingLoss(), GradCacheStep(4)
     if layout == "padded in chunks":

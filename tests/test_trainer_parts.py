@@ -27,28 +27,24 @@ def accelerator():
     return Accelerator(cpu=True)
 
 
-def batch(pairs: int, real: int, padded: int, empty: bool = False) -> TrainBatch:
+def batch(pairs: int, real: int, computed: int, empty: bool = False) -> TrainBatch:
     none = Ragged(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     rows = torch.zeros(pairs, dtype=torch.long)
-    return TrainBatch(none, none, pairs, rows[:0], rows, rows, None, real, padded, global_size=pairs, empty=empty)
+    return TrainBatch(none, none, pairs, rows[:0], rows, rows, None, real, computed, global_size=pairs, empty=empty)
 
 
 def test_the_metrics_window_averages_the_loss_and_counts_what_padding_cost(accelerator) -> None:
-    window = MetricsWindow(accelerator.device, packed=False)
-    window.add(torch.tensor(2.0), batch(8, real=60, padded=100))
-    window.add(torch.tensor(4.0), batch(8, real=30, padded=50))
-    window.add(torch.tensor(0.0), batch(8, real=999, padded=999, empty=True))  # a stand-in: no tokens counted
+    window = MetricsWindow(accelerator.device)
+    window.add(torch.tensor(2.0), batch(8, real=60, computed=100))
+    window.add(torch.tensor(4.0), batch(8, real=30, computed=50))
+    window.add(torch.tensor(0.0), batch(8, real=999, computed=999, empty=True))  # a stand-in: no tokens counted
     figures = window.read(accelerator)
     assert figures.loss == pytest.approx(2.0)  # mean over the 3 micro-batches
     assert figures.padding_efficiency == pytest.approx(90 / 150)
     assert figures.pairs_per_s > 0 and figures.tokens_per_s > 0
     window.reset()
-    window.add(torch.tensor(1.0), batch(4, real=10, padded=40))
+    window.add(torch.tensor(1.0), batch(4, real=10, computed=40))
     assert window.read(accelerator).loss == pytest.approx(1.0)  # nothing of the last window is left
-
-    packed = MetricsWindow(accelerator.device, packed=True)
-    packed.add(torch.tensor(1.0), batch(8, real=60, padded=100))
-    assert packed.read(accelerator).padding_efficiency == 1.0  # packed batches compute no padding
 
 
 def test_the_non_finite_guard_counts_skips_in_a_row_and_in_all(caplog: pytest.LogCaptureFixture) -> None:

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from embedtune.config import ConfigError, DataConfig
 from embedtune.data.records import Pair, Reject, text_key
 from embedtune.model.folder import ModelFolder
-from embedtune.model.packing import Ragged, padded_tokens
+from embedtune.model.packing import LayoutChoice, Ragged
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class TrainBatch:
     labels: torch.Tensor | None  # (pairs,): a float label or score, for losses on labelled pairs
     # Counted in the worker, so the loop needs no device sync to report them.
     real_tokens: int
-    padded_tokens: int  # what a padded encoding computes (packed batches compute real_tokens)
+    computed_tokens: int  # what the encoder computes in the layouts it takes (padding included)
     ids: list[str] = field(default_factory=list)  # this process's pairs
     global_size: int = 0  # pairs in the micro-batch across processes
     step_size: int = 0  # pairs in the global batch (all micro-batches, all processes); 0: no pairs
@@ -86,7 +86,9 @@ class PairCollator:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, query_max_length: int, document_max_length: int,
                  query_prefix: str = "", document_prefix: str = "", padded_chunks: int = 1) -> None:
         self.tokenizer = tokenizer
-        self.padded_chunks = padded_chunks  # how padded training encodes (for the padded_tokens count)
+        # How training lays the texts out (the trainer gives the model's own once it is on its
+        # device), for the count of tokens computed.
+        self.layouts = LayoutChoice(packed=False, max_chunks=padded_chunks)
         self.query_max_length = query_max_length
         self.document_max_length = document_max_length
         self.query_prefix = query_prefix
@@ -154,5 +156,5 @@ class PairCollator:
             labels=torch.tensor([p.label for p in pairs], dtype=torch.float)
             if pairs and pairs[0].label is not None else None,
             real_tokens=sum(int(n.sum()) for n in sides),
-            padded_tokens=sum(padded_tokens(n, self.padded_chunks) for n in sides),
+            computed_tokens=sum(self.layouts.computed_tokens(n) for n in sides),
         )

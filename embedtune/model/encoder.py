@@ -30,6 +30,7 @@ from embedtune.model.packing import (
     VARLEN_CAUSAL,
     Chunked,
     Layout,
+    LayoutChoice,
     Packed,
     Padded,
     Ragged,
@@ -153,6 +154,8 @@ class EmbeddingModel(nn.Module):
         self.packed = False  # see enable_packing
         # Padded training batches are encoded in this many length-sorted chunks (see length_chunks).
         self.padded_chunks = 1
+        self.layout_by_cost = True  # model.layout_by_cost
+        self._layouts: tuple[tuple[bool, int, str, bool], LayoutChoice] | None = None
         self.pad_token_id = int(getattr(encoder.config, "pad_token_id", None) or 0)
 
     @classmethod
@@ -237,7 +240,7 @@ class EmbeddingModel(nn.Module):
         finally:
             self.train(was_training)
         if self.packed:
-            logger.info("unpadded encoding on: texts are packed end to end, attention is per text")
+            logger.info("unpadded encoding on: texts are packed end to end, each text attends only to itself")
             choose_cuda_routes(device)
         return self.packed
 
@@ -256,19 +259,31 @@ class EmbeddingModel(nn.Module):
                         "attention dropout" if dropout else "causal attention" if causal_slow else "this precision")
         return self.packed
 
+    def layout_choice(self, device: torch.device) -> LayoutChoice:
+        """How batches are laid out on ``device``: by cost on the CPU (see ``LayoutChoice``)."""
+        key = (self.packed, self.padded_chunks, device.type, self.layout_by_cost)
+        if self._layouts is None or self._layouts[0] != key:
+            self._layouts = (key, LayoutChoice.for_model(self.encoder.config, self.packed, self.padded_chunks,
+                                                         device, self.layout_by_cost))
+        return self._layouts[1]
+
     def prepare(self, inputs: Ragged | Padded, device: torch.device) -> Layout:
-        """CPU inputs -> the layout ``forward`` takes, on ``device``: packed when enabled, else
-        padded; in training, padded in length-sorted chunks when ``padded_chunks`` is above 1
-        (evaluation sorts its texts by length itself)."""
+        """CPU inputs -> the layout ``forward`` takes, on ``device``: packed, one padded block, or
+        (in training) padded in length-sorted chunks, as ``layout_choice`` says for their lengths.
+        Evaluation's padded blocks are already of texts of about one length."""
+        choice = self.layout_choice(device)
         ready: Layout
         if isinstance(inputs, Padded):
-            ready = pack_padded(inputs) if self.packed else inputs
-        elif self.packed:
-            ready = pack_ragged(inputs)
-        elif self.training and self.padded_chunks > 1 and inputs.rows >= 2 * MIN_CHUNK_ROWS:
-            ready = pad_chunked(inputs, self.pad_token_id, self.padded_chunks)
+            plan = choice.choose(inputs.attention_mask.sum(dim=1), max_chunks=1)
+            ready = pack_padded(inputs, plan.parts) if self.packed and plan.packed else inputs
         else:
-            ready = pad_ragged(inputs, self.pad_token_id)
+            plan = choice.choose(inputs.lengths, max_chunks=None if self.training else 1)
+            if plan.packed:
+                ready = pack_ragged(inputs, plan.parts)
+            elif plan.parts > 1 and inputs.rows >= 2 * MIN_CHUNK_ROWS:
+                ready = pad_chunked(inputs, self.pad_token_id, plan.parts)
+            else:
+                ready = pad_ragged(inputs, self.pad_token_id)
         return ready.to(device)
 
     def forward(self, inputs: Layout | Ragged) -> torch.Tensor:

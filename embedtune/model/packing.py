@@ -10,8 +10,8 @@ length. ``EmbeddingModel.prepare`` turns that into one of three layouts on the d
 - ``Packed``: all texts end to end in one row, so the dense layers (most of the compute) never
   see a padding token. Attention keeps each text to itself: with FlashAttention's varlen kernel
   where torch has it (CUDA, no attention dropout), by scattering queries, keys and values back
-  into a padded block for one SDPA call per layer on other GPUs, and with one SDPA call per text
-  on the CPU. A causal attention module (a decoder's) stays causal on every route, and a
+  into a padded block for one SDPA call per layer on other GPUs, and on the CPU in groups of texts
+  of about one length, one padded SDPA call per group (or one call per text). A causal attention module (a decoder's) stays causal on every route, and a
   sliding-window layer keeps its window.
 """
 
@@ -83,10 +83,27 @@ class Packing:
     rows: int
     width: int
     max_length: int
+    groups: AttentionGroups | None = None  # the CPU's attention in groups of texts of about one length
 
     def to(self, device: torch.device) -> Packing:
         return Packing(_to(self.cu_seqlens, device), _to(self.flat_index, device), self.rows, self.width,
-                       self.max_length)
+                       self.max_length, self.groups.to(device) if self.groups is not None else None)
+
+
+@dataclass(frozen=True)
+class AttentionGroups:
+    """Packed texts in groups of about one length (longest first), for attention one padded block
+    per group: ``tokens[g]`` are the packed tokens of group ``g`` and ``places[g]`` is the same
+    ``Packing`` for them alone (its rows and width the group's); ``restore`` puts the groups'
+    concatenated tokens back in packed order."""
+
+    tokens: list[torch.Tensor]
+    places: list[Packing]
+    restore: torch.Tensor
+
+    def to(self, device: torch.device) -> AttentionGroups:
+        return AttentionGroups([_to(t, device) for t in self.tokens], [p.to(device) for p in self.places],
+                               _to(self.restore, device))
 
 
 @dataclass(frozen=True)
@@ -135,7 +152,8 @@ except ImportError:  # older torch: the other routes serve
 # On CUDA, how packed attention runs, by (attention dropout on, half precision): "varlen"
 # (FlashAttention over the packed rows: half precision, no dropout) or "padded" (scatter into a
 # padded block for SDPA, which is slower than padding the batch in the first place). Chosen once
-# per process by ``choose_cuda_routes``. The CPU takes "per_text": one SDPA call per text.
+# per process by ``choose_cuda_routes``. The CPU takes "grouped" (one padded SDPA call per group
+# of texts of about one length) where the layout has groups, else "per_text" (one call per text).
 CUDA_ROUTES: dict[tuple[bool, bool], str] = {}
 # Whether the varlen route also gives the padded route's result for causal attention (with and
 # without a sliding window), checked with it; a decoder otherwise takes the padded route.
@@ -200,7 +218,7 @@ def _padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing
 
 def _per_text(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, scaling: float | None,
               dropout: float, masking: Masking) -> torch.Tensor:
-    """One SDPA call per text: no padding computed at all."""
+    """One SDPA call per text: no padding computed at all (the CPU's fixed layout)."""
     bounds = packing.cu_seqlens.tolist()
     outs = []
     for a, b in zip(bounds[:-1], bounds[1:]):
@@ -214,12 +232,26 @@ def _per_text(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packin
     return torch.cat(outs)
 
 
+def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, scaling: float | None,
+             dropout: float, masking: Masking) -> torch.Tensor:
+    """One padded SDPA call per group of texts of about one length: the dense layers compute no
+    padding, attention only the little within each group, in a few calls."""
+    groups = packing.groups
+    if groups is None:
+        return _padded_attention(q, k, v, packing, scaling, dropout, masking)
+    outs = [_padded_attention(q[tokens], k[tokens], v[tokens], place, scaling, dropout, masking)
+            for tokens, place in zip(groups.tokens, groups.places)]
+    return torch.cat(outs)[groups.restore]
+
+
 def _attend(route: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing,
             scaling: float | None, dropout: float, masking: Masking = BIDIRECTIONAL) -> torch.Tensor:
     """Attention of packed (tokens, heads, head_dim) inputs, each text to itself (and, for a
     causal module, each token to the tokens before it)."""
     if route == "per_text":
         return _per_text(q, k, v, packing, scaling, dropout, masking)
+    if route == "grouped":
+        return _grouped(q, k, v, packing, scaling, dropout, masking)
     if route == "varlen":
         return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), packing.cu_seqlens, packing.cu_seqlens,
                            packing.max_length, packing.max_length, scale=scaling,
@@ -300,9 +332,12 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     if kwargs.get("softcap") is not None:  # as transformers' SDPA does: the packing probe then turns packing off
         raise ValueError("packed attention does not support softcap")
     masking = module_masking(module, kwargs.get("is_causal"), kwargs.get("sliding_window"))
-    # On the CPU one attention call per text computes no padding at all; the calls are cheap
-    # next to the dense layers there (on a GPU they would not be).
-    route = CUDA_ROUTES.get((dropout > 0, half), "padded") if q.is_cuda else "per_text"
+    # On the CPU attention runs in groups of texts of about one length where the layout chose
+    # groups (see LayoutChoice), else one call per text.
+    if q.is_cuda:
+        route = CUDA_ROUTES.get((dropout > 0, half), "padded")
+    else:
+        route = "grouped" if packing.groups is not None else "per_text"
     if route == "varlen" and masking != BIDIRECTIONAL and not VARLEN_CAUSAL["checked"]:
         route = "padded"
     return _attend(route, q, k, v, packing, scaling, dropout, masking).unsqueeze(0), None
@@ -321,21 +356,48 @@ def module_masking(module: nn.Module, is_causal: bool | None, sliding_window: in
     return Masking(bool(is_causal), window)
 
 
-def pack_padded(inputs: Padded) -> Packed:
-    """A padded block -> the same texts packed."""
+def pack_padded(inputs: Padded, groups: int = 0) -> Packed:
+    """A padded block -> the same texts packed (``groups``: as ``pack_ragged``)."""
     mask = inputs.attention_mask.bool()
-    return pack_ragged(Ragged(inputs.input_ids[mask], mask.sum(dim=1)))
+    return pack_ragged(Ragged(inputs.input_ids[mask], mask.sum(dim=1)), groups)
 
 
-def pack_ragged(inputs: Ragged) -> Packed:
-    """Ragged -> packed. Done on the host, where the lengths are known without a device sync."""
+def pack_ragged(inputs: Ragged, groups: int = 0) -> Packed:
+    """Ragged -> packed, with attention in ``groups`` groups of texts of about one length (0: no
+    groups). Done on the host, where the lengths are known without a device sync."""
     lengths = inputs.lengths
     rows = len(lengths)
     width = int(lengths.max()) if rows else 0
     cu = F.pad(lengths.cumsum(0), (1, 0))
     positions = torch.arange(len(inputs.input_ids)) - cu[:-1].repeat_interleave(lengths)
     flat_index = torch.arange(rows).repeat_interleave(lengths) * width + positions
-    return Packed(inputs.input_ids, positions, Packing(cu.to(torch.int32), flat_index, rows, width, width))
+    grouped = attention_groups(lengths, cu, groups) if groups and rows else None
+    return Packed(inputs.input_ids, positions, Packing(cu.to(torch.int32), flat_index, rows, width, width, grouped))
+
+
+def group_runs(lengths: torch.Tensor, groups: int) -> tuple[torch.Tensor, list[slice]]:
+    """The texts longest first (a stable sort) and ``groups`` runs of that order of equal count."""
+    rows = len(lengths)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    size = -(-rows // max(1, min(groups, rows))) if rows else 1
+    return order, [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+def attention_groups(lengths: torch.Tensor, cu: torch.Tensor, groups: int) -> AttentionGroups:
+    order, runs = group_runs(lengths, groups)
+    tokens, places = [], []
+    for run in runs:
+        texts = order[run]
+        sizes = lengths[texts]
+        width, count = int(sizes[0]), int(sizes.sum())
+        starts = F.pad(sizes.cumsum(0), (1, 0))[:-1]
+        within = torch.arange(count) - starts.repeat_interleave(sizes)  # each token's position in its text
+        tokens.append(cu[texts].repeat_interleave(sizes) + within)
+        flat = torch.arange(len(texts)).repeat_interleave(sizes) * width + within
+        places.append(Packing(torch.zeros(0, dtype=torch.int32), flat, len(texts), width, width))
+    restore = torch.empty(int(cu[-1]), dtype=torch.long)
+    restore[torch.cat(tokens)] = torch.arange(int(cu[-1]))
+    return AttentionGroups(tokens, places, restore)
 
 
 def pad_ragged(inputs: Ragged, pad_token_id: int) -> Padded:
@@ -368,6 +430,100 @@ def padded_tokens(lengths: torch.Tensor, chunks: int = 1) -> int:
     order, parts = length_chunks(lengths, chunks)
     ordered = lengths[order]
     return sum((part.stop - part.start) * int(ordered[part.start]) for part in parts)
+
+
+# The CPU's costs of encoding (forward and backward), fitted to 360 timed steps of MiniLM-L6 on a
+# 2-core x86 CPU (torch 2.13): questions and answers of both packaged sets at lengths 128 to 512,
+# 16 to 64 texts, in every layout (median error of the fit 5%). FLOPs per second of the dense
+# layers and of attention; seconds per layer of an attention call and of a pass of the encoder;
+# hidden units per second moved per layer by packed attention's scatter into groups and back.
+# Only their ratios matter: they decide which layout costs least, not how long it takes.
+CPU_DENSE_FLOPS = 2.305e11
+CPU_ATTENTION_FLOPS = 2.595e10
+CPU_ATTENTION_CALL_SECONDS = 7.88e-4
+CPU_PASS_SECONDS = 7.64e-3
+CPU_REGROUP_UNITS = 2.71e7
+GROUP_COUNTS = (1, 2, 4, 8, 16, 32)  # attention groups tried for packed texts
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A batch's layout: ``packed`` with attention in ``parts`` groups of texts of about one length
+    (0: no groups, each text its own attention call on the CPU), or padded in ``parts``
+    length-sorted chunks."""
+
+    packed: bool
+    parts: int
+
+
+@dataclass(frozen=True)
+class LayoutChoice:
+    """Which layout a training batch's texts take.
+
+    With ``by_cost`` (the CPU) it is the ``Plan`` that a model of the forward and backward time puts
+    lowest, from the texts' lengths alone. Packing saves the dense layers' padding; its attention
+    runs in groups of texts of about one length, each group one padded call, so more groups cost
+    more calls and less padding in attention. Padded chunks cost a pass of the encoder each and
+    their padding. The choice is a function of the lengths, so a batch takes the same layout in
+    every run, resumed or not; every layout gives the same embeddings (packing is checked against
+    padding when the model loads). Without ``by_cost`` (a GPU, or ``model.layout_by_cost=false``):
+    packed whenever packing is on (no groups: on the CPU one attention call per text), else
+    ``max_chunks`` chunks.
+    """
+
+    packed: bool  # packing is on for this model and device
+    max_chunks: int = 1  # model.padded_chunks
+    by_cost: bool = False
+    token: float = 0.0  # cost of a token through the dense layers
+    score: float = 0.0  # of an attention score (a query token against a key token)
+    call: float = 0.0  # of an attention call
+    encoder_pass: float = 0.0  # of a pass of the encoder (one per padded chunk, one for packed texts)
+    regroup: float = 0.0  # of a packed token's way into its attention group and back
+
+    @classmethod
+    def for_model(cls, config: Any, packed: bool, max_chunks: int, device: torch.device,
+                  by_cost: bool = True) -> LayoutChoice:
+        """The costs of this architecture on ``device`` (by cost on the CPU only)."""
+        if device.type != "cpu" or not by_cost:
+            return cls(packed, max_chunks)
+        hidden = int(config.hidden_size)
+        layers = int(getattr(config, "num_hidden_layers", 1))
+        inter = int(getattr(config, "intermediate_size", 4 * hidden))
+        # Forward and backward: three times the forward's 2 FLOPs per multiply-add.
+        dense = 6 * layers * (4 * hidden * hidden + 2 * hidden * inter)
+        attention = 6 * layers * 2 * hidden  # scores and their weighted values
+        return cls(packed, max_chunks, True, dense / CPU_DENSE_FLOPS, attention / CPU_ATTENTION_FLOPS,
+                   layers * CPU_ATTENTION_CALL_SECONDS, layers * CPU_PASS_SECONDS,
+                   layers * hidden / CPU_REGROUP_UNITS)
+
+    def plans(self, rows: int, max_chunks: int) -> list[Plan]:
+        packed = [Plan(True, g) for g in GROUP_COUNTS if g == 1 or g <= rows] if self.packed else []
+        chunks = sorted({1, max_chunks, *(k for k in (2, 4, 8, 16, 32) if k < max_chunks)})
+        return packed + [Plan(False, k) for k in chunks]
+
+    def cost(self, lengths: torch.Tensor, plan: Plan) -> float:
+        """The modelled cost of encoding texts of these lengths as ``plan`` says."""
+        if plan.packed:
+            order, runs = group_runs(lengths, plan.parts)
+            widths = [(run.stop - run.start, int(lengths[order[run.start]])) for run in runs]
+            return ((self.token + self.regroup) * int(lengths.sum()) + self.encoder_pass
+                    + sum(self.score * n * w * w + self.call for n, w in widths))
+        order, parts = length_chunks(lengths, plan.parts)
+        widths = [(part.stop - part.start, int(lengths[order[part.start]])) for part in parts]
+        return sum(self.token * n * w + self.score * n * w * w + self.call + self.encoder_pass for n, w in widths)
+
+    def choose(self, lengths: torch.Tensor, max_chunks: int | None = None) -> Plan:
+        """The layout for texts of these lengths (``max_chunks`` below the model's: fewer chunks)."""
+        top = self.max_chunks if max_chunks is None else max_chunks
+        if not self.by_cost or not len(lengths):
+            return Plan(True, 0) if self.packed else Plan(False, top)
+        # Ties go to the first plan: packed, fewest groups.
+        return min(self.plans(len(lengths), top), key=lambda plan: self.cost(lengths, plan))
+
+    def computed_tokens(self, lengths: torch.Tensor) -> int:
+        """Tokens the dense layers compute for texts of these lengths (padding included)."""
+        plan = self.choose(lengths)
+        return int(lengths.sum()) if plan.packed else padded_tokens(lengths, plan.parts)
 
 
 def pad_chunked(inputs: Ragged, pad_token_id: int, chunks: int) -> Chunked:

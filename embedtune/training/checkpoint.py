@@ -547,6 +547,11 @@ def check_resume(saved: dict[str, Any], current: Config) -> list[str]:
         # Runs before this key mined nothing; the default that mines now steps aside for them.
         current.train.hard_negatives = None
         now = scrub_config(current.to_dict())
+    if _absent(saved, "model.layout_by_cost") and current.model.layout_by_cost:
+        # Runs before this key laid batches out by the fixed rule (packed attention one call per
+        # text on the CPU): they keep it, so their dropout masks, and so the run, continue exactly.
+        current.model.layout_by_cost = False
+        now = scrub_config(current.to_dict())
     breaking = []
     for key in RESUME_KEYS:
         if not _absent(saved, key):

@@ -29,9 +29,8 @@ class WindowFigures:
 class MetricsWindow:
     """The loss, pairs and tokens of the micro-batches since the last logging step."""
 
-    def __init__(self, device: torch.device, packed: bool) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.loss = torch.zeros((), device=device)
-        self.packed = packed  # packed batches compute no padding at all
         self.reset()
 
     def reset(self) -> None:
@@ -48,7 +47,7 @@ class MetricsWindow:
         self.pairs += batch.global_size
         if not batch.empty:
             self.real_tokens += batch.real_tokens
-            self.computed_tokens += batch.real_tokens if self.packed else batch.padded_tokens
+            self.computed_tokens += batch.computed_tokens
 
     def read(self, accelerator: Accelerator) -> WindowFigures:
         """The window's figures over all processes (a collective: every process calls it)."""

