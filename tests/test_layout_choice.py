@@ -54,17 +54,23 @@ def pairs_of(short: int, long: int) -> list[Pair]:
             for i in range(48)]
 
 
-def test_the_chosen_layouts_give_the_losses_and_gradients_of_one_padded_block(tokenizer_dir: Path,
-                                                                              tmp_path: Path) -> None:
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=True)
+def trained_by_cost(tokenizer_dir: Path, tmp_path: Path) -> tuple[EmbeddingModel, object, PairCollator]:
+    """A tiny packing model in training mode, up to 4 chunks, and a collator counting its layouts."""
     model, tokenizer = EmbeddingModel.from_pretrained(str(tiny(tokenizer_dir, tmp_path, dropout=0.0)))
     assert model.enable_packing(tokenizer)
     model.padded_chunks = 4
     model.train()
     collate = PairCollator(tokenizer, 16, 120)
     collate.layouts = model.layout_choice(CPU)
+    return model, tokenizer, collate
+
+
+def test_the_chosen_layouts_give_the_losses_and_gradients_of_one_padded_block(tokenizer_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model, tokenizer, collate = trained_by_cost(tokenizer_dir, tmp_path)
     batches = [collate(pairs_of(short, long)) for short, long in ((5, 100), (30, 36), (8, 8))]
     for batch in batches + [batch_of(tokenizer, n=48)]:
         model.layout_by_cost = True
@@ -87,12 +93,7 @@ def test_the_chosen_layouts_give_the_losses_and_gradients_of_one_padded_block(to
 
 
 def test_the_tokens_counted_as_computed_are_those_of_the_layout_taken(tokenizer_dir: Path, tmp_path: Path) -> None:
-    model, tokenizer = EmbeddingModel.from_pretrained(str(tiny(tokenizer_dir, tmp_path, dropout=0.0)))
-    assert model.enable_packing(tokenizer)
-    model.padded_chunks = 4
-    model.train()
-    collate = PairCollator(tokenizer, 16, 120)
-    collate.layouts = model.layout_choice(CPU)
+    model, _, collate = trained_by_cost(tokenizer_dir, tmp_path)
     for short, long in ((5, 100), (30, 36), (8, 8)):
         batch = collate(pairs_of(short, long))
         computed = 0
