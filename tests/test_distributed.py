@@ -113,7 +113,8 @@ def test_padded_chunks_under_ddp_give_the_losses_and_weights_of_one_padded_proce
             "data.document_max_length=48", "train.warmup_ratio=0", "tracking.log_every_n_steps=1",
             "train.mixed_precision=no", "eval.before=false", "tracking.report_to=none", "model.unpad=false",
             # The runs differ in model.padded_chunks, which pads mining's forward passes otherwise too.
-            "train.hard_negatives=null"]
+            "train.hard_negatives=null",
+            "model.layout_by_cost=false"]  # the chunks named, whatever the lengths
     one = run_training(1, args + ["model.padded_chunks=1"], tmp_path / "one")
     two = run_training(2, args + ["model.padded_chunks=2"], tmp_path / "two")
     assert len(one["losses"]) == 3  # 64 + 64 + 12 pairs

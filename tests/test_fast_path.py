@@ -223,13 +223,15 @@ def test_the_gpu_benchmark_script_writes_every_figure_it_promises(tiny_model: Pa
     with a tiny model, one workload and one timed step."""
     import os
     import subprocess
+    import sys
 
     from conftest import ROOT
 
     out = tmp_path / "gpu"
     done = subprocess.run(["bash", str(ROOT / "launch" / "gpu_bench.sh"), str(out), str(tiny_model)],
                           capture_output=True, text=True, timeout=900, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "STEPS": "1", "SUITE": "short"})
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "STEPS": "1", "SUITE": "short",
+                               "PYTHON": sys.executable})
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     suite = json.loads((out / "suite.json").read_text())
     assert [row["workload"]["name"] for row in suite["workloads"]] == ["short"] and suite["worst"]["speedup"] > 0

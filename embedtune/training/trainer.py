@@ -299,8 +299,10 @@ class Trainer:
         self.run_log = RunLog(self.cfg, accelerator, resume_step=state.step if self.resume_dir else None,
                               wandb_id=state.wandb_run_id)
         self.window = MetricsWindow(accelerator.device)
+        # Reading the counts costs a device sync on a GPU, nothing on the CPU: there, every step.
         self.guard = NonFiniteGuard(accelerator.device, state.nonfinite_in_a_row, state.skipped_steps,
-                                    skips_on_device(self.optimizer, accelerator))
+                                    skips_on_device(self.optimizer, accelerator)
+                                    and accelerator.device.type != "cpu")
 
     def _resume(self) -> None:
         if self.resume_dir:
