@@ -411,14 +411,9 @@ def pad_ragged(inputs: Ragged, pad_token_id: int) -> Padded:
 
 
 def length_chunks(lengths: torch.Tensor, chunks: int) -> tuple[torch.Tensor, list[slice]]:
-    """The texts longest first (a stable sort) and up to ``chunks`` runs of that order of equal
-    count (at least ``MIN_CHUNK_ROWS`` texts each): padded one run at a time, each is padded only
-    to its own longest text."""
-    rows = len(lengths)
-    count = max(1, min(chunks, rows // MIN_CHUNK_ROWS))
-    order = torch.argsort(lengths, descending=True, stable=True)
-    size = -(-rows // count) if rows else 1
-    return order, [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+    """``group_runs`` for padded chunks: at most ``chunks`` runs of at least ``MIN_CHUNK_ROWS``
+    texts each; padded one run at a time, each is padded only to its own longest text."""
+    return group_runs(lengths, max(1, min(chunks, len(lengths) // MIN_CHUNK_ROWS)))
 
 
 def padded_tokens(lengths: torch.Tensor, chunks: int = 1) -> int:
@@ -503,14 +498,12 @@ class LayoutChoice:
 
     def cost(self, lengths: torch.Tensor, plan: Plan) -> float:
         """The modelled cost of encoding texts of these lengths as ``plan`` says."""
+        order, runs = group_runs(lengths, plan.parts) if plan.packed else length_chunks(lengths, plan.parts)
+        widths = [(run.stop - run.start, int(lengths[order[run.start]])) for run in runs]
+        scores_and_calls = sum(self.score * n * w * w + self.call for n, w in widths)
         if plan.packed:
-            order, runs = group_runs(lengths, plan.parts)
-            widths = [(run.stop - run.start, int(lengths[order[run.start]])) for run in runs]
-            return ((self.token + self.regroup) * int(lengths.sum()) + self.encoder_pass
-                    + sum(self.score * n * w * w + self.call for n, w in widths))
-        order, parts = length_chunks(lengths, plan.parts)
-        widths = [(part.stop - part.start, int(lengths[order[part.start]])) for part in parts]
-        return sum(self.token * n * w + self.score * n * w * w + self.call + self.encoder_pass for n, w in widths)
+            return (self.token + self.regroup) * int(lengths.sum()) + self.encoder_pass + scores_and_calls
+        return scores_and_calls + sum(self.token * n * w + self.encoder_pass for n, w in widths)
 
     def choose(self, lengths: torch.Tensor, max_chunks: int | None = None) -> Plan:
         """The layout for texts of these lengths (``max_chunks`` below the model's: fewer chunks)."""
