@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("embedtune.commands.validate:main",
                  "check the environment, data, config and disk before a run (same options as train)"),
     "report": ("embedtune.commands.report:main", "PNG plots of a run from its training_metrics.jsonl (no W&B needed)"),
-    "bench": ("embedtune.tools.bench:main", "benchmarks that print figures: throughput, memory, negatives, quality, resume, gradcache"),
+    "bench": ("embedtune.tools.bench:main", "benchmarks that print figures: throughput, memory, negatives, quality, resume, gradcache, data"),
     "soak": ("embedtune.tools.soak:main", "interrupt a 2-process CPU training at random moments and in random ways "
              "(SIGKILL, SIGTERM storms, a full disk, a damaged checkpoint, a second run), resume it each time, and "
              "compare it with an uninterrupted run (embedtune soak --cycles 20)"),

@@ -133,7 +133,18 @@ class DataConfig(_Section):
     query_max_length: int = Field(64, ge=4)
     document_max_length: int = Field(256, ge=4)
     shuffle: bool = True
-    shuffle_buffer: int = Field(10_000, ge=1, description="Records held for the streaming shuffle.")
+    shuffle_buffer: int = Field(10_000, ge=1, description="Records held for the streaming shuffle (with "
+                                "order: indexed, the least training pairs a shuffled window holds).")
+    order: Literal["stream", "indexed"] = Field(
+        "stream", description="stream: the files are read in a seeded order through a shuffle buffer, every reader "
+        "reading all of them. indexed: the files are indexed once (data.index_dir), then each epoch is a seeded "
+        "order of blocks and of the pairs in windows of them, so every DataLoader worker of every process reads "
+        "and parses only its own pairs and a resumed run starts at once; for data at cluster scale (JSONL or "
+        "Parquet).")
+    block_records: int = Field(4096, ge=16, description="order: indexed: the lines of an uncompressed JSONL file "
+                               "read together (a Parquet file's row groups and a compressed file are read whole).")
+    index_dir: str | None = Field(None, description="order: indexed: where the files' indexes are kept; null: "
+                                  "output_dir/data_index.")
     group_by_length: int | None = Field(
         None, ge=2, le=4096, description="Sort the pairs of every N consecutive global batches by the length of "
         "their documents and cut the batches from that, so a batch holds texts of about one length (much less "
@@ -173,6 +184,11 @@ class DataConfig(_Section):
         if self.batch_by_source and self.group_by_length:
             raise ValueError("data.batch_by_source and data.group_by_length both decide what goes in a batch; "
                              "keep one")
+        if self.order == "indexed":
+            for name in ("group_by_length", "batch_by_source", "source_weights"):
+                if getattr(self, name):
+                    raise ValueError(f"data.{name} regroups the streamed order and is not available with "
+                                     f"data.order=indexed yet; leave it out, or set data.order=stream")
         return self
 
     @model_validator(mode="after")
@@ -509,11 +525,12 @@ class Config(_Section):
         if isinstance(loss, LossConfig):
             loss = {"name": loss.name}
         if isinstance(data, DataConfig):
-            data = {"batch_by_source": data.batch_by_source, "group_by_length": data.group_by_length}
+            data = {"batch_by_source": data.batch_by_source, "group_by_length": data.group_by_length,
+                    "order": data.order}
         if not isinstance(loss, dict) or not isinstance(data, dict):
             return raw  # not a section: validation explains
         name = loss.get("name", LossConfig.model_fields["name"].default)
-        grouped = data.get("batch_by_source") or data.get("group_by_length")
+        grouped = data.get("batch_by_source") or data.get("group_by_length") or data.get("order") == "indexed"
         default = dict(DEFAULT_MINING) if name in IN_BATCH_LOSSES and not grouped else None
         return {**raw, "train": {**train, "hard_negatives": default}}
 
@@ -542,6 +559,10 @@ class Config(_Section):
         if hard and hard.in_batch and (self.data.batch_by_source or self.data.group_by_length):
             raise ValueError("train.hard_negatives.in_batch, data.batch_by_source and data.group_by_length each "
                              "decide what goes in a batch; keep one")
+        if hard and hard.in_batch and self.data.order == "indexed":
+            raise ValueError("train.hard_negatives.in_batch regroups the streamed order and is not available with "
+                             "data.order=indexed yet; set train.hard_negatives.in_batch=false (the mined negatives "
+                             "then come with each pair), or data.order=stream")
         return self
 
     @model_validator(mode="after")

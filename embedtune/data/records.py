@@ -47,7 +47,8 @@ DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # what a directory's da
 PARQUET_PLAIN = "Parquet files are read as they are: Parquet compresses its own columns"
 GLOB_LOOKS = 10_000  # names of a directory looked at to suggest a glob for its files
 # fsspec protocols reached through a package of their own, and the extra of ours that installs it.
-URL_EXTRAS = {"http": ("aiohttp", "http"), "https": ("aiohttp", "http")}
+URL_EXTRAS = {"http": ("aiohttp", "http"), "https": ("aiohttp", "http"), "s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"),
+              "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
 _RERAISED = f"\n{__name__}.DataError: "  # how a worker's traceback names it
 
 
@@ -272,14 +273,17 @@ def _stored_problem(path: str) -> str | None:
         return None
 
 
-def _split_lines(stream: IO[bytes], limit: int) -> Iterator[tuple[bytes, bool]]:
-    """(line without its newline, too long) for every ``\\n``-separated line of ``stream``.
+def _split_lines(stream: IO[bytes], limit: int) -> Iterator[tuple[bytes, bool, int]]:
+    """(line without its newline, too long, bytes of the stream up to the end of the line) for
+    every ``\\n``-separated line of ``stream``.
 
-    Memory stays within ``limit`` plus one read: a longer line is reported (with its start)
-    as soon as it passes the limit, and the rest of it is read past, not kept.
+    Memory stays within ``limit`` plus one read: of a longer line only its start is kept (and
+    reported, as too long), the rest is read past, not kept.
     """
     pending = bytearray()  # the start of a line that goes on in the next read
-    skipping = False  # inside a line already reported as too long
+    head = b""  # the start of a line already known to be too long
+    skipping = False  # inside such a line
+    base = 0  # bytes of the stream before this read
     while True:
         chunk = stream.read(READ_BYTES)
         if not chunk:
@@ -288,40 +292,60 @@ def _split_lines(stream: IO[bytes], limit: int) -> Iterator[tuple[bytes, bool]]:
         while True:
             end = chunk.find(b"\n", start)
             if end != -1 and not pending and not skipping and end - start <= limit:
-                yield chunk[start:end], False  # the common case: a whole line inside this read
+                yield chunk[start:end], False, base + end + 1  # the common case: a whole line inside this read
                 start = end + 1
                 continue
             stop = len(chunk) if end == -1 else end
             if skipping:
-                pass  # the rest of a line already reported: not even copied
+                pass  # the rest of a line already too long: not even copied
             elif len(pending) + stop - start > limit:
                 head = bytes(pending[:SHOWN * 4]) + chunk[start:start + max(0, SHOWN * 4 - len(pending))]
                 pending.clear()
                 skipping = True
-                yield head, True
             else:
                 pending += memoryview(chunk)[start:stop]
             if end == -1:
                 break
             if skipping:
-                skipping = False
+                yield head, True, base + end + 1
+                skipping, head = False, b""
             else:
-                yield bytes(pending), False
+                yield bytes(pending), False, base + end + 1
                 pending.clear()
             start = end + 1
+        base += len(chunk)
         del chunk  # before the next read, so that two reads are never held at once
-    if pending and not skipping:
-        yield bytes(pending), False
+    if skipping:
+        yield head, True, base
+    elif pending:
+        yield bytes(pending), False, base
 
 
-def _read_lines(path: str, limit: int) -> Iterator[tuple[int, str]]:
-    """(line number, line) of a JSONL file; a line that cannot be used as text comes as a str
-    subclass that says why (``_Undecodable``, ``_TooLong``) and still reads as its text."""
-    number = 0
+class _Range:
+    """The bytes ``[start, stop)`` of a seekable binary stream, read as a stream of their own."""
+
+    def __init__(self, stream: IO[bytes], start: int, stop: int) -> None:
+        stream.seek(start)
+        self.stream, self.left = stream, stop - start
+
+    def read(self, size: int) -> bytes:
+        data = self.stream.read(min(size, self.left)) if self.left > 0 else b""
+        self.left -= len(data)
+        return data
+
+
+def _read_lines(path: str, limit: int, start: int = 0, stop: int | None = None, first: int = 1
+                ) -> Iterator[tuple[int, str, int]]:
+    """(line number, line, byte offset just past the line) of a JSONL file; a line that cannot be
+    used as text comes as a str subclass that says why (``_Undecodable``, ``_TooLong``) and still
+    reads as its text. With ``stop``, only the bytes ``[start, stop)`` of an uncompressed file are
+    read, whose first line is line ``first``."""
+    number = first - 1
     named = _compression_suffix(path)
     try:
-        with _open_binary(path) as stream:
-            for raw, too_long in _split_lines(stream, limit):
+        with _open_binary(path) as opened:
+            stream: Any = opened if stop is None else _Range(opened, start, stop)
+            for raw, too_long, end in _split_lines(stream, limit):
                 number += 1
                 if number == 1 and not named and (problem := _compression_problem(path, raw)):
                     raise DataError(problem)  # else every line would be "not valid UTF-8"
@@ -339,7 +363,7 @@ def _read_lines(path: str, limit: int) -> Iterator[tuple[int, str]]:
                     except UnicodeDecodeError as exc:
                         line = _Undecodable(raw.decode("utf-8", "replace"))
                         line.position = exc.start
-                yield number, line
+                yield number, line, start + end
     except DataError:
         raise
     except Exception as exc:  # a truncated or mislabelled compressed file, a dropped connection...
@@ -357,7 +381,8 @@ def read_file(path: str, fmt: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BY
     if fmt == "json":
         # Every line, blank ones included, so the count is the line number; JSON is parsed by
         # the caller so that a bad line is named rather than failing the file.
-        yield from _read_lines(path, max_record_bytes)
+        for number, line, _ in _read_lines(path, max_record_bytes):
+            yield number, line
         return
     if fmt == "parquet" and (named := _compression_suffix(path)):
         raise DataError(f"{path}: a Parquet file compressed as a whole ({named}) cannot be read; decompress it "

@@ -13,6 +13,8 @@ than ``data.max_batch_chars`` stops the run before it is tokenized.
 from __future__ import annotations
 
 import atexit
+import collections
+import concurrent.futures
 import itertools
 import logging
 import multiprocessing.util  # noqa: F401 - registers multiprocessing's exit handler before ours
@@ -29,10 +31,30 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from embedtune.config import DataConfig
 from embedtune.data.collate import TrainBatch
+from embedtune.data.index import BlockReader, DataIndex, EpochOrder, window_records
 from embedtune.data.records import DataError, Pair, Reject, document_tokens, read_pairs, resolve_files, text_key
 from embedtune.data.split import plan_data, trains_on
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One micro-batch of the indexed order, as positions of the epoch."""
+
+    offset: int  # its first position
+    size: int  # its pairs, all processes
+    step_size: int  # the pairs of its global batch
+    mine: range  # this process's positions in it
+
+    @property
+    def needed(self) -> range:
+        """The positions this process reads for it: its own, or, when it has none, one stand-in pair
+        whose loss weighs nothing (the micro-batch's first, or for an empty micro-batch at the end of
+        a global batch, that batch's last), read from the same windows as its neighbours."""
+        if self.mine:
+            return self.mine
+        return range(self.offset, self.offset + 1) if self.size else range(self.offset - 1, self.offset)
 
 
 @dataclass
@@ -170,6 +192,9 @@ class PairBatches(IterableDataset):
         self.all_ids = all_ids
         self.epoch = 0
         self.skip = 0
+        # data.order=indexed: the training files' index (set by the trainer), and the reader of its blocks.
+        self.index: DataIndex | None = None
+        self.reader: BlockReader | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.set_position(epoch, 0)
@@ -352,6 +377,81 @@ class PairBatches(IterableDataset):
         if rejects:
             yield [], rejects
 
+    def _slots(self, total: int, worker: int, workers: int) -> Iterator[_Slot]:
+        """This reader's micro-batches of the epoch from the start position, as positions."""
+        size, number = self.batch_size, 0
+        batches = total // size if self.cfg.drop_last else -(-total // size)
+        for k in range(self.skip, batches):
+            offset = k * size
+            step = min(size, total - offset)
+            for part in micro_batch_sizes(step, self.accumulation):
+                if number % workers == worker:
+                    mine = process_slice(part, self.num_processes, self.rank)
+                    yield _Slot(offset, part, step, range(offset + mine.start, offset + mine.stop))
+                number += 1
+                offset += part
+
+    def indexed_batches(self, worker: int, workers: int) -> Iterator[TrainBatch]:
+        """``data.order=indexed``: this reader's micro-batches (worker ``worker`` of ``workers``),
+        reading only their pairs, window by window of the order: each block is read once an
+        epoch, a micro-batch goes as soon as the windows that hold its pairs are read, and the
+        next window is read in the background meanwhile (so a slow read stalls no step)."""
+        order = EpochOrder(self.index, self.seed, self.epoch, self.cfg.shuffle, window_records(self.cfg))
+        if self.reader is None:
+            self.reader = BlockReader(self.index, self.cfg, self.require_negatives)
+        table = self.negatives if self.negatives is not None and self.negatives.step >= 0 else None
+        slots = self._slots(order.total, worker, workers)
+        pending: collections.deque[_Slot] = collections.deque()
+        upcoming = next(slots, None)
+        ends = [*order.starts[1:], order.total]
+
+        def plan(number: int) -> dict[int, tuple[int, int]]:
+            """The positions of window ``number`` that this reader needs, located."""
+            nonlocal upcoming
+            start, end = order.starts[number], ends[number]
+            while upcoming is not None and upcoming.offset <= end:  # every slot that may need this window
+                pending.append(upcoming)
+                upcoming = next(slots, None)
+            return {p: order.locate(p) for g in pending for p in g.needed if start <= p < end}
+
+        def read(located: dict[int, tuple[int, int]]) -> dict[int, Pair]:
+            wanted: dict[int, list[int]] = {}
+            for block, ordinal in located.values():
+                wanted.setdefault(block, []).append(ordinal)
+            pairs = self.reader.read(order, wanted) if wanted else {}
+            return {p: pairs[where] for p, where in located.items()}
+
+        found: dict[int, Pair] = {}
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedtune-readahead") as ahead:
+            reading = ahead.submit(read, plan(0)) if ends else None
+            for number in range(len(ends)):
+                found.update(reading.result())
+                if number + 1 < len(ends) and (pending or upcoming is not None):
+                    # Planned here, so that the slots are pulled in order; the locating is cheap.
+                    reading = ahead.submit(read, plan(number + 1))
+                else:
+                    reading = ahead.submit(dict)
+                while pending and pending[0].needed[-1] < ends[number]:
+                    slot = pending.popleft()
+                    pairs = [found[p] for p in slot.needed]
+                    if table is not None:
+                        pairs = [table.apply(p) for p in pairs]
+                    yield self._indexed_batch(slot, pairs, order)
+                if not pending and upcoming is None:
+                    return
+                keep = pending[0].needed[0] if pending else ends[number]
+                found = {p: pair for p, pair in found.items() if p >= keep}
+
+    def _indexed_batch(self, slot: _Slot, pairs: list[Pair], order: EpochOrder) -> TrainBatch:
+        if sum(map(pair_chars, pairs)) > self.cfg.max_batch_chars:
+            raise DataError(too_much_text(pairs, slot.offset // self.batch_size, self.epoch,
+                                          self.cfg.max_batch_chars).replace("global batch", "this process's share of "
+                                                                           "global batch", 1))
+        stand_in = not slot.mine
+        every = [order.pair_id(p) for p in range(slot.offset, slot.offset + slot.size)] if self.all_ids else None
+        return replace(self.collate(pairs), global_size=slot.size, step_size=slot.step_size,
+                       ids=[] if stand_in else [p.id for p in pairs], all_ids=every, rejects=[], empty=stand_in)
+
     def micro_batches(self) -> Iterator[MicroBatch]:
         """Every micro-batch of the epoch from the start position (all processes), as text."""
         index = 0
@@ -368,6 +468,9 @@ class PairBatches(IterableDataset):
     def __iter__(self) -> Iterator[TrainBatch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if self.index is not None:
+            yield from self.indexed_batches(worker, workers)
+            return
         for batch in self.micro_batches():
             if batch.index % workers != worker:
                 continue

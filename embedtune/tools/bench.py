@@ -30,7 +30,7 @@ from embedtune.data.stream import PairBatches, make_loader
 from embedtune.losses.ranking import MultipleNegativesRankingLoss
 from embedtune.model.encoder import EmbeddingModel
 from embedtune.model.folder import resolve_model_path
-from embedtune.tools import memory, quality, throughput
+from embedtune.tools import data_bench, memory, quality, throughput
 from embedtune.training.step import GradCacheStep, plain_step
 
 WORDS = ("how do i read write open close parse format join split sort filter map reduce encode decode "
@@ -186,12 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     quality.add_arguments(sub.add_parser("quality", help="held-out quality of the default recipe; --compare trains "
                                          "SentenceTransformerTrainer on the same pairs and seeds, with a paired "
                                          "bootstrap interval on the difference"))
+    data_bench.add_arguments(sub.add_parser("data", help="data.order=indexed at cluster scale: records each reader "
+                                            "parses, first batch fresh and resumed, memory, for 1 to 512 readers"))
     negatives = sub.add_parser("negatives", help="quickstart trained with and without mined hard negatives, "
                                "held-out metrics side by side")
     negatives.add_argument("--out", default="outputs/negatives")
     negatives.add_argument("--num_negatives", type=int, default=1)
     negatives.add_argument("--relative_margin", type=float, default=0.05)
     args = parser.parse_args(argv)
+    if args.name == "data":
+        return data_bench.main(args)
     if args.name == "negatives":
         return bench_negatives(args.out, args.num_negatives, args.relative_margin)
     if args.name == "quality":

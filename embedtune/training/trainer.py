@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 from embedtune.config import Config, ConfigError
 from embedtune.data.collate import PairCollator, TrainBatch, query_prefix
 from embedtune.data.identity import data_changes, data_identity
-from embedtune.data.records import DataError, format_stream_reject
+from embedtune.data.index import INDEX_FOLDER, build_index
+from embedtune.data.records import DataError, format_stream_reject, resolve_files
 from embedtune.data.split import eval_pairs, plan_data, preflight, source_problems
-from embedtune.data.stream import PairBatches, make_loader
+from embedtune.data.stream import PairBatches, auto_workers, make_loader
 from embedtune.distributed import any_process, cpu_processes, release, stop_signals
 from embedtune.logs import setup_logging
 from embedtune.losses import build_loss, check_loss_data, required_data, requires_negatives
@@ -200,9 +201,28 @@ class Trainer:
             logger.warning("data changed since the checkpoint (checkpoint.allow_data_change=true): %s", line)
 
     def _check_data(self) -> None:
-        rejected = preflight(self.cfg.data, self.require_negatives)
+        data = self.cfg.data
+        self.index = None
+        if data.order == "indexed":
+            self._index_data()
+            return
+        rejected = preflight(data, self.require_negatives)
         if rejected:
             logger.warning("%d bad record(s) in the first records; they will be skipped", len(rejected))
+
+    def _index_data(self) -> None:
+        """data.order=indexed: every training file indexed (or its index read from data.index_dir);
+        the indexing reads every record, so it is also the check for bad ones."""
+        data = self.cfg.data
+        folder = data.index_dir or os.path.join(self.cfg.output_dir, INDEX_FOLDER)
+        with self.accelerator.main_process_first():  # one process indexes, the others read what it wrote
+            self.index = build_index(resolve_files(data.train_files), data, folder, self.require_negatives,
+                                     workers=auto_workers(data.num_workers) + 1)
+        if self.index.bad and data.on_bad_record == "error":
+            raise DataError(f"{self.index.bad} bad record(s) in the training files; the first: "
+                            + format_stream_reject(self.index.rejects[0]))
+        if self.index.bad:
+            logger.warning("%d bad record(s) in the training files; they are skipped", self.index.bad)
 
     def _setup_model(self) -> None:
         model_cfg = self.cfg.model
@@ -246,8 +266,10 @@ class Trainer:
                                     query_prefix(data, self.model.folder), data.document_prefix,
                                     padded_chunks=self.model.padded_chunks)
         beir = cfg.eval.uses_beir_files()
-        plan = plan_data(data, count=not cfg.train.max_steps or bool(data.source_weights) or data.batch_by_source,
-                         held_out=not beir, require_negatives=self.require_negatives)
+        counted = (not cfg.train.max_steps or bool(data.source_weights) or data.batch_by_source) and self.index is None
+        plan = plan_data(data, count=counted, held_out=not beir, require_negatives=self.require_negatives)
+        if self.index is not None:  # the index knows the count
+            plan.train_pairs = self.index.total
         if plan.sources is not None:
             problem, notes = source_problems(plan.sources, data, cfg.train.batch_size)
             if problem:
@@ -270,6 +292,7 @@ class Trainer:
                                    self.collate, accelerator.num_processes, accelerator.process_index,
                                    all_ids=cfg.tracking.log_batch_ids, require_negatives=self.require_negatives,
                                    sizes=plan.sources)
+        self.dataset.index = self.index
         self.loader = make_loader(self.dataset, data.num_workers, pin_memory=accelerator.device.type == "cuda")
         self.mined = MinedNegatives() if cfg.train.hard_negatives else None
         self.dataset.negatives = self.mined
@@ -299,6 +322,8 @@ class Trainer:
         self.run_log = RunLog(self.cfg, accelerator, resume_step=state.step if self.resume_dir else None,
                               wandb_id=state.wandb_run_id)
         self.window = MetricsWindow(accelerator.device)
+        if self.index is not None and self.index.bad and not self.resume_dir:
+            self.run_log.reject(self.index.rejects, first_epoch=True)  # once, with the run that indexed them
         # Reading the counts costs a device sync on a GPU, nothing on the CPU: there, every step.
         self.guard = NonFiniteGuard(accelerator.device, state.nonfinite_in_a_row, state.skipped_steps,
                                     skips_on_device(self.optimizer, accelerator)

@@ -1,0 +1,427 @@
+"""An index of the training files, so that any position of an epoch can be read without the rest.
+
+With ``data.order: indexed`` the files are cut into blocks: ``data.block_records`` lines of an
+uncompressed JSONL file (found by their byte offsets), a row group of a Parquet file, or a whole
+compressed file (which cannot be entered in the middle). One pass over each file, once, learns
+each block's place, how many of its records are training pairs and which (a bit per record: bad
+records and held-out pairs are not), and the bad records themselves. The index of each file is
+kept in ``data.index_dir`` (by default ``output_dir/data_index``), under a name made from the
+file's path, size and modification time and the settings that decide what a training pair is, so
+a later run or a resumed one reads no record before its first step, and a changed file is indexed
+again.
+
+``EpochOrder`` is the order of one epoch over that index: the blocks in a seeded random order,
+taken in windows of at least ``data.shuffle_buffer`` training pairs, the pairs of each window in a
+seeded random order. Position ``p`` of the epoch maps to a block and a record in constant time
+(plus a shuffle of one window), whatever came before it, so a reader reads only the blocks that
+hold its own pairs and parses only those pairs, and a resumed run starts where it stopped without
+reading what came before. The order depends on (data, seed, epoch) only.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import concurrent.futures
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+from embedtune.config import DataConfig
+from embedtune.data.records import (
+    DataError,
+    Pair,
+    Reject,
+    _compression_suffix,
+    _read_lines,
+    file_format,
+    parse_record,
+)
+from embedtune.data.split import trains_on
+
+logger = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+INDEX_FOLDER = "data_index"  # in output_dir, unless data.index_dir says where
+# The settings that decide which records are training pairs, and so what an index holds.
+PAIR_SETTINGS = ("format", "query_field", "positive_field", "negatives_field", "label_field", "source_field",
+                 "prompt_field", "max_negatives", "max_negatives_per_record", "max_record_bytes", "eval_fraction",
+                 "block_records")
+REJECTS_KEPT = 10_000
+READ_RETRIES = 5  # a block read that fails is tried this many times more
+READ_BACKOFF_S = 1.0  # before the first retry; doubled before each next one  # bad records an index keeps per file (the count is always exact)
+
+
+@dataclass
+class Block:
+    """Records of one file that are read together."""
+
+    file: int  # its file, by position in the index's list
+    start: int  # JSONL: byte offset of its first line; Parquet: row group number; compressed: 0
+    stop: int  # JSONL: byte offset past its last line; -1: to the end of the file
+    first: int  # line (or row) number of its first record
+    lines: int  # records (lines or rows) in it
+    bits: bytes  # bit i set: record i is a training pair
+    count: int  # training pairs in it
+
+    def offsets(self) -> list[int]:
+        """The training pairs' record numbers within the block, in order."""
+        return [i for i in range(self.lines) if self.bits[i >> 3] >> (i & 7) & 1]
+
+
+@dataclass
+class FileIndex:
+    path: str
+    fmt: str
+    blocks: list[Block]
+    rejects: list[Reject]
+    bad: int  # bad records in the file (all of them, even past REJECTS_KEPT)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": INDEX_VERSION, "path": self.path, "format": self.fmt, "bad": self.bad,
+                "blocks": [[b.start, b.stop, b.first, b.lines, b.count, base64.b64encode(b.bits).decode()]
+                           for b in self.blocks],
+                "rejects": [[r.file, r.line, r.reason, r.raw] for r in self.rejects]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], file: int) -> FileIndex:
+        blocks = [Block(file, start, stop, first, lines, base64.b64decode(bits), count)
+                  for start, stop, first, lines, count, bits in data["blocks"]]
+        return cls(data["path"], data["format"], blocks, [Reject(*r) for r in data["rejects"]], data["bad"])
+
+
+@dataclass
+class DataIndex:
+    """Every training file's blocks; ``blocks`` lists them all in file order."""
+
+    files: list[FileIndex]
+    blocks: list[Block] = field(default_factory=list)
+    built: int = 0  # files indexed by this call (the others came from the cache)
+
+    def __post_init__(self) -> None:
+        self.blocks = [b for f in self.files for b in f.blocks]
+
+    @property
+    def total(self) -> int:
+        """Training pairs in an epoch."""
+        return sum(b.count for b in self.blocks)
+
+    @property
+    def rejects(self) -> list[Reject]:
+        return [r for f in self.files for r in f.rejects]
+
+    @property
+    def bad(self) -> int:
+        return sum(f.bad for f in self.files)
+
+
+def settings_key(cfg: DataConfig, require_negatives: bool) -> dict[str, Any]:
+    settings = {name: getattr(cfg, name) for name in PAIR_SETTINGS}
+    # Held-out pairs are carved off only when there are no eval files.
+    settings["eval_fraction"] = 0.0 if cfg.eval_files else cfg.eval_fraction
+    settings["require_negatives"] = require_negatives
+    return settings
+
+
+def _stamp(path: str) -> dict[str, Any]:
+    """What says a file is the one indexed: its size and modification time (or its ETag)."""
+    try:
+        fs, inner = fsspec.core.url_to_fs(path)
+        info = fs.info(inner)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot be read: {type(exc).__name__}: {exc}") from exc
+    changed = next((info[k] for k in ("mtime", "LastModified", "last_modified", "updated", "ETag", "etag", "created")
+                    if info.get(k) is not None), None)
+    return {"size": info.get("size"), "changed": str(changed)}
+
+
+def _cache_name(path: str, settings: dict[str, Any]) -> str:
+    key = json.dumps({"version": INDEX_VERSION, "path": path, "file": _stamp(path), "settings": settings},
+                     sort_keys=True, default=str)
+    return hashlib.sha1(key.encode()).hexdigest() + ".json"
+
+
+class _Bits:
+    def __init__(self) -> None:
+        self.bits = bytearray()
+        self.lines = 0
+        self.count = 0
+
+    def add(self, trains: bool) -> None:
+        if self.lines % 8 == 0:
+            self.bits.append(0)
+        if trains:
+            self.bits[-1] |= 1 << (self.lines % 8)
+            self.count += 1
+        self.lines += 1
+
+
+def index_file(path: str, cfg: DataConfig, require_negatives: bool = False) -> FileIndex:
+    """One file's blocks, read once (see the module's docstring)."""
+    fmt = file_format(path, cfg.format)
+    rejects: list[Reject] = []
+    bad = 0
+
+    def judge(item: Pair | Reject | None) -> bool:
+        nonlocal bad
+        if isinstance(item, Reject):
+            bad += 1
+            if len(rejects) < REJECTS_KEPT:
+                rejects.append(item)
+            return False
+        return item is not None and trains_on(item, cfg)
+
+    blocks: list[Block] = []
+    if fmt == "json":
+        whole = bool(_compression_suffix(path))
+        bits, start, first, end = _Bits(), 0, 1, 0
+        for number, line, end in _read_lines(path, cfg.max_record_bytes):
+            bits.add(judge(parse_record(path, number, line, cfg, require_negatives)))
+            if not whole and bits.lines == cfg.block_records:
+                blocks.append(Block(0, start, end, first, bits.lines, bytes(bits.bits), bits.count))
+                bits, start, first = _Bits(), end, number + 1
+        if bits.lines:
+            blocks.append(Block(0, start, -1 if whole else end, first, bits.lines, bytes(bits.bits), bits.count))
+    elif fmt == "parquet":
+        number = 0
+        for group, rows in enumerate(_row_groups(path)):
+            bits = _Bits()
+            for row in rows:
+                number += 1
+                bits.add(judge(parse_record(path, number, row, cfg, require_negatives)))
+            blocks.append(Block(0, group, -1, number - bits.lines + 1, bits.lines, bytes(bits.bits), bits.count))
+    else:
+        raise DataError(f"{path}: data.order=indexed reads JSONL and Parquet files, and this one is {fmt}; convert "
+                        "it to JSONL or Parquet, or set data.order=stream")
+    return FileIndex(path, fmt, blocks, rejects, bad)
+
+
+def _parquet(path: str) -> Any:
+    import pyarrow.parquet as pq
+
+    if named := _compression_suffix(path):
+        raise DataError(f"{path}: a Parquet file compressed as a whole ({named}) cannot be read; decompress it")
+    try:
+        return pq.ParquetFile(fsspec.open(path, "rb").open())
+    except Exception as exc:
+        raise DataError(f"{path}: cannot be read as parquet: {type(exc).__name__}: {exc}; fix the file or convert it "
+                        "to JSONL") from exc
+
+
+def _row_groups(path: str) -> Iterable[list[dict[str, Any]]]:
+    file = _parquet(path)
+    for group in range(file.num_row_groups):
+        yield file.read_row_group(group).to_pylist()
+
+
+def _index_one(args: tuple[str, DataConfig, bool, str | None]) -> tuple[dict[str, Any], bool]:
+    """A file's index as JSON, from the cache when it is there; and whether it was built."""
+    path, cfg, require_negatives, cache_dir = args
+    cached = os.path.join(cache_dir, _cache_name(path, settings_key(cfg, require_negatives))) if cache_dir else None
+    if cached and os.path.exists(cached):
+        try:
+            with open(cached, encoding="utf-8") as f:
+                data = json.load(f)
+            if data.get("version") == INDEX_VERSION and data.get("path") == path:
+                return data, False
+        except (OSError, ValueError):
+            pass  # unreadable: built again, and written over
+    for attempt in range(READ_RETRIES + 1):
+        try:
+            data = index_file(path, cfg, require_negatives).to_json()
+            break
+        except Exception as exc:  # the file is read again from its start: a dropped connection, a throttle
+            cause = exc.__cause__ if isinstance(exc, DataError) and exc.__cause__ is not None else exc
+            if isinstance(exc, DataError) and exc.__cause__ is None or attempt == READ_RETRIES:
+                raise  # a problem of the file itself (named), or the last try
+            logger.warning("%s: indexing failed (%s: %s); trying again in %.0f s", path, type(cause).__name__,
+                           str(cause)[:200], READ_BACKOFF_S * 2 ** attempt)
+            time.sleep(READ_BACKOFF_S * 2 ** attempt)
+    if cached:  # a name of its own, as other processes may be writing the same index
+        tmp = f"{cached}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, cached)
+    return data, True
+
+
+def build_index(files: list[str], cfg: DataConfig, cache_dir: str | None, require_negatives: bool = False,
+                workers: int = 1) -> DataIndex:
+    """The index of ``files``, each from the cache or read once, ``workers`` files at a time."""
+    if cache_dir:
+        os.makedirs(cache_dir, exist_ok=True)
+    jobs = [(path, cfg, require_negatives, cache_dir) for path in files]
+    if workers > 1 and len(files) > 1:
+        context = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(min(workers, len(files)), mp_context=context) as pool:
+            results = list(pool.map(_index_one, jobs))
+    else:
+        results = [_index_one(job) for job in jobs]
+    index = DataIndex([FileIndex.from_json(data, i) for i, (data, _) in enumerate(results)],
+                      built=sum(built for _, built in results))
+    if index.built:
+        logger.info("indexed %d of %d training file(s): %s training pairs in %s blocks", index.built, len(files),
+                    f"{index.total:,}", f"{len(index.blocks):,}")
+    return index
+
+
+class EpochOrder:
+    """One epoch's order over an index (see the module's docstring): ``locate(p)`` says which block
+    and which of its records is position ``p``, for ``0 <= p < total``."""
+
+    def __init__(self, index: DataIndex, seed: int, epoch: int, shuffle: bool, window: int) -> None:
+        import random
+
+        self.index, self.shuffle = index, shuffle
+        self.seed, self.epoch = seed, epoch
+        order = [i for i, b in enumerate(index.blocks) if b.count]
+        if shuffle:
+            random.Random(f"{seed}:{epoch}:blocks").shuffle(order)
+        # Windows of whole blocks holding at least `window` training pairs each (the last one less).
+        self.windows: list[list[int]] = []
+        self.starts: list[int] = []
+        total, held = 0, window
+        for b in order:
+            if held >= window or not shuffle:
+                self.windows.append([])
+                self.starts.append(total)
+                held = 0
+            self.windows[-1].append(b)
+            held += index.blocks[b].count
+            total += index.blocks[b].count
+        self.total = total
+        self._window: tuple[int, list[int], list[int]] | None = None  # (number, permutation, block starts)
+        self._offsets: OrderedDict[int, list[int]] = OrderedDict()
+
+    def _window_layout(self, number: int) -> tuple[list[int], list[int]]:
+        if self._window is None or self._window[0] != number:
+            import random
+
+            blocks = self.windows[number]
+            starts, n = [], 0
+            for b in blocks:
+                starts.append(n)
+                n += self.index.blocks[b].count
+            permutation = list(range(n))
+            if self.shuffle:
+                random.Random(f"{self.seed}:{self.epoch}:window:{number}").shuffle(permutation)
+            self._window = (number, permutation, starts)
+        return self._window[1], self._window[2]
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(block, which of its training pairs) at ``position`` of the epoch."""
+        number = bisect.bisect_right(self.starts, position) - 1
+        permutation, starts = self._window_layout(number)
+        within = permutation[position - self.starts[number]]
+        slot = bisect.bisect_right(starts, within) - 1
+        return self.windows[number][slot], within - starts[slot]
+
+    def window_end(self, position: int) -> int:
+        """The first position after the window that holds ``position``."""
+        number = bisect.bisect_right(self.starts, position) - 1
+        return self.starts[number + 1] if number + 1 < len(self.starts) else self.total
+
+    def record(self, block: int, ordinal: int) -> int:
+        """Which record of ``block`` (counted from 0) its ``ordinal``-th training pair is."""
+        offsets = self._offsets.get(block)
+        if offsets is None:
+            offsets = self._offsets[block] = self.index.blocks[block].offsets()
+            if len(self._offsets) > 64:
+                self._offsets.popitem(last=False)
+        return offsets[ordinal]
+
+    def pair_id(self, position: int) -> str:
+        """The id of the pair at ``position`` (its file and line), from the index alone."""
+        block, ordinal = self.locate(position)
+        b = self.index.blocks[block]
+        return f"{self.index.files[b.file].path}:{b.first + self.record(block, ordinal)}"
+
+
+class BlockReader:
+    """Reads the training pairs it is asked for, parsing no other record; counts what it did."""
+
+    def __init__(self, index: DataIndex, cfg: DataConfig, require_negatives: bool = False) -> None:
+        self.index, self.cfg, self.require_negatives = index, cfg, require_negatives
+        self.parsed = 0  # records parsed
+        self.scanned = 0  # records passed over to reach them (lines split, rows read)
+        self.blocks_read = 0
+        self._parquet: OrderedDict[int, Any] = OrderedDict()
+
+    def read(self, order: EpochOrder, wanted: dict[int, list[int]]) -> dict[tuple[int, int], Pair]:
+        """The pairs at (block, ordinal) for each block's wanted ordinals."""
+        found: dict[tuple[int, int], Pair] = {}
+        for block, ordinals in sorted(wanted.items()):
+            records = {order.record(block, k): k for k in set(ordinals)}
+            for record, raw in self._records(block, records):
+                b = self.index.blocks[block]
+                path = self.index.files[b.file].path
+                self.parsed += 1
+                item = parse_record(path, b.first + record, raw, self.cfg, self.require_negatives)
+                if not isinstance(item, Pair) or not trains_on(item, self.cfg):
+                    raise DataError(f"{path}: line {b.first + record} is no longer the training pair the index "
+                                    f"of the file says it is; the file changed after it was indexed. Delete "
+                                    f"{self.cfg.index_dir or 'output_dir/data_index'} to index the files again.")
+                found[block, records[record]] = item
+        return found
+
+    def _records(self, block: int, wanted: dict[int, int]) -> list[tuple[int, Any]]:
+        """(record number in the block, raw line or row) of the wanted records. A read that fails
+        (object storage drops connections and throttles) is tried again, after 1, 2, 4... seconds."""
+        path = self.index.files[self.index.blocks[block].file].path
+        for attempt in range(READ_RETRIES + 1):
+            scanned = self.scanned
+            try:
+                return list(self._read_block(block, wanted))
+            except Exception as exc:
+                self.scanned = scanned
+                self._parquet.pop(self.index.blocks[block].file, None)  # its connection may be what broke
+                cause = exc.__cause__ if isinstance(exc, DataError) and exc.__cause__ is not None else exc
+                if attempt == READ_RETRIES:
+                    raise DataError(f"{path}: block {block} (from line or row {self.index.blocks[block].first}) could "
+                                    f"not be read in {READ_RETRIES + 1} tries; the last error: "
+                                    f"{type(cause).__name__}: {cause}") from exc
+                wait = READ_BACKOFF_S * 2 ** attempt
+                logger.warning("%s: reading failed (%s: %s); trying again in %.0f s", path, type(cause).__name__,
+                               str(cause)[:200], wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _read_block(self, block: int, wanted: dict[int, int]) -> Iterable[tuple[int, Any]]:
+        b = self.index.blocks[block]
+        file = self.index.files[b.file]
+        self.blocks_read += 1
+        last = max(wanted)
+        if file.fmt == "json":
+            stop = None if b.stop == -1 else b.stop
+            for number, line, _ in _read_lines(file.path, self.cfg.max_record_bytes, b.start, stop, b.first):
+                record = number - b.first
+                self.scanned += 1
+                if record in wanted:
+                    yield record, line
+                if record >= last:
+                    return
+            return
+        parquet = self._parquet.get(b.file)
+        if parquet is None:
+            parquet = self._parquet[b.file] = _parquet(file.path)
+            if len(self._parquet) > 4:
+                self._parquet.popitem(last=False)
+        rows = sorted(wanted)
+        group = parquet.read_row_group(b.start)
+        self.scanned += group.num_rows
+        table = group.take(rows)
+        yield from zip(rows, table.to_pylist())
+
+
+def window_records(cfg: DataConfig) -> int:
+    """Training pairs a window of the indexed order holds at least (``data.shuffle_buffer``)."""
+    return max(1, cfg.shuffle_buffer)

@@ -1,0 +1,340 @@
+"""data.order=indexed: the files indexed once, each epoch an addressable order over their blocks.
+
+The order must keep every guarantee of the streamed one (each training pair once per epoch, the
+same global batches on any number of processes and workers, exact resume, bad records named by
+file and line), while each reader parses only its own pairs and a resume reads nothing before
+its position.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import http.server
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import ROOT, make_pairs, untokenized, write_jsonl
+from fsspec.implementations.memory import MemoryFileSystem
+from test_resume import args_for, assert_same_run, batches, finish, kill_when, logged_steps, start
+
+from embedtune.config import Config, DataConfig, parse_args
+from embedtune.data import index as index_module
+from embedtune.data.index import EpochOrder, build_index
+from embedtune.data.records import DataError, Reject, read_pairs
+from embedtune.data.split import trains_on
+from embedtune.data.stream import PairBatches, make_loader
+
+
+def shards(folder: Path) -> list[str]:
+    """Three shards of one data set: plain JSONL with two bad lines, gzipped JSONL, Parquet in
+    row groups of 40."""
+    records = make_pairs(330, seed=5)
+    plain = records[:110]
+    lines: list = [*plain[:20], "{not json", *plain[20:70], {"question": "no answer here"}, *plain[70:]]
+    write_jsonl(folder / "a.jsonl", lines)
+    with gzip.open(folder / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records[110:220])
+    pq.write_table(pa.Table.from_pylist(records[220:]), folder / "c.parquet", row_group_size=40)
+    return [str(folder / name) for name in ("a.jsonl", "b.jsonl.gz", "c.parquet")]
+
+
+def config(files: list[str], **extra) -> DataConfig:
+    return DataConfig(train_files=files, order="indexed", block_records=16, shuffle_buffer=50, eval_fraction=0.1,
+                      on_bad_record="skip", **extra)
+
+
+def epoch_batches(cfg: DataConfig, index, processes: int = 1, workers: int = 0, epoch: int = 0, done: int = 0,
+                  batch: int = 12, accumulation: int = 2) -> list[list[str]]:
+    """The global micro-batches (ids) the processes train on, put back together step by step."""
+    per_process = []
+    for rank in range(processes):
+        dataset = PairBatches(cfg, batch, accumulation, seed=7, collate=untokenized, num_processes=processes,
+                              rank=rank)
+        dataset.index = index
+        dataset.set_position(epoch, done)
+        per_process.append([b.ids for b in make_loader(dataset, workers, pin_memory=False)])
+    return [sum((p[i] for p in per_process), []) for i in range(len(per_process[0]))]
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("shards")
+    files = shards(folder)
+    cfg = config(files)
+    return files, cfg, build_index(files, cfg, str(folder / "index"))
+
+
+def test_an_epoch_trains_on_every_training_pair_once(indexed) -> None:
+    files, cfg, index = indexed
+    streamed = [p for p in read_pairs(files, cfg) if not isinstance(p, Reject) and trains_on(p, cfg)]
+    ids = [i for b in epoch_batches(cfg, index) for i in b]
+    assert sorted(ids) == sorted(p.id for p in streamed) and len(ids) == index.total == len(streamed)
+    # Shuffled across the files, not file after file.
+    names = [i.rsplit(":", 1)[0] for i in ids]
+    assert sum(a != b for a, b in zip(names, names[1:])) > 30
+    # The blocks are what the module says: 16 lines of the plain file, the gzipped file whole,
+    # a Parquet row group each.
+    assert [len(f.blocks) for f in index.files] == [7, 1, 3]
+    # A second epoch and another seed give other orders.
+    assert epoch_batches(cfg, index, epoch=1) != epoch_batches(cfg, index)
+
+
+def test_bad_records_are_named_by_file_and_line(indexed) -> None:
+    files, _, index = indexed
+    assert [(r.file, r.line) for r in index.rejects] == [(files[0], 21), (files[0], 72)]
+    assert "not valid JSON" in index.rejects[0].reason and "no 'answer' field" in index.rejects[1].reason
+
+
+@pytest.mark.parametrize("processes, workers", [(2, 0), (3, 2), (4, 3)])
+def test_the_same_global_batches_on_any_number_of_processes_and_workers(indexed, processes: int,
+                                                                        workers: int) -> None:
+    _, cfg, index = indexed
+    assert epoch_batches(cfg, index, processes, workers) == epoch_batches(cfg, index)
+
+
+def test_a_resumed_epoch_continues_exactly_and_reads_nothing_before(indexed) -> None:
+    _, cfg, index = indexed
+    whole = epoch_batches(cfg, index, epoch=1)
+    # 5 global batches done = 10 micro-batches of 6.
+    assert epoch_batches(cfg, index, processes=2, workers=2, epoch=1, done=5) == whole[10:]
+    dataset = PairBatches(cfg, 12, 2, seed=7, collate=untokenized)
+    dataset.index = index
+    dataset.set_position(1, 5)
+    first = next(iter(dataset))
+    assert first.ids == whole[10]
+    # What was read to get there: the pairs from there to the end of the window that holds the
+    # micro-batch (and of the next one, read ahead meanwhile), nothing of the 60 pairs before.
+    order = EpochOrder(index, 7, 1, True, cfg.shuffle_buffer)
+    end = order.window_end(65)
+    assert end - 60 <= dataset.reader.parsed <= order.window_end(end) - 60
+
+
+def test_each_reader_parses_only_its_own_pairs(indexed) -> None:
+    _, cfg, index = indexed
+    readers = []
+    for rank in range(2):
+        for worker in range(3):
+            dataset = PairBatches(cfg, 12, 2, seed=7, collate=untokenized, num_processes=2, rank=rank)
+            dataset.index = index
+            got = list(dataset.indexed_batches(worker, 3))
+            own = sum(len(b.ids) for b in got)
+            # A process whose slice of a micro-batch is empty reads one stand-in pair for it.
+            assert dataset.reader.parsed == own + sum(b.empty for b in got)
+            # Each block of the epoch is read once at most.
+            assert dataset.reader.blocks_read <= len(index.blocks)
+            readers.append(own)
+    assert sum(readers) == index.total and max(readers) <= index.total / 6 + 12
+
+
+def test_the_index_is_read_from_its_cache_and_built_again_for_a_changed_file(tmp_path: Path) -> None:
+    files = shards(tmp_path)
+    cfg = config(files)
+    cache = str(tmp_path / "index")
+    first = build_index(files, cfg, cache, workers=2)
+    again = build_index(files, cfg, cache)
+    assert (first.built, again.built) == (3, 0) and again.total == first.total
+    assert [b.bits for b in again.blocks] == [b.bits for b in first.blocks]
+    # Another held-out fraction is another set of training pairs: indexed again.
+    assert build_index(files, config(files).model_copy(update={"eval_fraction": 0.2}), cache).built == 3
+    # The plain file rewritten: only it is indexed again, and the new records are trained on.
+    records = make_pairs(40, seed=9)
+    write_jsonl(Path(files[0]), records)
+    os.utime(files[0], (time.time() + 5, time.time() + 5))
+    changed = build_index(files, cfg, cache)
+    assert changed.built == 1 and changed.bad == 0
+    assert len(changed.files[0].blocks) == 3
+
+
+def test_a_file_changed_under_its_index_is_named_rather_than_read_wrong(tmp_path: Path) -> None:
+    files = shards(tmp_path)
+    cfg = config(files)
+    index = build_index(files, cfg, None)
+    stamp = os.stat(files[0])
+    text = Path(files[0]).read_text().replace('"question"', '"questio"', 1)
+    Path(files[0]).write_text(text)
+    os.utime(files[0], ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    with pytest.raises(DataError, match=r"a\.jsonl: line 1 is no longer the training pair.*changed after it was "
+                                        r"indexed.*Delete"):
+        epoch_batches(cfg.model_copy(update={"shuffle": False}), index)
+
+
+def test_order_settings_that_regroup_the_stream_are_refused_in_one_line(tmp_path: Path) -> None:
+    path = str(write_jsonl(tmp_path / "a.jsonl", make_pairs(10)))
+    with pytest.raises(ValueError, match="data.group_by_length regroups the streamed order"):
+        DataConfig(train_files=[path], order="indexed", group_by_length=4)
+    with pytest.raises(ValueError, match="in_batch regroups the streamed order"):
+        Config(data={"train_files": [path], "order": "indexed"}, train={"hard_negatives": {"in_batch": True}})
+    # Not given, mining steps aside for the indexed order, as for the other regroupings.
+    assert Config(data={"train_files": [path], "order": "indexed"}).train.hard_negatives is None
+    csv = tmp_path / "a.csv"
+    csv.write_text("question,answer\nq,a\n")
+    with pytest.raises(DataError, match=r"a\.csv: data.order=indexed reads JSONL and Parquet files.*convert it"):
+        build_index([str(csv)], config([str(csv)]), None)
+
+
+def test_windows_hold_at_least_the_shuffle_buffer(indexed) -> None:
+    _, cfg, index = indexed
+    order = EpochOrder(index, 7, 0, True, cfg.shuffle_buffer)
+    counts = [sum(index.blocks[b].count for b in w) for w in order.windows]
+    assert all(c >= cfg.shuffle_buffer for c in counts[:-1]) and sum(counts) == index.total
+    assert sorted(order.locate(p) for p in range(order.total)) == sorted(
+        (b, k) for b, block in enumerate(index.blocks) for k in range(block.count))
+
+
+# --- whole runs ---------------------------------------------------------------------------------
+
+INDEXED = ("data.order=indexed", "data.block_records=16", "tracking.report_to=none")
+
+
+@pytest.fixture(scope="module")
+def indexed_reference(models: dict[str, Path], data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("indexed_reference") / "out"
+    finish(start(args_for(models["dropout"], data, out, *INDEXED)))
+    return out
+
+
+def test_an_indexed_run_killed_at_a_random_step_resumes_into_the_same_run(models, data, indexed_reference,
+                                                                           tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = args_for(models["dropout"], data, out, *INDEXED)
+    total = len(batches(indexed_reference))
+    kill_at = random.Random().randint(5, total - 6)
+    run = start(args)
+    kill_when(run, lambda: logged_steps(out) >= kill_at)
+    run.wait()
+    assert not (out / "final_model").exists()
+    finish(start(args + ["--resume_from_checkpoint", "latest"]))
+    assert_same_run(out, indexed_reference)
+    # The resumed run read the index its first part wrote.
+    assert len(os.listdir(out / "data_index")) == 1
+
+
+def test_an_indexed_run_trains_on_the_same_batches_on_two_processes(models, data, tmp_path: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    finish(start(args_for(models["plain"], data, one, *INDEXED, "train.max_steps=6")))
+    finish(start(args_for(models["plain"], data, two, *INDEXED, "train.max_steps=6"), processes=2))
+    assert batches(two) == batches(one)
+
+
+def test_an_indexed_run_stops_on_a_bad_record_naming_it(models, tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "pairs.jsonl", [*make_pairs(30), '{"question": "q"}'])
+    cfg = parse_args(["--input_jsonl", str(path), "--base_model", str(models["plain"]), "--output_dir",
+                             str(tmp_path / "out"), "data.order=indexed", "tracking.report_to=none"])
+    from embedtune.training.trainer import Trainer
+
+    with pytest.raises(DataError, match=r"1 bad record\(s\) in the training files; the first: .*pairs\.jsonl, "
+                                        r"line 31.*no 'answer' field"):
+        Trainer(cfg).setup()
+
+
+# --- object storage -------------------------------------------------------------------------------
+
+
+class FlakyFileSystem(MemoryFileSystem):
+    """fsspec's in-memory filesystem whose opens fail while ``failures`` says so, as object
+    storage does when it drops a connection or throttles."""
+
+    protocol = "flaky"
+    root_marker = "/"
+    failures = 0
+
+    def _open(self, path, mode="rb", **kwargs):
+        if FlakyFileSystem.failures:
+            FlakyFileSystem.failures -= 1
+            raise ConnectionError("connection reset by peer")
+        return super()._open(path, mode, **kwargs)
+
+
+def test_shards_on_an_fsspec_filesystem_read_the_same_and_survive_dropped_connections(tmp_path: Path, monkeypatch,
+                                                                                       caplog) -> None:
+    fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
+    local = shards(tmp_path)
+    remote = []
+    for path in local:
+        url = f"flaky://bucket/{Path(path).name}"
+        with fsspec.open(url, "wb") as f:
+            f.write(Path(path).read_bytes())
+        remote.append(url)
+    here = build_index(local, config(local), None)
+    there = build_index(remote, config(remote), str(tmp_path / "index"))
+    assert [(b.lines, b.count, b.bits) for b in there.blocks] == [(b.lines, b.count, b.bits) for b in here.blocks]
+    renamed = [[i.replace(str(tmp_path) + "/", "flaky://bucket/") for i in b] for b in epoch_batches(config(local), here)]
+    monkeypatch.setattr(index_module, "READ_BACKOFF_S", 0.0)
+    FlakyFileSystem.failures = 3  # three reads fail, then the connection holds
+    with caplog.at_level("WARNING"):
+        assert epoch_batches(config(remote), there) == renamed
+    assert caplog.text.count("reading failed (ConnectionError: connection reset by peer); trying again") == 3
+    FlakyFileSystem.failures = 100  # down for good: named, after the retries
+    with pytest.raises(DataError, match=r"flaky://bucket/\w\.\w+.*: block \d+ .*could not be read in 6 tries; the "
+                                        r"last error: ConnectionError: connection reset by peer"):
+        epoch_batches(config(remote), there)
+    FlakyFileSystem.failures = 0
+
+
+class RangedFiles(http.server.SimpleHTTPRequestHandler):
+    """A static file server that answers byte-range requests, as object storage over https does."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def send_head(self):  # type: ignore[override]
+        wanted = self.headers.get("Range")
+        if not wanted or self.command != "GET":
+            return super().send_head()
+        data = Path(self.translate_path(self.path)).read_bytes()
+        first, _, last = wanted.removeprefix("bytes=").partition("-")
+        start, end = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        return io.BytesIO(data[start:end + 1])
+
+
+def test_shards_over_https_style_range_requests_read_the_same(tmp_path: Path) -> None:
+    pytest.importorskip("aiohttp")
+    local = shards(tmp_path)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangedFiles, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    site = f"http://127.0.0.1:{server.server_port}"
+    try:
+        remote = [f"{site}/{Path(p).name}" for p in local]
+        there = build_index(remote, config(remote), None)
+        here = build_index(local, config(local), None)
+        assert [(b.start, b.stop, b.bits) for b in there.blocks] == [(b.start, b.stop, b.bits) for b in here.blocks]
+        renamed = [[i.replace(str(tmp_path), site) for i in b] for b in epoch_batches(config(local), here)]
+        assert epoch_batches(config(remote), there) == renamed
+    finally:
+        server.shutdown()
+
+
+def test_the_data_benchmark_shows_each_reader_parsing_its_share(tmp_path: Path) -> None:
+    """`embedtune bench data` at a small size: the figures it prints are the ones the README's
+    table holds at 11M records."""
+    done = subprocess.run([sys.executable, "-m", "embedtune", "bench", "data", "--out", str(tmp_path), "--records",
+                           "12000", "--shards", "6", "--formats", "jsonl.gz", "--batch_size", "128", "--readers", "1x1",
+                           "4x8", "--resume_at", "9000", "--stream_resume", "0"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "jsonl.gz: 0.00 GB, 12,000 training pairs in 6 blocks" in out
+    rows = {int(line.split()[0]): line.split() for line in out.splitlines()
+            if line.split() and line.split()[0] in ("1", "32") and "x" in line.split()[1]}
+    assert rows[1][2] == "12,000" and rows[1][3] == "1.000"  # one reader parses all
+    assert 0.99 <= float(rows[32][3]) <= 1.1  # each of 32 parses a 32nd (stand-ins aside)
+    resumed = [line.split() for line in out.splitlines() if line.strip().startswith("9,000")]
+    assert len(resumed) == 2 and all(float(r[-1]) < 2.0 for r in resumed)  # resumed 9,000 in, no slower than fresh x2
+    assert "peak RSS of reader 0 of 32" in out and "(2,000 pairs)" in out and "(12,000 pairs)" in out
