@@ -145,7 +145,7 @@ def test_the_index_is_read_from_its_cache_and_built_again_for_a_changed_file(tmp
     first = build_index(files, cfg, cache, workers=2)
     again = build_index(files, cfg, cache)
     assert (first.built, again.built) == (3, 0) and again.total == first.total
-    assert [b.bits for b in again.blocks] == [b.bits for b in first.blocks]
+    assert [again.payload(i) for i in range(len(again.blocks))] == [first.payload(i) for i in range(len(first.blocks))]
     # Another held-out fraction is another set of training pairs: indexed again.
     assert build_index(files, config(files).model_copy(update={"eval_fraction": 0.2}), cache).built == 3
     # The plain file rewritten: only it is indexed again, and the new records are trained on.
@@ -172,8 +172,10 @@ def test_a_file_changed_under_its_index_is_named_rather_than_read_wrong(tmp_path
 
 def test_order_settings_that_regroup_the_stream_are_refused_in_one_line(tmp_path: Path) -> None:
     path = str(write_jsonl(tmp_path / "a.jsonl", make_pairs(10)))
-    with pytest.raises(ValueError, match="data.group_by_length regroups the streamed order"):
-        DataConfig(train_files=[path], order="indexed", group_by_length=4)
+    with pytest.raises(ValueError, match="data.batch_by_source regroups the streamed order"):
+        DataConfig(train_files=[path], order="indexed", batch_by_source=True)
+    with pytest.raises(ValueError, match="data.source_weights regroups the streamed order"):
+        DataConfig(train_files=[path], order="indexed", source_weights={"a": 2})
     with pytest.raises(ValueError, match="in_batch regroups the streamed order"):
         Config(data={"train_files": [path], "order": "indexed"}, train={"hard_negatives": {"in_batch": True}})
     # Not given, mining steps aside for the indexed order, as for the other regroupings.
@@ -182,6 +184,33 @@ def test_order_settings_that_regroup_the_stream_are_refused_in_one_line(tmp_path
     csv.write_text("question,answer\nq,a\n")
     with pytest.raises(DataError, match=r"a\.csv: data.order=indexed reads JSONL and Parquet files.*convert it"):
         build_index([str(csv)], config([str(csv)]), None)
+
+
+def test_length_grouped_batches_keep_every_guarantee_and_hold_texts_of_about_one_length(indexed) -> None:
+    files, plain, _ = indexed
+    # Documents of very different lengths, so that grouping has something to do.
+    folder = Path(files[0]).parent / "varied"
+    folder.mkdir(exist_ok=True)
+    rng = random.Random(0)
+    records = [{"question": r["question"], "answer": " ".join([r["answer"]] * rng.randint(1, 12))}
+               for r in make_pairs(300, seed=8)]
+    path = str(write_jsonl(folder / "v.jsonl", records))
+    cfg = config([path], group_by_length=4)
+    index = build_index([path], cfg, None)
+    grouped = epoch_batches(cfg, index)
+    ids = [i for b in grouped for i in b]
+    assert sorted(ids) == sorted(i for b in epoch_batches(config([path]), index) for i in b)
+    assert epoch_batches(cfg, index, processes=3, workers=2) == grouped
+    assert epoch_batches(cfg, index, processes=2, workers=2, done=7) == grouped[14:]
+    # The spread of answer lengths within a global batch (2 micro-batches) falls well below that of
+    # the ungrouped order.
+    length = {f"{path}:{i + 1}": len(r["answer"]) for i, r in enumerate(records)}
+
+    def spread(batches: list[list[str]]) -> float:
+        steps = [batches[i] + batches[i + 1] for i in range(0, len(batches) - 1, 2)]
+        return sum(max(length[i] for i in s) - min(length[i] for i in s) for s in steps) / len(steps)
+
+    assert spread(grouped) < 0.5 * spread(epoch_batches(config([path]), index))
 
 
 def test_windows_hold_at_least_the_shuffle_buffer(indexed) -> None:
@@ -196,19 +225,20 @@ def test_windows_hold_at_least_the_shuffle_buffer(indexed) -> None:
 # --- whole runs ---------------------------------------------------------------------------------
 
 INDEXED = ("data.order=indexed", "data.block_records=16", "tracking.report_to=none")
+GROUPED = (*INDEXED, "data.group_by_length=3")  # the killed run regroups by length as well
 
 
 @pytest.fixture(scope="module")
 def indexed_reference(models: dict[str, Path], data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("indexed_reference") / "out"
-    finish(start(args_for(models["dropout"], data, out, *INDEXED)))
+    finish(start(args_for(models["dropout"], data, out, *GROUPED)))
     return out
 
 
-def test_an_indexed_run_killed_at_a_random_step_resumes_into_the_same_run(models, data, indexed_reference,
+def test_an_indexed_length_grouped_run_killed_at_a_random_step_resumes_into_the_same_run(models, data, indexed_reference,
                                                                            tmp_path: Path) -> None:
     out = tmp_path / "out"
-    args = args_for(models["dropout"], data, out, *INDEXED)
+    args = args_for(models["dropout"], data, out, *GROUPED)
     total = len(batches(indexed_reference))
     kill_at = random.Random().randint(5, total - 6)
     run = start(args)
@@ -217,8 +247,8 @@ def test_an_indexed_run_killed_at_a_random_step_resumes_into_the_same_run(models
     assert not (out / "final_model").exists()
     finish(start(args + ["--resume_from_checkpoint", "latest"]))
     assert_same_run(out, indexed_reference)
-    # The resumed run read the index its first part wrote.
-    assert len(os.listdir(out / "data_index")) == 1
+    # The resumed run read the index its first part wrote (one file's, and its payload).
+    assert sorted(Path(f).suffix for f in os.listdir(out / "data_index")) == [".bin", ".json"]
 
 
 def test_an_indexed_run_trains_on_the_same_batches_on_two_processes(models, data, tmp_path: Path) -> None:
@@ -269,7 +299,8 @@ def test_shards_on_an_fsspec_filesystem_read_the_same_and_survive_dropped_connec
         remote.append(url)
     here = build_index(local, config(local), None)
     there = build_index(remote, config(remote), str(tmp_path / "index"))
-    assert [(b.lines, b.count, b.bits) for b in there.blocks] == [(b.lines, b.count, b.bits) for b in here.blocks]
+    assert [(b.lines, b.count, there.payload(i)) for i, b in enumerate(there.blocks)] == [
+        (b.lines, b.count, here.payload(i)) for i, b in enumerate(here.blocks)]
     renamed = [[i.replace(str(tmp_path) + "/", "flaky://bucket/") for i in b] for b in epoch_batches(config(local), here)]
     monkeypatch.setattr(index_module, "READ_BACKOFF_S", 0.0)
     FlakyFileSystem.failures = 3  # three reads fail, then the connection holds
@@ -314,7 +345,8 @@ def test_shards_over_https_style_range_requests_read_the_same(tmp_path: Path) ->
         remote = [f"{site}/{Path(p).name}" for p in local]
         there = build_index(remote, config(remote), None)
         here = build_index(local, config(local), None)
-        assert [(b.start, b.stop, b.bits) for b in there.blocks] == [(b.start, b.stop, b.bits) for b in here.blocks]
+        assert [(b.start, b.stop, there.payload(i)) for i, b in enumerate(there.blocks)] == [
+            (b.start, b.stop, here.payload(i)) for i, b in enumerate(here.blocks)]
         renamed = [[i.replace(str(tmp_path), site) for i in b] for b in epoch_batches(config(local), here)]
         assert epoch_batches(config(remote), there) == renamed
     finally:

@@ -20,18 +20,19 @@ reading what came before. The order depends on (data, seed, epoch) only.
 
 from __future__ import annotations
 
-import base64
 import bisect
 import concurrent.futures
 import hashlib
 import json
 import logging
+import math
 import multiprocessing
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -43,6 +44,7 @@ from embedtune.data.records import (
     Reject,
     _compression_suffix,
     _read_lines,
+    document_tokens,
     file_format,
     parse_record,
 )
@@ -50,32 +52,31 @@ from embedtune.data.split import trains_on
 
 logger = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 INDEX_FOLDER = "data_index"  # in output_dir, unless data.index_dir says where
 # The settings that decide which records are training pairs, and so what an index holds.
 PAIR_SETTINGS = ("format", "query_field", "positive_field", "negatives_field", "label_field", "source_field",
                  "prompt_field", "max_negatives", "max_negatives_per_record", "max_record_bytes", "eval_fraction",
                  "block_records")
-REJECTS_KEPT = 10_000
+REJECTS_KEPT = 10_000  # bad records an index keeps per file (the count is always exact)
 READ_RETRIES = 5  # a block read that fails is tried this many times more
-READ_BACKOFF_S = 1.0  # before the first retry; doubled before each next one  # bad records an index keeps per file (the count is always exact)
+READ_BACKOFF_S = 1.0  # before the first retry; doubled before each next one
+PAYLOADS_KEPT = 1024  # blocks whose bits and lengths an index keeps in memory at once
 
 
 @dataclass
 class Block:
-    """Records of one file that are read together."""
+    """Records of one file that are read together. Which of them are training pairs, and their
+    lengths, are its payload: ``DataIndex.payload`` reads it when needed."""
 
     file: int  # its file, by position in the index's list
     start: int  # JSONL: byte offset of its first line; Parquet: row group number; compressed: 0
     stop: int  # JSONL: byte offset past its last line; -1: to the end of the file
     first: int  # line (or row) number of its first record
     lines: int  # records (lines or rows) in it
-    bits: bytes  # bit i set: record i is a training pair
     count: int  # training pairs in it
-
-    def offsets(self) -> list[int]:
-        """The training pairs' record numbers within the block, in order."""
-        return [i for i in range(self.lines) if self.bits[i >> 3] >> (i & 7) & 1]
+    payload: int  # where its payload starts in its file's: a bit per record (set: a training pair),
+    # then a byte per training pair, its document length as ``length_code`` (data.group_by_length)
 
 
 @dataclass
@@ -85,30 +86,39 @@ class FileIndex:
     blocks: list[Block]
     rejects: list[Reject]
     bad: int  # bad records in the file (all of them, even past REJECTS_KEPT)
+    payload: bytes | None = None  # the blocks' payloads, when held in memory
+    payload_file: str | None = None  # else where they are kept
 
     def to_json(self) -> dict[str, Any]:
+        """Everything but the payload."""
         return {"version": INDEX_VERSION, "path": self.path, "format": self.fmt, "bad": self.bad,
-                "blocks": [[b.start, b.stop, b.first, b.lines, b.count, base64.b64encode(b.bits).decode()]
-                           for b in self.blocks],
+                "blocks": [[b.start, b.stop, b.first, b.lines, b.count, b.payload] for b in self.blocks],
                 "rejects": [[r.file, r.line, r.reason, r.raw] for r in self.rejects]}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], file: int) -> FileIndex:
-        blocks = [Block(file, start, stop, first, lines, base64.b64decode(bits), count)
-                  for start, stop, first, lines, count, bits in data["blocks"]]
-        return cls(data["path"], data["format"], blocks, [Reject(*r) for r in data["rejects"]], data["bad"])
+    def from_json(cls, data: dict[str, Any], file: int, payload: bytes | None, payload_file: str | None) -> FileIndex:
+        blocks = [Block(file, *values) for values in data["blocks"]]
+        return cls(data["path"], data["format"], blocks, [Reject(*r) for r in data["rejects"]], data["bad"], payload,
+                   payload_file)
 
 
-@dataclass
 class DataIndex:
-    """Every training file's blocks; ``blocks`` lists them all in file order."""
+    """Every training file's blocks; ``blocks`` lists them all in file order. The blocks' payloads
+    stay in the index's files and are read as needed (the last ``PAYLOADS_KEPT`` kept), so a
+    reader's memory does not grow with the data."""
 
-    files: list[FileIndex]
-    blocks: list[Block] = field(default_factory=list)
-    built: int = 0  # files indexed by this call (the others came from the cache)
+    def __init__(self, files: list[FileIndex], built: int = 0) -> None:
+        self.files = files
+        self.blocks = [b for f in files for b in f.blocks]
+        self.built = built  # files indexed by this call (the others came from the cache)
+        self._payloads: OrderedDict[int, tuple[bytes, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
 
-    def __post_init__(self) -> None:
-        self.blocks = [b for f in self.files for b in f.blocks]
+    def __getstate__(self) -> dict[str, Any]:  # for DataLoader workers started by spawn
+        return {"files": self.files, "built": self.built}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["files"], state["built"])  # type: ignore[misc]
 
     @property
     def total(self) -> int:
@@ -122,6 +132,37 @@ class DataIndex:
     @property
     def bad(self) -> int:
         return sum(f.bad for f in self.files)
+
+    def payload(self, block: int) -> tuple[bytes, bytes]:
+        """(a bit per record: a training pair or not, a length code per training pair) of ``block``."""
+        with self._lock:
+            found = self._payloads.get(block)
+            if found is not None:
+                self._payloads.move_to_end(block)
+                return found
+        b = self.blocks[block]
+        file = self.files[b.file]
+        size = (b.lines + 7) // 8 + b.count
+        if file.payload is not None:
+            data = file.payload[b.payload:b.payload + size]
+        else:
+            with open(file.payload_file, "rb") as f:  # type: ignore[arg-type]
+                f.seek(b.payload)
+                data = f.read(size)
+            if len(data) != size:
+                raise DataError(f"{file.payload_file}: the index of {file.path} is cut short; delete it to index the "
+                                "file again")
+        found = (data[:(b.lines + 7) // 8], data[(b.lines + 7) // 8:])
+        with self._lock:
+            self._payloads[block] = found
+            if len(self._payloads) > PAYLOADS_KEPT:
+                self._payloads.popitem(last=False)
+        return found
+
+    def offsets(self, block: int) -> list[int]:
+        """The training pairs' record numbers within ``block``, in order."""
+        bits = self.payload(block)[0]
+        return [i for i in range(self.blocks[block].lines) if bits[i >> 3] >> (i & 7) & 1]
 
 
 def settings_key(cfg: DataConfig, require_negatives: bool) -> dict[str, Any]:
@@ -150,19 +191,36 @@ def _cache_name(path: str, settings: dict[str, Any]) -> str:
     return hashlib.sha1(key.encode()).hexdigest() + ".json"
 
 
-class _Bits:
-    def __init__(self) -> None:
-        self.bits = bytearray()
-        self.lines = 0
-        self.count = 0
+def length_code(tokens: int) -> int:
+    """A document length in one byte: 16 steps per doubling (about 4% apart), for sorting by length."""
+    return min(255, round(16 * math.log2(1 + tokens)))
 
-    def add(self, trains: bool) -> None:
+
+class _Bits:
+    """A file's blocks and their payload, as it is read."""
+
+    def __init__(self) -> None:
+        self.payload = bytearray()
+        self.blocks: list[Block] = []
+        self._new()
+
+    def _new(self) -> None:
+        self.bits, self.lengths, self.lines, self.count = bytearray(), bytearray(), 0, 0
+
+    def add(self, pair: Pair | None) -> None:
         if self.lines % 8 == 0:
             self.bits.append(0)
-        if trains:
+        if pair is not None:
             self.bits[-1] |= 1 << (self.lines % 8)
+            self.lengths.append(length_code(document_tokens(pair)))
             self.count += 1
         self.lines += 1
+
+    def cut(self, start: int, stop: int, first: int) -> None:
+        """The records added since the last cut make a block."""
+        self.blocks.append(Block(0, start, stop, first, self.lines, self.count, len(self.payload)))
+        self.payload += self.bits + self.lengths
+        self._new()
 
 
 def index_file(path: str, cfg: DataConfig, require_negatives: bool = False) -> FileIndex:
@@ -171,38 +229,38 @@ def index_file(path: str, cfg: DataConfig, require_negatives: bool = False) -> F
     rejects: list[Reject] = []
     bad = 0
 
-    def judge(item: Pair | Reject | None) -> bool:
+    def judge(item: Pair | Reject | None) -> Pair | None:
+        """The training pair, or None."""
         nonlocal bad
         if isinstance(item, Reject):
             bad += 1
             if len(rejects) < REJECTS_KEPT:
                 rejects.append(item)
-            return False
-        return item is not None and trains_on(item, cfg)
+            return None
+        return item if item is not None and trains_on(item, cfg) else None
 
-    blocks: list[Block] = []
+    bits = _Bits()
     if fmt == "json":
         whole = bool(_compression_suffix(path))
-        bits, start, first, end = _Bits(), 0, 1, 0
+        start, first, end = 0, 1, 0
         for number, line, end in _read_lines(path, cfg.max_record_bytes):
             bits.add(judge(parse_record(path, number, line, cfg, require_negatives)))
             if not whole and bits.lines == cfg.block_records:
-                blocks.append(Block(0, start, end, first, bits.lines, bytes(bits.bits), bits.count))
-                bits, start, first = _Bits(), end, number + 1
+                bits.cut(start, end, first)
+                start, first = end, number + 1
         if bits.lines:
-            blocks.append(Block(0, start, -1 if whole else end, first, bits.lines, bytes(bits.bits), bits.count))
+            bits.cut(start, -1 if whole else end, first)
     elif fmt == "parquet":
         number = 0
         for group, rows in enumerate(_row_groups(path)):
-            bits = _Bits()
             for row in rows:
                 number += 1
                 bits.add(judge(parse_record(path, number, row, cfg, require_negatives)))
-            blocks.append(Block(0, group, -1, number - bits.lines + 1, bits.lines, bytes(bits.bits), bits.count))
+            bits.cut(group, -1, number - bits.lines + 1)
     else:
         raise DataError(f"{path}: data.order=indexed reads JSONL and Parquet files, and this one is {fmt}; convert "
                         "it to JSONL or Parquet, or set data.order=stream")
-    return FileIndex(path, fmt, blocks, rejects, bad)
+    return FileIndex(path, fmt, bits.blocks, rejects, bad, bytes(bits.payload))
 
 
 def _parquet(path: str) -> Any:
@@ -223,21 +281,23 @@ def _row_groups(path: str) -> Iterable[list[dict[str, Any]]]:
         yield file.read_row_group(group).to_pylist()
 
 
-def _index_one(args: tuple[str, DataConfig, bool, str | None]) -> tuple[dict[str, Any], bool]:
-    """A file's index as JSON, from the cache when it is there; and whether it was built."""
+def _index_one(args: tuple[str, DataConfig, bool, str | None]) -> tuple[dict[str, Any], bytes | None, str | None, bool]:
+    """A file's index: its JSON, its payload (None when it stays in its file), the payload's file,
+    and whether it was built now rather than read from the cache."""
     path, cfg, require_negatives, cache_dir = args
     cached = os.path.join(cache_dir, _cache_name(path, settings_key(cfg, require_negatives))) if cache_dir else None
+    payload_file = f"{cached.removesuffix('.json')}.bin" if cached else None
     if cached and os.path.exists(cached):
         try:
             with open(cached, encoding="utf-8") as f:
                 data = json.load(f)
-            if data.get("version") == INDEX_VERSION and data.get("path") == path:
-                return data, False
+            if data.get("version") == INDEX_VERSION and data.get("path") == path and os.path.exists(payload_file):
+                return data, None, payload_file, False
         except (OSError, ValueError):
             pass  # unreadable: built again, and written over
     for attempt in range(READ_RETRIES + 1):
         try:
-            data = index_file(path, cfg, require_negatives).to_json()
+            built = index_file(path, cfg, require_negatives)
             break
         except Exception as exc:  # the file is read again from its start: a dropped connection, a throttle
             cause = exc.__cause__ if isinstance(exc, DataError) and exc.__cause__ is not None else exc
@@ -246,17 +306,23 @@ def _index_one(args: tuple[str, DataConfig, bool, str | None]) -> tuple[dict[str
             logger.warning("%s: indexing failed (%s: %s); trying again in %.0f s", path, type(cause).__name__,
                            str(cause)[:200], READ_BACKOFF_S * 2 ** attempt)
             time.sleep(READ_BACKOFF_S * 2 ** attempt)
-    if cached:  # a name of its own, as other processes may be writing the same index
-        tmp = f"{cached}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, cached)
-    return data, True
+    data = built.to_json()
+    if not cached:
+        return data, built.payload, None, True
+    # The payload first, then the JSON that says it is complete; names of their own while written,
+    # as other processes may be writing the same index.
+    for target, content in ((payload_file, built.payload), (cached, json.dumps(data).encode())):
+        tmp = f"{target}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(content)  # type: ignore[arg-type]
+        os.replace(tmp, target)  # type: ignore[arg-type]
+    return data, None, payload_file, True
 
 
 def build_index(files: list[str], cfg: DataConfig, cache_dir: str | None, require_negatives: bool = False,
                 workers: int = 1) -> DataIndex:
-    """The index of ``files``, each from the cache or read once, ``workers`` files at a time."""
+    """The index of ``files``, each from the cache or read once, ``workers`` files at a time. With
+    no ``cache_dir``, the payloads are held in memory."""
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
     jobs = [(path, cfg, require_negatives, cache_dir) for path in files]
@@ -266,8 +332,9 @@ def build_index(files: list[str], cfg: DataConfig, cache_dir: str | None, requir
             results = list(pool.map(_index_one, jobs))
     else:
         results = [_index_one(job) for job in jobs]
-    index = DataIndex([FileIndex.from_json(data, i) for i, (data, _) in enumerate(results)],
-                      built=sum(built for _, built in results))
+    index = DataIndex([FileIndex.from_json(data, i, payload, where)
+                       for i, (data, payload, where, _) in enumerate(results)],
+                      built=sum(built for *_, built in results))
     if index.built:
         logger.info("indexed %d of %d training file(s): %s training pairs in %s blocks", index.built, len(files),
                     f"{index.total:,}", f"{len(index.blocks):,}")
@@ -276,13 +343,23 @@ def build_index(files: list[str], cfg: DataConfig, cache_dir: str | None, requir
 
 class EpochOrder:
     """One epoch's order over an index (see the module's docstring): ``locate(p)`` says which block
-    and which of its records is position ``p``, for ``0 <= p < total``."""
+    and which of its records is position ``p``, for ``0 <= p < total``.
 
-    def __init__(self, index: DataIndex, seed: int, epoch: int, shuffle: bool, window: int) -> None:
+    With ``group`` (``data.group_by_length``) the training order is that one regrouped: the pairs of
+    every ``group`` x ``batch`` positions are sorted by document length (stable), cut into batches,
+    the full batches put in a seeded random order and each shuffled within, a last partial one
+    last, as the streamed order does. ``source(q)`` says which position of the order above is
+    position ``q`` of the training order; it lies in the same span of ``group`` x ``batch``.
+    """
+
+    def __init__(self, index: DataIndex, seed: int, epoch: int, shuffle: bool, window: int,
+                 group: int | None = None, batch: int = 1) -> None:
         import random
 
         self.index, self.shuffle = index, shuffle
         self.seed, self.epoch = seed, epoch
+        self.batch, self.span = batch, group * batch if group else 0
+        self._groups: OrderedDict[int, list[int]] = OrderedDict()
         order = [i for i, b in enumerate(index.blocks) if b.count]
         if shuffle:
             random.Random(f"{seed}:{epoch}:blocks").shuffle(order)
@@ -334,14 +411,51 @@ class EpochOrder:
         """Which record of ``block`` (counted from 0) its ``ordinal``-th training pair is."""
         offsets = self._offsets.get(block)
         if offsets is None:
-            offsets = self._offsets[block] = self.index.blocks[block].offsets()
+            offsets = self._offsets[block] = self.index.offsets(block)
             if len(self._offsets) > 64:
                 self._offsets.popitem(last=False)
         return offsets[ordinal]
 
+    def earliest(self, position: int) -> int:
+        """The first position above that ``source`` may give for ``position``."""
+        return position - position % self.span if self.span else position
+
+    def source(self, position: int) -> int:
+        """The position above (blocks and windows) that is ``position`` of the training order."""
+        if not self.span:
+            return position
+        start = self.earliest(position)
+        arranged = self._groups.get(start)
+        if arranged is None:
+            arranged = self._groups[start] = self._arrange(start)
+            if len(self._groups) > 2:
+                self._groups.popitem(last=False)
+        return start + arranged[position - start]
+
+    def _arrange(self, start: int) -> list[int]:
+        """The span from ``start`` in training order, as offsets into it (see the class docstring)."""
+        import random
+
+        size = min(self.span, self.total - start)
+        codes = []
+        for p in range(start, start + size):
+            block, ordinal = self.locate(p)
+            codes.append(self.index.payload(block)[1][ordinal])
+        ordered = sorted(range(size), key=codes.__getitem__)
+        rng = random.Random(f"{self.seed}:{self.epoch}:length-groups:{start // self.span}")
+        full = size // self.batch * self.batch
+        cut = [ordered[i:i + self.batch] for i in range(0, full, self.batch)]
+        rng.shuffle(cut)
+        if full < size:
+            cut.append(ordered[full:])
+        for batch in cut:
+            rng.shuffle(batch)
+        return [offset for batch in cut for offset in batch]
+
     def pair_id(self, position: int) -> str:
-        """The id of the pair at ``position`` (its file and line), from the index alone."""
-        block, ordinal = self.locate(position)
+        """The id of the pair at ``position`` of the training order (its file and line), from the
+        index alone."""
+        block, ordinal = self.locate(self.source(position))
         b = self.index.blocks[block]
         return f"{self.index.files[b.file].path}:{b.first + self.record(block, ordinal)}"
 

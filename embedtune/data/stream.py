@@ -396,12 +396,14 @@ class PairBatches(IterableDataset):
         reading only their pairs, window by window of the order: each block is read once an
         epoch, a micro-batch goes as soon as the windows that hold its pairs are read, and the
         next window is read in the background meanwhile (so a slow read stalls no step)."""
-        order = EpochOrder(self.index, self.seed, self.epoch, self.cfg.shuffle, window_records(self.cfg))
+        order = EpochOrder(self.index, self.seed, self.epoch, self.cfg.shuffle, window_records(self.cfg),
+                           self.cfg.group_by_length, self.batch_size)
         if self.reader is None:
             self.reader = BlockReader(self.index, self.cfg, self.require_negatives)
         table = self.negatives if self.negatives is not None and self.negatives.step >= 0 else None
         slots = self._slots(order.total, worker, workers)
-        pending: collections.deque[_Slot] = collections.deque()
+        # Slots pulled in, each with the positions (of the order of blocks and windows) it reads.
+        pending: collections.deque[tuple[_Slot, list[int]]] = collections.deque()
         upcoming = next(slots, None)
         ends = [*order.starts[1:], order.total]
 
@@ -409,10 +411,10 @@ class PairBatches(IterableDataset):
             """The positions of window ``number`` that this reader needs, located."""
             nonlocal upcoming
             start, end = order.starts[number], ends[number]
-            while upcoming is not None and upcoming.offset <= end:  # every slot that may need this window
-                pending.append(upcoming)
+            while upcoming is not None and order.earliest(upcoming.needed[0]) < end:  # may need this window
+                pending.append((upcoming, [order.source(q) for q in upcoming.needed]))
                 upcoming = next(slots, None)
-            return {p: order.locate(p) for g in pending for p in g.needed if start <= p < end}
+            return {p: order.locate(p) for _, sources in pending for p in sources if start <= p < end}
 
         def read(located: dict[int, tuple[int, int]]) -> dict[int, Pair]:
             wanted: dict[int, list[int]] = {}
@@ -431,15 +433,15 @@ class PairBatches(IterableDataset):
                     reading = ahead.submit(read, plan(number + 1))
                 else:
                     reading = ahead.submit(dict)
-                while pending and pending[0].needed[-1] < ends[number]:
-                    slot = pending.popleft()
-                    pairs = [found[p] for p in slot.needed]
+                while pending and max(pending[0][1]) < ends[number]:
+                    slot, sources = pending.popleft()
+                    pairs = [found[p] for p in sources]
                     if table is not None:
                         pairs = [table.apply(p) for p in pairs]
                     yield self._indexed_batch(slot, pairs, order)
                 if not pending and upcoming is None:
                     return
-                keep = pending[0].needed[0] if pending else ends[number]
+                keep = min(min(sources) for _, sources in pending) if pending else ends[number]
                 found = {p: pair for p, pair in found.items() if p >= keep}
 
     def _indexed_batch(self, slot: _Slot, pairs: list[Pair], order: EpochOrder) -> TrainBatch:

@@ -25,7 +25,7 @@ from embedtune.data.identity import data_changes, data_identity
 from embedtune.data.index import INDEX_FOLDER, build_index
 from embedtune.data.records import DataError, format_stream_reject, resolve_files
 from embedtune.data.split import eval_pairs, plan_data, preflight, source_problems
-from embedtune.data.stream import PairBatches, auto_workers, make_loader
+from embedtune.data.stream import PairBatches, make_loader
 from embedtune.distributed import any_process, cpu_processes, release, stop_signals
 from embedtune.logs import setup_logging
 from embedtune.losses import build_loss, check_loss_data, required_data, requires_negatives
@@ -213,11 +213,25 @@ class Trainer:
     def _index_data(self) -> None:
         """data.order=indexed: every training file indexed (or its index read from data.index_dir);
         the indexing reads every record, so it is also the check for bad ones."""
-        data = self.cfg.data
+        data, accelerator = self.cfg.data, self.accelerator
         folder = data.index_dir or os.path.join(self.cfg.output_dir, INDEX_FOLDER)
-        with self.accelerator.main_process_first():  # one process indexes, the others read what it wrote
-            self.index = build_index(resolve_files(data.train_files), data, folder, self.require_negatives,
-                                     workers=auto_workers(data.num_workers) + 1)
+        files = resolve_files(data.train_files)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if accelerator.num_processes > 1:
+            # Every process indexes its share of the files, on its machine's share of the cores;
+            # then each reads the others' from the folder they share.
+            failed: Exception | None = None
+            try:
+                build_index(files[accelerator.process_index::accelerator.num_processes], data, folder,
+                            self.require_negatives, workers)
+            except Exception as exc:  # the others must not wait for this one forever
+                failed = exc
+            if any_process(failed is not None, accelerator.device):
+                if failed is not None:
+                    raise failed
+                raise DataError("another process could not index its share of the training files; its log says why")
+        self.index = build_index(files, data, folder, self.require_negatives, workers)
         if self.index.bad and data.on_bad_record == "error":
             raise DataError(f"{self.index.bad} bad record(s) in the training files; the first: "
                             + format_stream_reject(self.index.rejects[0]))
