@@ -162,11 +162,15 @@ def test_a_file_changed_under_its_index_is_named_rather_than_read_wrong(tmp_path
     cfg = config(files)
     index = build_index(files, cfg, None)
     stamp = os.stat(files[0])
-    text = Path(files[0]).read_text().replace('"question"', '"questio"', 1)
-    Path(files[0]).write_text(text)
+    original = Path(files[0]).read_text()
+    Path(files[0]).write_text(original.replace('"question"', '"questio"', 1))
     os.utime(files[0], ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     with pytest.raises(DataError, match=r"a\.jsonl: line 1 is no longer the training pair.*changed after it was "
                                         r"indexed.*Delete"):
+        epoch_batches(cfg.model_copy(update={"shuffle": False}), index)
+    # Cut short: the first line the index has and the file no longer does is named.
+    Path(files[0]).write_text("".join(original.splitlines(keepends=True)[:30]))
+    with pytest.raises(DataError, match=r"a\.jsonl: line 31 is no longer the training pair"):
         epoch_batches(cfg.model_copy(update={"shuffle": False}), index)
 
 
@@ -252,10 +256,17 @@ def test_an_indexed_length_grouped_run_killed_at_a_random_step_resumes_into_the_
 
 
 def test_an_indexed_run_trains_on_the_same_batches_on_two_processes(models, data, tmp_path: Path) -> None:
+    # Three files, so that each process indexes a share of them and reads the other's.
+    lines = data.read_text().splitlines(keepends=True)
+    parts = [tmp_path / f"part{i}.jsonl" for i in range(3)]
+    for i, part in enumerate(parts):
+        part.write_text("".join(lines[i * 50:(i + 1) * 50]))
+    files = "data.train_files=[" + ",".join(map(str, parts)) + "]"
     one, two = tmp_path / "one", tmp_path / "two"
-    finish(start(args_for(models["plain"], data, one, *INDEXED, "train.max_steps=6")))
-    finish(start(args_for(models["plain"], data, two, *INDEXED, "train.max_steps=6"), processes=2))
+    finish(start(args_for(models["plain"], data, one, *INDEXED, files, "train.max_steps=6")))
+    finish(start(args_for(models["plain"], data, two, *INDEXED, files, "train.max_steps=6"), processes=2))
     assert batches(two) == batches(one)
+    assert len(os.listdir(two / "data_index")) == 6  # each file's index and payload, once
 
 
 def test_an_indexed_run_stops_on_a_bad_record_naming_it(models, tmp_path: Path) -> None:

@@ -64,7 +64,7 @@ READ_BACKOFF_S = 1.0  # before the first retry; doubled before each next one
 PAYLOADS_KEPT = 1024  # blocks whose bits and lengths an index keeps in memory at once
 
 
-@dataclass
+@dataclass(slots=True)
 class Block:
     """Records of one file that are read together. Which of them are training pairs, and their
     lengths, are its payload: ``DataIndex.payload`` reads it when needed."""
@@ -475,17 +475,23 @@ class BlockReader:
         found: dict[tuple[int, int], Pair] = {}
         for block, ordinals in sorted(wanted.items()):
             records = {order.record(block, k): k for k in set(ordinals)}
+            b = self.index.blocks[block]
+            path = self.index.files[b.file].path
             for record, raw in self._records(block, records):
-                b = self.index.blocks[block]
-                path = self.index.files[b.file].path
                 self.parsed += 1
                 item = parse_record(path, b.first + record, raw, self.cfg, self.require_negatives)
                 if not isinstance(item, Pair) or not trains_on(item, self.cfg):
-                    raise DataError(f"{path}: line {b.first + record} is no longer the training pair the index "
-                                    f"of the file says it is; the file changed after it was indexed. Delete "
-                                    f"{self.cfg.index_dir or 'output_dir/data_index'} to index the files again.")
+                    raise DataError(self._changed(path, b.first + record))
                 found[block, records[record]] = item
+            missing = [r for r, k in records.items() if (block, k) not in found]
+            if missing:  # the file is shorter than when it was indexed
+                raise DataError(self._changed(path, b.first + min(missing)))
         return found
+
+    def _changed(self, path: str, line: int) -> str:
+        return (f"{path}: line {line} is no longer the training pair the index of the file says it is; the file "
+                f"changed after it was indexed. Delete {self.cfg.index_dir or 'output_dir/data_index'} to index the "
+                "files again.")
 
     def _records(self, block: int, wanted: dict[int, int]) -> list[tuple[int, Any]]:
         """(record number in the block, raw line or row) of the wanted records. A read that fails

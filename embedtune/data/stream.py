@@ -8,6 +8,10 @@ micro-batch into one slice per process. DataLoader worker ``w`` builds micro-bat
 ``u % num_workers == w``, which the DataLoader's round-robin hands back in order, so neither the
 number of workers nor of processes changes what is trained on. A global batch with more text
 than ``data.max_batch_chars`` stops the run before it is tokenized.
+
+With ``data.order=indexed`` the order is ``index.EpochOrder``'s instead, over the files' index:
+the same cut into global batches, micro-batches and slices, but each worker reads only the pairs
+of its own micro-batches (``indexed_batches``), and the text limit applies to each process's share.
 """
 
 from __future__ import annotations
