@@ -185,7 +185,7 @@ class DataConfig(_Section):
             raise ValueError("data.batch_by_source and data.group_by_length both decide what goes in a batch; "
                              "keep one")
         if self.order == "indexed":
-            for name in ("batch_by_source", "source_weights"):
+            for name in ("batch_by_source",):
                 if getattr(self, name):
                     raise ValueError(f"data.{name} regroups the streamed order and is not available with "
                                      f"data.order=indexed yet; leave it out, or set data.order=stream")

@@ -8,6 +8,7 @@ its position.
 
 from __future__ import annotations
 
+import collections
 import functools
 import gzip
 import http.server
@@ -33,7 +34,7 @@ from embedtune.config import Config, DataConfig, parse_args
 from embedtune.data import index as index_module
 from embedtune.data.index import EpochOrder, build_index
 from embedtune.data.records import DataError, Reject, read_pairs
-from embedtune.data.split import trains_on
+from embedtune.data.split import trains_on, weighted_total
 from embedtune.data.stream import PairBatches, make_loader
 
 
@@ -178,8 +179,6 @@ def test_order_settings_that_regroup_the_stream_are_refused_in_one_line(tmp_path
     path = str(write_jsonl(tmp_path / "a.jsonl", make_pairs(10)))
     with pytest.raises(ValueError, match="data.batch_by_source regroups the streamed order"):
         DataConfig(train_files=[path], order="indexed", batch_by_source=True)
-    with pytest.raises(ValueError, match="data.source_weights regroups the streamed order"):
-        DataConfig(train_files=[path], order="indexed", source_weights={"a": 2})
     with pytest.raises(ValueError, match="in_batch regroups the streamed order"):
         Config(data={"train_files": [path], "order": "indexed"}, train={"hard_negatives": {"in_batch": True}})
     # Not given, mining steps aside for the indexed order, as for the other regroupings.
@@ -215,6 +214,36 @@ def test_length_grouped_batches_keep_every_guarantee_and_hold_texts_of_about_one
         return sum(max(length[i] for i in s) - min(length[i] for i in s) for s in steps) / len(steps)
 
     assert spread(grouped) < 0.5 * spread(epoch_batches(config([path]), index))
+
+
+def test_source_weights_repeat_and_thin_each_source_as_in_the_streamed_order(tmp_path: Path) -> None:
+    records = make_pairs(260, seed=4)
+    for i, record in enumerate(records):
+        record["source"] = "faq" if i % 4 == 0 else "manual"  # 65 faq pairs, 195 manual ones
+    paths = [str(write_jsonl(tmp_path / f"{i}.jsonl", records[i * 130:(i + 1) * 130])) for i in range(2)]
+    weights = {"faq": 2.5, "manual": 0.4}
+    cfg = DataConfig(train_files=paths, order="indexed", block_records=16, shuffle_buffer=40, eval_fraction=0.0,
+                     source_weights=weights)
+    index = build_index(paths, cfg, None)
+    assert index.sizes() == {"faq": 65, "manual": 195}
+    faq = {f"{paths[i // 130]}:{i % 130 + 1}" for i in range(0, 260, 4)}
+
+    def epoch(number: int, **kwargs) -> list[str]:
+        return [i for b in epoch_batches(cfg, index, epoch=number, **kwargs) for i in b]
+
+    first = epoch(0)
+    # 65 x 2.5 = 162.5 -> 2 x 65 + round(0.5 x 65) = 162 faq pairs; round(0.4 x 195) = 78 manual ones:
+    # the count the trainer plans its steps by.
+    assert len(first) == weighted_total(index.sizes(), weights) == 162 + 78
+    counts = collections.Counter(first)
+    assert sum(counts[i] for i in faq) == 162 and all(counts[i] in (2, 3) for i in faq)
+    manual = [i for i in counts if i not in faq]
+    assert len(manual) == 78 and all(counts[i] == 1 for i in manual)
+    # Another epoch keeps another share of the manual pages; the order stays the same on any
+    # number of processes and workers, and after a resume.
+    assert {i for i in epoch(1) if i not in faq} != set(manual)
+    assert epoch(1, processes=3, workers=2) == epoch(1)
+    assert epoch_batches(cfg, index, processes=2, workers=2, done=4) == epoch_batches(cfg, index)[8:]
 
 
 def test_windows_hold_at_least_the_shuffle_buffer(indexed) -> None:

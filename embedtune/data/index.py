@@ -20,6 +20,7 @@ reading what came before. The order depends on (data, seed, epoch) only.
 
 from __future__ import annotations
 
+import array
 import bisect
 import concurrent.futures
 import hashlib
@@ -28,11 +29,12 @@ import logging
 import math
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -52,7 +54,7 @@ from embedtune.data.split import trains_on
 
 logger = logging.getLogger(__name__)
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3
 INDEX_FOLDER = "data_index"  # in output_dir, unless data.index_dir says where
 # The settings that decide which records are training pairs, and so what an index holds.
 PAIR_SETTINGS = ("format", "query_field", "positive_field", "negatives_field", "label_field", "source_field",
@@ -61,6 +63,7 @@ PAIR_SETTINGS = ("format", "query_field", "positive_field", "negatives_field", "
 REJECTS_KEPT = 10_000  # bad records an index keeps per file (the count is always exact)
 READ_RETRIES = 5  # a block read that fails is tried this many times more
 READ_BACKOFF_S = 1.0  # before the first retry; doubled before each next one
+MAX_SOURCES = 65535  # source codes are two bytes
 PAYLOADS_KEPT = 1024  # blocks whose bits and lengths an index keeps in memory at once
 
 
@@ -76,7 +79,13 @@ class Block:
     lines: int  # records (lines or rows) in it
     count: int  # training pairs in it
     payload: int  # where its payload starts in its file's: a bit per record (set: a training pair),
-    # then a byte per training pair, its document length as ``length_code`` (data.group_by_length)
+    # then a byte per training pair, its document length as ``length_code`` (data.group_by_length),
+    # then two bytes per training pair, its source's code (0: none; else a name of its file's ``sources``)
+    sources: list[list[int]]  # [code, training pairs] per source code in it
+
+    @property
+    def payload_size(self) -> int:
+        return (self.lines + 7) // 8 + 3 * self.count
 
 
 @dataclass
@@ -86,20 +95,25 @@ class FileIndex:
     blocks: list[Block]
     rejects: list[Reject]
     bad: int  # bad records in the file (all of them, even past REJECTS_KEPT)
+    sources: list[str] = field(default_factory=list)  # the source names its records give; code i + 1 is sources[i]
     payload: bytes | None = None  # the blocks' payloads, when held in memory
     payload_file: str | None = None  # else where they are kept
 
     def to_json(self) -> dict[str, Any]:
         """Everything but the payload."""
         return {"version": INDEX_VERSION, "path": self.path, "format": self.fmt, "bad": self.bad,
-                "blocks": [[b.start, b.stop, b.first, b.lines, b.count, b.payload] for b in self.blocks],
+                "sources": self.sources,
+                "blocks": [[b.start, b.stop, b.first, b.lines, b.count, b.payload, b.sources] for b in self.blocks],
                 "rejects": [[r.file, r.line, r.reason, r.raw] for r in self.rejects]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], file: int, payload: bytes | None, payload_file: str | None) -> FileIndex:
         blocks = [Block(file, *values) for values in data["blocks"]]
-        return cls(data["path"], data["format"], blocks, [Reject(*r) for r in data["rejects"]], data["bad"], payload,
-                   payload_file)
+        return cls(data["path"], data["format"], blocks, [Reject(*r) for r in data["rejects"]], data["bad"],
+                   data["sources"], payload, payload_file)
+
+    def source(self, code: int) -> str | None:
+        return self.sources[code - 1] if code else None
 
 
 class DataIndex:
@@ -111,7 +125,7 @@ class DataIndex:
         self.files = files
         self.blocks = [b for f in files for b in f.blocks]
         self.built = built  # files indexed by this call (the others came from the cache)
-        self._payloads: OrderedDict[int, tuple[bytes, bytes]] = OrderedDict()
+        self._payloads: OrderedDict[int, tuple[bytes, bytes, array.array]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # for DataLoader workers started by spawn
@@ -133,8 +147,18 @@ class DataIndex:
     def bad(self) -> int:
         return sum(f.bad for f in self.files)
 
-    def payload(self, block: int) -> tuple[bytes, bytes]:
-        """(a bit per record: a training pair or not, a length code per training pair) of ``block``."""
+    def sizes(self) -> dict[str | None, int]:
+        """Each source's training pairs (by the name its records give; None: none given)."""
+        sizes: dict[str | None, int] = {}
+        for b in self.blocks:
+            for code, n in b.sources:
+                name = self.files[b.file].source(code)
+                sizes[name] = sizes.get(name, 0) + n
+        return sizes
+
+    def payload(self, block: int) -> tuple[bytes, bytes, array.array]:
+        """(a bit per record: a training pair or not, a length code per training pair, a source code
+        per training pair) of ``block``."""
         with self._lock:
             found = self._payloads.get(block)
             if found is not None:
@@ -142,7 +166,7 @@ class DataIndex:
                 return found
         b = self.blocks[block]
         file = self.files[b.file]
-        size = (b.lines + 7) // 8 + b.count
+        size = b.payload_size
         if file.payload is not None:
             data = file.payload[b.payload:b.payload + size]
         else:
@@ -152,7 +176,12 @@ class DataIndex:
             if len(data) != size:
                 raise DataError(f"{file.payload_file}: the index of {file.path} is cut short; delete it to index the "
                                 "file again")
-        found = (data[:(b.lines + 7) // 8], data[(b.lines + 7) // 8:])
+        head = (b.lines + 7) // 8
+        codes = array.array("H")
+        codes.frombytes(data[head + b.count:])
+        if sys.byteorder != "little":
+            codes.byteswap()
+        found = (data[:head], data[head:head + b.count], codes)
         with self._lock:
             self._payloads[block] = found
             if len(self._payloads) > PAYLOADS_KEPT:
@@ -202,10 +231,12 @@ class _Bits:
     def __init__(self) -> None:
         self.payload = bytearray()
         self.blocks: list[Block] = []
+        self.names: dict[str, int] = {}  # source name -> code
         self._new()
 
     def _new(self) -> None:
         self.bits, self.lengths, self.lines, self.count = bytearray(), bytearray(), 0, 0
+        self.codes = array.array("H")
 
     def add(self, pair: Pair | None) -> None:
         if self.lines % 8 == 0:
@@ -213,13 +244,27 @@ class _Bits:
         if pair is not None:
             self.bits[-1] |= 1 << (self.lines % 8)
             self.lengths.append(length_code(document_tokens(pair)))
+            code = 0
+            if pair.source is not None:
+                code = self.names.setdefault(pair.source, len(self.names) + 1)
+                if code > MAX_SOURCES:
+                    raise DataError(f"more than {MAX_SOURCES:,} sources in one file (data.source_field); a source "
+                                    "names a kind of text, not a record")
+            self.codes.append(code)
             self.count += 1
         self.lines += 1
 
     def cut(self, start: int, stop: int, first: int) -> None:
         """The records added since the last cut make a block."""
-        self.blocks.append(Block(0, start, stop, first, self.lines, self.count, len(self.payload)))
-        self.payload += self.bits + self.lengths
+        counts: dict[int, int] = {}
+        for code in self.codes:
+            counts[code] = counts.get(code, 0) + 1
+        self.blocks.append(Block(0, start, stop, first, self.lines, self.count, len(self.payload),
+                                 [[c, n] for c, n in sorted(counts.items())]))
+        codes = array.array("H", self.codes)
+        if sys.byteorder != "little":
+            codes.byteswap()
+        self.payload += self.bits + self.lengths + codes.tobytes()
         self._new()
 
 
@@ -260,7 +305,7 @@ def index_file(path: str, cfg: DataConfig, require_negatives: bool = False) -> F
     else:
         raise DataError(f"{path}: data.order=indexed reads JSONL and Parquet files, and this one is {fmt}; convert "
                         "it to JSONL or Parquet, or set data.order=stream")
-    return FileIndex(path, fmt, bits.blocks, rejects, bad, bytes(bits.payload))
+    return FileIndex(path, fmt, bits.blocks, rejects, bad, list(bits.names), bytes(bits.payload))
 
 
 def _parquet(path: str) -> Any:
@@ -341,6 +386,70 @@ def build_index(files: list[str], cfg: DataConfig, cache_dir: str | None, requir
     return index
 
 
+class SourceWeights:
+    """``data.source_weights`` over an index: a pair of a source of weight ``w = k + f`` comes ``k``
+    times, and ``round(f * n)`` of the source's ``n`` pairs once more: those whose place among the
+    source's pairs (in the index's file order), shifted by a seeded offset that changes with the
+    epoch, falls on an even spread. How many copies a block holds follows from the counts in the
+    index alone; which pairs, from its payload."""
+
+    def __init__(self, index: DataIndex, weights: dict[str, float], seed: int, epoch: int) -> None:
+        import random
+
+        self.index = index
+        sizes = index.sizes()
+        self.rule: dict[str | None, tuple[int, int, int, int]] = {}  # name -> (whole, extra, n, shift)
+        for name, n in sizes.items():
+            weight = weights.get(name, 1.0) if name is not None else 1.0
+            whole, part = int(weight), weight - int(weight)
+            shift = random.Random(f"{seed}:{epoch}:source-weight:{name}").randrange(n) if part and n else 0
+            self.rule[name] = (whole, round(part * n), n, shift)
+        # Where each block's pairs of each source start among that source's pairs.
+        self.first: list[dict[str | None, int]] = []
+        seen: dict[str | None, int] = {}
+        for b in index.blocks:
+            self.first.append({})
+            for code, n in b.sources:
+                name = index.files[b.file].source(code)
+                self.first[-1][name] = seen.get(name, 0)
+                seen[name] = seen.get(name, 0) + n
+
+    def _extra(self, name: str | None, start: int, stop: int) -> int:
+        """How many of the source's pairs ``start`` to ``stop`` (its own count) get one more copy."""
+        _, extra, n, shift = self.rule[name]
+        if not extra:
+            return 0
+
+        def chosen(a: int, b: int) -> int:  # within [0, n): the telescoping count of the spread
+            return b * extra // n - a * extra // n
+
+        a, b = (start + shift) % n, (start + shift) % n + (stop - start)
+        return chosen(a, min(b, n)) + (chosen(0, b - n) if b > n else 0)
+
+    def count(self, block: int) -> int:
+        """Training pairs of ``block`` in the epoch, copies counted."""
+        b = self.index.blocks[block]
+        total = 0
+        for code, n in b.sources:
+            name = self.index.files[b.file].source(code)
+            start = self.first[block][name]
+            total += self.rule[name][0] * n + self._extra(name, start, start + n)
+        return total
+
+    def copies(self, block: int) -> list[int]:
+        """How many times each training pair of ``block`` comes in the epoch."""
+        b = self.index.blocks[block]
+        file = self.index.files[b.file]
+        seen: dict[str | None, int] = {}
+        out = []
+        for code in self.index.payload(block)[2]:
+            name = file.source(code)
+            j = self.first[block][name] + seen.get(name, 0)
+            seen[name] = seen.get(name, 0) + 1
+            out.append(self.rule[name][0] + self._extra(name, j, j + 1))
+        return out
+
+
 class EpochOrder:
     """One epoch's order over an index (see the module's docstring): ``locate(p)`` says which block
     and which of its records is position ``p``, for ``0 <= p < total``.
@@ -353,14 +462,16 @@ class EpochOrder:
     """
 
     def __init__(self, index: DataIndex, seed: int, epoch: int, shuffle: bool, window: int,
-                 group: int | None = None, batch: int = 1) -> None:
+                 group: int | None = None, batch: int = 1, weights: dict[str, float] | None = None) -> None:
         import random
 
         self.index, self.shuffle = index, shuffle
         self.seed, self.epoch = seed, epoch
         self.batch, self.span = batch, group * batch if group else 0
         self._groups: OrderedDict[int, list[int]] = OrderedDict()
-        order = [i for i, b in enumerate(index.blocks) if b.count]
+        self.weights = SourceWeights(index, weights, seed, epoch) if weights else None
+        counts = [self.weights.count(i) if self.weights else b.count for i, b in enumerate(index.blocks)]
+        order = [i for i, n in enumerate(counts) if n]
         if shuffle:
             random.Random(f"{seed}:{epoch}:blocks").shuffle(order)
         # Windows of whole blocks holding at least `window` training pairs each (the last one less).
@@ -373,34 +484,35 @@ class EpochOrder:
                 self.starts.append(total)
                 held = 0
             self.windows[-1].append(b)
-            held += index.blocks[b].count
-            total += index.blocks[b].count
+            held += counts[b]
+            total += counts[b]
         self.total = total
-        self._window: tuple[int, list[int], list[int]] | None = None  # (number, permutation, block starts)
+        self._window: tuple[int, list[int], list[tuple[int, int]]] | None = None  # (number, permutation, entries)
         self._offsets: OrderedDict[int, list[int]] = OrderedDict()
 
-    def _window_layout(self, number: int) -> tuple[list[int], list[int]]:
+    def _window_layout(self, number: int) -> tuple[list[int], list[tuple[int, int]]]:
+        """Window ``number``: a permutation of its entries, and the entries, (block, training pair),
+        in block order; with ``data.source_weights`` a pair comes as many times as it is repeated."""
         if self._window is None or self._window[0] != number:
             import random
 
-            blocks = self.windows[number]
-            starts, n = [], 0
-            for b in blocks:
-                starts.append(n)
-                n += self.index.blocks[b].count
-            permutation = list(range(n))
+            entries: list[tuple[int, int]] = []
+            for b in self.windows[number]:
+                if self.weights is None:
+                    entries += [(b, k) for k in range(self.index.blocks[b].count)]
+                else:
+                    entries += [(b, k) for k, copies in enumerate(self.weights.copies(b)) for _ in range(copies)]
+            permutation = list(range(len(entries)))
             if self.shuffle:
                 random.Random(f"{self.seed}:{self.epoch}:window:{number}").shuffle(permutation)
-            self._window = (number, permutation, starts)
+            self._window = (number, permutation, entries)
         return self._window[1], self._window[2]
 
     def locate(self, position: int) -> tuple[int, int]:
         """(block, which of its training pairs) at ``position`` of the epoch."""
         number = bisect.bisect_right(self.starts, position) - 1
-        permutation, starts = self._window_layout(number)
-        within = permutation[position - self.starts[number]]
-        slot = bisect.bisect_right(starts, within) - 1
-        return self.windows[number][slot], within - starts[slot]
+        permutation, entries = self._window_layout(number)
+        return entries[permutation[position - self.starts[number]]]
 
     def window_end(self, position: int) -> int:
         """The first position after the window that holds ``position``."""

@@ -401,7 +401,7 @@ class PairBatches(IterableDataset):
         epoch, a micro-batch goes as soon as the windows that hold its pairs are read, and the
         next window is read in the background meanwhile (so a slow read stalls no step)."""
         order = EpochOrder(self.index, self.seed, self.epoch, self.cfg.shuffle, window_records(self.cfg),
-                           self.cfg.group_by_length, self.batch_size)
+                           self.cfg.group_by_length, self.batch_size, self.cfg.source_weights)
         if self.reader is None:
             self.reader = BlockReader(self.index, self.cfg, self.require_negatives)
         table = self.negatives if self.negatives is not None and self.negatives.step >= 0 else None

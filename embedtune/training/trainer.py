@@ -24,7 +24,7 @@ from embedtune.data.collate import PairCollator, TrainBatch, query_prefix
 from embedtune.data.identity import data_changes, data_identity
 from embedtune.data.index import INDEX_FOLDER, build_index
 from embedtune.data.records import DataError, format_stream_reject, resolve_files
-from embedtune.data.split import eval_pairs, plan_data, preflight, source_problems
+from embedtune.data.split import eval_pairs, plan_data, preflight, source_problems, weighted_total
 from embedtune.data.stream import PairBatches, make_loader
 from embedtune.distributed import any_process, cpu_processes, release, stop_signals
 from embedtune.logs import setup_logging
@@ -282,8 +282,9 @@ class Trainer:
         beir = cfg.eval.uses_beir_files()
         counted = (not cfg.train.max_steps or bool(data.source_weights) or data.batch_by_source) and self.index is None
         plan = plan_data(data, count=counted, held_out=not beir, require_negatives=self.require_negatives)
-        if self.index is not None:  # the index knows the count
-            plan.train_pairs = self.index.total
+        if self.index is not None:  # the index knows the counts
+            plan.sources = self.index.sizes()
+            plan.train_pairs = weighted_total(plan.sources, data.source_weights)
         if plan.sources is not None:
             problem, notes = source_problems(plan.sources, data, cfg.train.batch_size)
             if problem:
