@@ -184,11 +184,6 @@ class DataConfig(_Section):
         if self.batch_by_source and self.group_by_length:
             raise ValueError("data.batch_by_source and data.group_by_length both decide what goes in a batch; "
                              "keep one")
-        if self.order == "indexed":
-            for name in ("batch_by_source",):
-                if getattr(self, name):
-                    raise ValueError(f"data.{name} regroups the streamed order and is not available with "
-                                     f"data.order=indexed yet; leave it out, or set data.order=stream")
         return self
 
     @model_validator(mode="after")

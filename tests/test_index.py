@@ -177,8 +177,6 @@ def test_a_file_changed_under_its_index_is_named_rather_than_read_wrong(tmp_path
 
 def test_order_settings_that_regroup_the_stream_are_refused_in_one_line(tmp_path: Path) -> None:
     path = str(write_jsonl(tmp_path / "a.jsonl", make_pairs(10)))
-    with pytest.raises(ValueError, match="data.batch_by_source regroups the streamed order"):
-        DataConfig(train_files=[path], order="indexed", batch_by_source=True)
     with pytest.raises(ValueError, match="in_batch regroups the streamed order"):
         Config(data={"train_files": [path], "order": "indexed"}, train={"hard_negatives": {"in_batch": True}})
     # Not given, mining steps aside for the indexed order, as for the other regroupings.
@@ -244,6 +242,37 @@ def test_source_weights_repeat_and_thin_each_source_as_in_the_streamed_order(tmp
     assert {i for i in epoch(1) if i not in faq} != set(manual)
     assert epoch(1, processes=3, workers=2) == epoch(1)
     assert epoch_batches(cfg, index, processes=2, workers=2, done=4) == epoch_batches(cfg, index)[8:]
+
+
+def test_batches_by_source_hold_one_source_each_in_proportion_and_keep_every_guarantee(tmp_path: Path) -> None:
+    records = make_pairs(300, seed=6)
+    for i, record in enumerate(records):
+        record["source"] = ("faq", "manual", "manual", "mail", "manual")[i % 5] if i < 290 else "tiny"
+    paths = [str(write_jsonl(tmp_path / f"{i}.jsonl", records[i * 100:(i + 1) * 100])) for i in range(3)]
+    cfg = DataConfig(train_files=paths, order="indexed", block_records=16, shuffle_buffer=40, eval_fraction=0.0,
+                     batch_by_source=True)
+    index = build_index(paths, cfg, None)
+    source = {f"{paths[i // 100]}:{i % 100 + 1}": r["source"] for i, r in enumerate(records)}
+    # Global batches of 12 (2 micro-batches of 6).
+    micro = epoch_batches(cfg, index)
+    steps = [micro[i] + micro[i + 1] for i in range(0, len(micro), 2)]
+    ids = [i for step in steps for i in step]
+    assert sorted(ids) == sorted(source)  # every pair once
+    sizes = collections.Counter(source.values())  # manual 174, faq 58, mail 58, tiny 10
+    full = sum(n // 12 for n in sizes.values())
+    kinds = [{source[i] for i in step} for step in steps]
+    assert all(len(k) == 1 for k in kinds[:full])  # one source each, as long as a source fills a batch
+    firsts = [min(k) for k in kinds[:full]]
+    assert collections.Counter(firsts) == {"manual": 14, "faq": 4, "mail": 4}
+    # The batches of a source are not all in one run, and the rest of each comes last, in source order.
+    assert firsts != sorted(firsts)
+    assert [source[i] for step in steps[full:] for i in step] == sorted(
+        (source[i] for step in steps[full:] for i in step), key=str)
+    # The same batches on any number of processes and workers, and after a resume.
+    assert epoch_batches(cfg, index, processes=3, workers=2) == micro
+    assert epoch_batches(cfg, index, processes=2, workers=2, done=9) == micro[18:]
+    # Another epoch, another order.
+    assert epoch_batches(cfg, index, epoch=1) != micro
 
 
 def test_windows_hold_at_least_the_shuffle_buffer(indexed) -> None:

@@ -428,13 +428,17 @@ class SourceWeights:
 
     def count(self, block: int) -> int:
         """Training pairs of ``block`` in the epoch, copies counted."""
+        return sum(self.by_source(block).values())
+
+    def by_source(self, block: int) -> dict[str | None, int]:
+        """Training pairs of ``block`` in the epoch by source, copies counted."""
         b = self.index.blocks[block]
-        total = 0
+        counts: dict[str | None, int] = {}
         for code, n in b.sources:
             name = self.index.files[b.file].source(code)
             start = self.first[block][name]
-            total += self.rule[name][0] * n + self._extra(name, start, start + n)
-        return total
+            counts[name] = counts.get(name, 0) + self.rule[name][0] * n + self._extra(name, start, start + n)
+        return counts
 
     def copies(self, block: int) -> list[int]:
         """How many times each training pair of ``block`` comes in the epoch."""
@@ -459,10 +463,18 @@ class EpochOrder:
     the full batches put in a seeded random order and each shuffled within, a last partial one
     last, as the streamed order does. ``source(q)`` says which position of the order above is
     position ``q`` of the training order; it lies in the same span of ``group`` x ``batch``.
+
+    With ``by_source`` (``data.batch_by_source``) every global batch is drawn from one source:
+    each source's pairs, in the order above, are cut into batches; the full batches of all sources
+    go in a seeded random order (so sources come in proportion to their size), and what is left of
+    each source (less than a batch) is cut into the last batches, in source order, the last one
+    partial, as the streamed order does. ``source(q)`` may then lie anywhere in the epoch
+    (``monotone`` is false), though about as far into it as ``q``.
     """
 
     def __init__(self, index: DataIndex, seed: int, epoch: int, shuffle: bool, window: int,
-                 group: int | None = None, batch: int = 1, weights: dict[str, float] | None = None) -> None:
+                 group: int | None = None, batch: int = 1, weights: dict[str, float] | None = None,
+                 by_source: bool = False) -> None:
         import random
 
         self.index, self.shuffle = index, shuffle
@@ -487,13 +499,73 @@ class EpochOrder:
             held += counts[b]
             total += counts[b]
         self.total = total
-        self._window: tuple[int, list[int], list[tuple[int, int]]] | None = None  # (number, permutation, entries)
+        self._layouts: OrderedDict[int, tuple[list[int], list[tuple[int, int]]]] = OrderedDict()
         self._offsets: OrderedDict[int, list[int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.monotone = not by_source
+        self._by_name: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
+        if by_source:
+            self._by_source(batch)
+
+    def _by_source(self, batch: int) -> None:
+        """The batches of one source each (see the class docstring), from the index's counts."""
+        import random
+
+        # Each source's pairs before each window, copies counted.
+        before: dict[str | None, list[int]] = {}
+        for number, blocks in enumerate(self.windows):
+            for b in blocks:
+                counts = self.weights.by_source(b) if self.weights else {
+                    self.index.files[self.index.blocks[b].file].source(code): n for code, n in self.index.blocks[b].sources}
+                for name, n in counts.items():
+                    column = before.setdefault(name, [0] * (len(self.windows) + 1))
+                    column[number + 1] += n
+        for column in before.values():
+            for number in range(len(self.windows)):
+                column[number + 1] += column[number]
+        self.names = sorted(before, key=str)
+        self.before = [before[name] for name in self.names]
+        sizes = [column[-1] for column in self.before]
+        labels = array.array("I", (i for i, n in enumerate(sizes) for _ in range(n // batch)))
+        random.Random(f"{self.seed}:{self.epoch}:source-batches").shuffle(labels)  # type: ignore[arg-type]
+        taken = [0] * len(sizes)
+        self.labels, self.nth = labels, array.array("I", [0]) * len(labels)
+        for k, label in enumerate(labels):
+            self.nth[k] = taken[label]
+            taken[label] += 1
+        # What is left of each source, in source order: where each one's rest starts in the tail.
+        self.rest_starts = [0]
+        for n in sizes:
+            self.rest_starts.append(self.rest_starts[-1] + n - n // batch * batch)
+        self.sizes = sizes
+
+    def _of_source(self, index: int, ordinal: int) -> int:
+        """The position above of the ``ordinal``-th pair of source ``self.names[index]``."""
+        column = self.before[index]
+        number = bisect.bisect_right(column, ordinal) - 1
+        return self.starts[number] + self._source_positions(number, index)[ordinal - column[number]]
+
+    def _source_positions(self, number: int, index: int) -> list[int]:
+        """The places in window ``number`` (in its permuted order) of the pairs of source ``index``."""
+        key = (number, index)
+        found = self._by_name.get(key)
+        if found is None:
+            permutation, entries = self._window_layout(number)
+            name = self.names[index]
+            codes = {b: self.index.payload(b)[2] for b in self.windows[number]}
+            file = {b: self.index.files[self.index.blocks[b].file] for b in self.windows[number]}
+            found = [x for x, e in enumerate(permutation)
+                     if file[entries[e][0]].source(codes[entries[e][0]][entries[e][1]]) == name]
+            self._by_name[key] = found
+            if len(self._by_name) > 64:
+                self._by_name.popitem(last=False)
+        return found
 
     def _window_layout(self, number: int) -> tuple[list[int], list[tuple[int, int]]]:
         """Window ``number``: a permutation of its entries, and the entries, (block, training pair),
         in block order; with ``data.source_weights`` a pair comes as many times as it is repeated."""
-        if self._window is None or self._window[0] != number:
+        layout = self._layouts.get(number)
+        if layout is None:
             import random
 
             entries: list[tuple[int, int]] = []
@@ -505,8 +577,10 @@ class EpochOrder:
             permutation = list(range(len(entries)))
             if self.shuffle:
                 random.Random(f"{self.seed}:{self.epoch}:window:{number}").shuffle(permutation)
-            self._window = (number, permutation, entries)
-        return self._window[1], self._window[2]
+            layout = self._layouts[number] = (permutation, entries)
+            if len(self._layouts) > 8:
+                self._layouts.popitem(last=False)
+        return layout
 
     def locate(self, position: int) -> tuple[int, int]:
         """(block, which of its training pairs) at ``position`` of the epoch."""
@@ -523,17 +597,26 @@ class EpochOrder:
         """Which record of ``block`` (counted from 0) its ``ordinal``-th training pair is."""
         offsets = self._offsets.get(block)
         if offsets is None:
-            offsets = self._offsets[block] = self.index.offsets(block)
-            if len(self._offsets) > 64:
-                self._offsets.popitem(last=False)
+            offsets = self.index.offsets(block)
+            with self._lock:  # the reading thread and the one that lays out batches both ask
+                self._offsets[block] = offsets
+                if len(self._offsets) > 64:
+                    self._offsets.popitem(last=False)
         return offsets[ordinal]
 
     def earliest(self, position: int) -> int:
-        """The first position above that ``source`` may give for ``position``."""
+        """The first position above that ``source`` may give for ``position`` (``monotone`` orders)."""
         return position - position % self.span if self.span else position
 
     def source(self, position: int) -> int:
         """The position above (blocks and windows) that is ``position`` of the training order."""
+        if not self.monotone:
+            k, i = divmod(position, self.batch)
+            if k < len(self.labels):
+                return self._of_source(self.labels[k], self.nth[k] * self.batch + i)
+            rest = position - len(self.labels) * self.batch
+            index = bisect.bisect_right(self.rest_starts, rest) - 1
+            return self._of_source(index, self.sizes[index] // self.batch * self.batch + rest - self.rest_starts[index])
         if not self.span:
             return position
         start = self.earliest(position)

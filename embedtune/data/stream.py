@@ -401,11 +401,15 @@ class PairBatches(IterableDataset):
         epoch, a micro-batch goes as soon as the windows that hold its pairs are read, and the
         next window is read in the background meanwhile (so a slow read stalls no step)."""
         order = EpochOrder(self.index, self.seed, self.epoch, self.cfg.shuffle, window_records(self.cfg),
-                           self.cfg.group_by_length, self.batch_size, self.cfg.source_weights)
+                           self.cfg.group_by_length, self.batch_size, self.cfg.source_weights,
+                           self.cfg.batch_by_source)
         if self.reader is None:
             self.reader = BlockReader(self.index, self.cfg, self.require_negatives)
         table = self.negatives if self.negatives is not None and self.negatives.step >= 0 else None
         slots = self._slots(order.total, worker, workers)
+        if not order.monotone:
+            yield from self._chunked_batches(order, slots, workers, table)
+            return
         # Slots pulled in, each with the positions (of the order of blocks and windows) it reads.
         pending: collections.deque[tuple[_Slot, list[int]]] = collections.deque()
         upcoming = next(slots, None)
@@ -447,6 +451,41 @@ class PairBatches(IterableDataset):
                     return
                 keep = min(min(sources) for _, sources in pending) if pending else ends[number]
                 found = {p: pair for p, pair in found.items() if p >= keep}
+
+    def _chunked_batches(self, order: EpochOrder, slots: Iterator[_Slot], workers: int,
+                         table: Any) -> Iterator[TrainBatch]:
+        """The indexed order's micro-batches when their pairs do not come window after window
+        (``data.batch_by_source``): this reader's micro-batches of about ``data.shuffle_buffer``
+        positions of the epoch at a time, their pairs read together, the next chunk in the
+        background meanwhile."""
+        span = max(1, self.cfg.shuffle_buffer // max(1, self.batch_size // self.accumulation * workers))
+
+        def plan() -> tuple[list[tuple[_Slot, list[int]]], dict[int, tuple[int, int]]]:
+            """The next chunk's slots with their positions, and those positions located (here, in
+            the thread that pulls the slots, so that the order's caches have one user)."""
+            chunk = [(slot, [order.source(q) for q in slot.needed]) for slot in itertools.islice(slots, span)]
+            return chunk, {p: order.locate(p) for _, sources in chunk for p in sources}
+
+        def read(located: dict[int, tuple[int, int]]) -> dict[int, Pair]:
+            wanted: dict[int, list[int]] = {}
+            for block, ordinal in located.values():
+                wanted.setdefault(block, []).append(ordinal)
+            pairs = self.reader.read(order, wanted) if wanted else {}
+            return {p: pairs[where] for p, where in located.items()}
+
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedtune-readahead") as ahead:
+            chunk, located = plan()
+            reading = ahead.submit(read, located)
+            while chunk:
+                found = reading.result()
+                following, located = plan()
+                reading = ahead.submit(read, located)
+                for slot, sources in chunk:
+                    pairs = [found[p] for p in sources]
+                    if table is not None:
+                        pairs = [table.apply(p) for p in pairs]
+                    yield self._indexed_batch(slot, pairs, order)
+                chunk = following
 
     def _indexed_batch(self, slot: _Slot, pairs: list[Pair], order: EpochOrder) -> TrainBatch:
         if sum(map(pair_chars, pairs)) > self.cfg.max_batch_chars:
