@@ -554,10 +554,7 @@ class Config(_Section):
         if hard and hard.in_batch and (self.data.batch_by_source or self.data.group_by_length):
             raise ValueError("train.hard_negatives.in_batch, data.batch_by_source and data.group_by_length each "
                              "decide what goes in a batch; keep one")
-        if hard and hard.in_batch and self.data.order == "indexed":
-            raise ValueError("train.hard_negatives.in_batch regroups the streamed order and is not available with "
-                             "data.order=indexed yet; set train.hard_negatives.in_batch=false (the mined negatives "
-                             "then come with each pair), or data.order=stream")
+
         return self
 
     @model_validator(mode="after")

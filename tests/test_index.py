@@ -28,12 +28,13 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, make_pairs, untokenized, write_jsonl
 from fsspec.implementations.memory import MemoryFileSystem
+from test_hard_negatives import killed_and_resumed, sharing_pairs, trainer_for
 from test_resume import args_for, assert_same_run, batches, finish, kill_when, logged_steps, start
 
 from embedtune.config import Config, DataConfig, parse_args
 from embedtune.data import index as index_module
 from embedtune.data.index import EpochOrder, build_index
-from embedtune.data.records import DataError, Reject, read_pairs
+from embedtune.data.records import DataError, Pair, Reject, read_pairs, text_key
 from embedtune.data.split import trains_on, weighted_total
 from embedtune.data.stream import PairBatches, make_loader
 
@@ -175,12 +176,13 @@ def test_a_file_changed_under_its_index_is_named_rather_than_read_wrong(tmp_path
         epoch_batches(cfg.model_copy(update={"shuffle": False}), index)
 
 
-def test_order_settings_that_regroup_the_stream_are_refused_in_one_line(tmp_path: Path) -> None:
+def test_mining_is_off_unless_asked_and_files_it_cannot_enter_are_refused_in_one_line(tmp_path: Path) -> None:
     path = str(write_jsonl(tmp_path / "a.jsonl", make_pairs(10)))
-    with pytest.raises(ValueError, match="in_batch regroups the streamed order"):
-        Config(data={"train_files": [path], "order": "indexed"}, train={"hard_negatives": {"in_batch": True}})
-    # Not given, mining steps aside for the indexed order, as for the other regroupings.
+    # A round embeds every training pair before step 1: at the scale this order is for, that is
+    # asked for, not a default.
     assert Config(data={"train_files": [path], "order": "indexed"}).train.hard_negatives is None
+    assert Config(data={"train_files": [path], "order": "indexed"},
+                  train={"hard_negatives": {"in_batch": True}}).train.hard_negatives.in_batch
     csv = tmp_path / "a.csv"
     csv.write_text("question,answer\nq,a\n")
     with pytest.raises(DataError, match=r"a\.csv: data.order=indexed reads JSONL and Parquet files.*convert it"):
@@ -273,6 +275,42 @@ def test_batches_by_source_hold_one_source_each_in_proportion_and_keep_every_gua
     assert epoch_batches(cfg, index, processes=2, workers=2, done=9) == micro[18:]
     # Another epoch, another order.
     assert epoch_batches(cfg, index, epoch=1) != micro
+
+
+def test_in_batch_mining_groups_each_pairs_negatives_into_its_batch_from_the_index(tiny_model: Path,
+                                                                                   tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "p.jsonl", sharing_pairs(200))
+    trainer = trainer_for(tiny_model, data, tmp_path / "out", "data.order=indexed", "data.block_records=16",
+                          "data.shuffle_buffer=40", "train.hard_negatives={in_batch: true, num: 1, relative_margin: null}")
+    try:
+        table, dataset = trainer.mined, trainer.dataset
+        plain = [b.ids for b in make_loader(dataset, 0, pin_memory=False)]
+        trainer._mine()
+        grouped = [b.ids for b in make_loader(dataset, 0, pin_memory=False)]
+        assert sorted(i for b in grouped for i in b) == sorted(i for b in plain for i in b)
+        assert [len(b) for b in grouped] == [len(b) for b in plain]
+        pairs = {p.id: p for p in read_pairs([str(data)], trainer.cfg.data) if isinstance(p, Pair)}
+
+        def together(batches: list[list[str]]) -> float:
+            """Share of pairs whose mined negative is the answer of another pair in their batch."""
+            hits = 0
+            for batch in batches:
+                answers = {text_key(pairs[i].positive) for i in batch}
+                hits += sum(bool(keys) and keys[0] in answers for keys in (table.negative_keys(pairs[i]) for i in batch))
+            return hits / sum(map(len, batches))
+
+        assert together(grouped) > 0.35 and together(grouped) > 5 * together(plain)
+        # The same on workers and from a resumed position; no negatives attached.
+        dataset.set_position(0, 3)
+        resumed = list(make_loader(dataset, 2, pin_memory=False))
+        assert [b.ids for b in resumed] == grouped[3:] and all(b.negative_owner.numel() == 0 for b in resumed)
+    finally:
+        trainer.lock.release()
+
+
+def test_an_indexed_in_batch_run_killed_mid_epoch_resumes_into_the_same_run(models, data, tmp_path: Path) -> None:
+    killed_and_resumed(models["dropout"], data, tmp_path, 22,
+                       "train.hard_negatives={in_batch: true, every_epoch: true, window: 4}", *INDEXED)
 
 
 def test_windows_hold_at_least_the_shuffle_buffer(indexed) -> None:

@@ -48,13 +48,15 @@ from embedtune.data.records import (
     _read_lines,
     document_tokens,
     file_format,
+    pair_key,
     parse_record,
+    text_key,
 )
 from embedtune.data.split import trains_on
 
 logger = logging.getLogger(__name__)
 
-INDEX_VERSION = 3
+INDEX_VERSION = 4
 INDEX_FOLDER = "data_index"  # in output_dir, unless data.index_dir says where
 # The settings that decide which records are training pairs, and so what an index holds.
 PAIR_SETTINGS = ("format", "query_field", "positive_field", "negatives_field", "label_field", "source_field",
@@ -83,9 +85,8 @@ class Block:
     # then two bytes per training pair, its source's code (0: none; else a name of its file's ``sources``)
     sources: list[list[int]]  # [code, training pairs] per source code in it
 
-    @property
-    def payload_size(self) -> int:
-        return (self.lines + 7) // 8 + 3 * self.count
+    def payload_size(self, keys: bool) -> int:
+        return (self.lines + 7) // 8 + (19 if keys else 3) * self.count
 
 
 @dataclass
@@ -96,13 +97,14 @@ class FileIndex:
     rejects: list[Reject]
     bad: int  # bad records in the file (all of them, even past REJECTS_KEPT)
     sources: list[str] = field(default_factory=list)  # the source names its records give; code i + 1 is sources[i]
+    keys: bool = False  # whether the payloads hold each pair's answer key and pair key (for in-batch mining)
     payload: bytes | None = None  # the blocks' payloads, when held in memory
     payload_file: str | None = None  # else where they are kept
 
     def to_json(self) -> dict[str, Any]:
         """Everything but the payload."""
         return {"version": INDEX_VERSION, "path": self.path, "format": self.fmt, "bad": self.bad,
-                "sources": self.sources,
+                "sources": self.sources, "keys": self.keys,
                 "blocks": [[b.start, b.stop, b.first, b.lines, b.count, b.payload, b.sources] for b in self.blocks],
                 "rejects": [[r.file, r.line, r.reason, r.raw] for r in self.rejects]}
 
@@ -110,7 +112,7 @@ class FileIndex:
     def from_json(cls, data: dict[str, Any], file: int, payload: bytes | None, payload_file: str | None) -> FileIndex:
         blocks = [Block(file, *values) for values in data["blocks"]]
         return cls(data["path"], data["format"], blocks, [Reject(*r) for r in data["rejects"]], data["bad"],
-                   data["sources"], payload, payload_file)
+                   data["sources"], data["keys"], payload, payload_file)
 
     def source(self, code: int) -> str | None:
         return self.sources[code - 1] if code else None
@@ -125,7 +127,7 @@ class DataIndex:
         self.files = files
         self.blocks = [b for f in files for b in f.blocks]
         self.built = built  # files indexed by this call (the others came from the cache)
-        self._payloads: OrderedDict[int, tuple[bytes, bytes, array.array]] = OrderedDict()
+        self._payloads: OrderedDict[int, tuple[bytes, bytes, array.array, array.array | None]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # for DataLoader workers started by spawn
@@ -156,9 +158,10 @@ class DataIndex:
                 sizes[name] = sizes.get(name, 0) + n
         return sizes
 
-    def payload(self, block: int) -> tuple[bytes, bytes, array.array]:
+    def payload(self, block: int) -> tuple[bytes, bytes, array.array, array.array | None]:
         """(a bit per record: a training pair or not, a length code per training pair, a source code
-        per training pair) of ``block``."""
+        per training pair, and when the index has them each training pair's answer key and pair key
+        one after the other) of ``block``."""
         with self._lock:
             found = self._payloads.get(block)
             if found is not None:
@@ -166,7 +169,7 @@ class DataIndex:
                 return found
         b = self.blocks[block]
         file = self.files[b.file]
-        size = b.payload_size
+        size = b.payload_size(file.keys)
         if file.payload is not None:
             data = file.payload[b.payload:b.payload + size]
         else:
@@ -177,11 +180,15 @@ class DataIndex:
                 raise DataError(f"{file.payload_file}: the index of {file.path} is cut short; delete it to index the "
                                 "file again")
         head = (b.lines + 7) // 8
-        codes = array.array("H")
-        codes.frombytes(data[head + b.count:])
+        codes, keys = array.array("H"), array.array("q") if file.keys else None
+        codes.frombytes(data[head + b.count:head + 3 * b.count])
+        if keys is not None:
+            keys.frombytes(data[head + 3 * b.count:])
         if sys.byteorder != "little":
             codes.byteswap()
-        found = (data[:head], data[head:head + b.count], codes)
+            if keys is not None:
+                keys.byteswap()
+        found = (data[:head], data[head:head + b.count], codes, keys)
         with self._lock:
             self._payloads[block] = found
             if len(self._payloads) > PAYLOADS_KEPT:
@@ -194,8 +201,9 @@ class DataIndex:
         return [i for i in range(self.blocks[block].lines) if bits[i >> 3] >> (i & 7) & 1]
 
 
-def settings_key(cfg: DataConfig, require_negatives: bool) -> dict[str, Any]:
+def settings_key(cfg: DataConfig, require_negatives: bool, keys: bool = False) -> dict[str, Any]:
     settings = {name: getattr(cfg, name) for name in PAIR_SETTINGS}
+    settings["keys"] = keys
     # Held-out pairs are carved off only when there are no eval files.
     settings["eval_fraction"] = 0.0 if cfg.eval_files else cfg.eval_fraction
     settings["require_negatives"] = require_negatives
@@ -228,15 +236,17 @@ def length_code(tokens: int) -> int:
 class _Bits:
     """A file's blocks and their payload, as it is read."""
 
-    def __init__(self) -> None:
+    def __init__(self, keys: bool) -> None:
         self.payload = bytearray()
         self.blocks: list[Block] = []
         self.names: dict[str, int] = {}  # source name -> code
+        self.with_keys = keys
         self._new()
 
     def _new(self) -> None:
         self.bits, self.lengths, self.lines, self.count = bytearray(), bytearray(), 0, 0
         self.codes = array.array("H")
+        self.keys = array.array("q")
 
     def add(self, pair: Pair | None) -> None:
         if self.lines % 8 == 0:
@@ -251,6 +261,8 @@ class _Bits:
                     raise DataError(f"more than {MAX_SOURCES:,} sources in one file (data.source_field); a source "
                                     "names a kind of text, not a record")
             self.codes.append(code)
+            if self.with_keys:
+                self.keys.extend((text_key(pair.positive), pair_key(pair.query, pair.positive)))
             self.count += 1
         self.lines += 1
 
@@ -261,14 +273,15 @@ class _Bits:
             counts[code] = counts.get(code, 0) + 1
         self.blocks.append(Block(0, start, stop, first, self.lines, self.count, len(self.payload),
                                  [[c, n] for c, n in sorted(counts.items())]))
-        codes = array.array("H", self.codes)
+        codes, keys = array.array("H", self.codes), array.array("q", self.keys)
         if sys.byteorder != "little":
             codes.byteswap()
-        self.payload += self.bits + self.lengths + codes.tobytes()
+            keys.byteswap()
+        self.payload += self.bits + self.lengths + codes.tobytes() + keys.tobytes()
         self._new()
 
 
-def index_file(path: str, cfg: DataConfig, require_negatives: bool = False) -> FileIndex:
+def index_file(path: str, cfg: DataConfig, require_negatives: bool = False, keys: bool = False) -> FileIndex:
     """One file's blocks, read once (see the module's docstring)."""
     fmt = file_format(path, cfg.format)
     rejects: list[Reject] = []
@@ -284,7 +297,7 @@ def index_file(path: str, cfg: DataConfig, require_negatives: bool = False) -> F
             return None
         return item if item is not None and trains_on(item, cfg) else None
 
-    bits = _Bits()
+    bits = _Bits(keys)
     if fmt == "json":
         whole = bool(_compression_suffix(path))
         start, first, end = 0, 1, 0
@@ -305,7 +318,7 @@ def index_file(path: str, cfg: DataConfig, require_negatives: bool = False) -> F
     else:
         raise DataError(f"{path}: data.order=indexed reads JSONL and Parquet files, and this one is {fmt}; convert "
                         "it to JSONL or Parquet, or set data.order=stream")
-    return FileIndex(path, fmt, bits.blocks, rejects, bad, list(bits.names), bytes(bits.payload))
+    return FileIndex(path, fmt, bits.blocks, rejects, bad, list(bits.names), keys, bytes(bits.payload))
 
 
 def _parquet(path: str) -> Any:
@@ -326,11 +339,13 @@ def _row_groups(path: str) -> Iterable[list[dict[str, Any]]]:
         yield file.read_row_group(group).to_pylist()
 
 
-def _index_one(args: tuple[str, DataConfig, bool, str | None]) -> tuple[dict[str, Any], bytes | None, str | None, bool]:
+def _index_one(args: tuple[str, DataConfig, bool, str | None, bool]
+               ) -> tuple[dict[str, Any], bytes | None, str | None, bool]:
     """A file's index: its JSON, its payload (None when it stays in its file), the payload's file,
     and whether it was built now rather than read from the cache."""
-    path, cfg, require_negatives, cache_dir = args
-    cached = os.path.join(cache_dir, _cache_name(path, settings_key(cfg, require_negatives))) if cache_dir else None
+    path, cfg, require_negatives, cache_dir, keys = args
+    cached = (os.path.join(cache_dir, _cache_name(path, settings_key(cfg, require_negatives, keys))) if cache_dir
+              else None)
     payload_file = f"{cached.removesuffix('.json')}.bin" if cached else None
     if cached and os.path.exists(cached):
         try:
@@ -342,7 +357,7 @@ def _index_one(args: tuple[str, DataConfig, bool, str | None]) -> tuple[dict[str
             pass  # unreadable: built again, and written over
     for attempt in range(READ_RETRIES + 1):
         try:
-            built = index_file(path, cfg, require_negatives)
+            built = index_file(path, cfg, require_negatives, keys)
             break
         except Exception as exc:  # the file is read again from its start: a dropped connection, a throttle
             cause = exc.__cause__ if isinstance(exc, DataError) and exc.__cause__ is not None else exc
@@ -365,12 +380,13 @@ def _index_one(args: tuple[str, DataConfig, bool, str | None]) -> tuple[dict[str
 
 
 def build_index(files: list[str], cfg: DataConfig, cache_dir: str | None, require_negatives: bool = False,
-                workers: int = 1) -> DataIndex:
+                workers: int = 1, keys: bool = False) -> DataIndex:
     """The index of ``files``, each from the cache or read once, ``workers`` files at a time. With
-    no ``cache_dir``, the payloads are held in memory."""
+    no ``cache_dir``, the payloads are held in memory. ``keys``: with each pair's answer key and
+    pair key, which in-batch mining (``train.hard_negatives.in_batch``) groups by."""
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
-    jobs = [(path, cfg, require_negatives, cache_dir) for path in files]
+    jobs = [(path, cfg, require_negatives, cache_dir, keys) for path in files]
     if workers > 1 and len(files) > 1:
         context = multiprocessing.get_context("fork")
         with concurrent.futures.ProcessPoolExecutor(min(workers, len(files)), mp_context=context) as pool:
@@ -384,6 +400,38 @@ def build_index(files: list[str], cfg: DataConfig, cache_dir: str | None, requir
         logger.info("indexed %d of %d training file(s): %s training pairs in %s blocks", index.built, len(files),
                     f"{index.total:,}", f"{len(index.blocks):,}")
     return index
+
+
+def partition(links: list[list[int]], size: int) -> list[int]:
+    """The window's pairs (by index) in batch order: each batch starts from the first unplaced
+    pair in stream order and grows by the unplaced pair with the most links into it (ties by
+    stream order), or, with none linked, the next unplaced pair."""
+    placed, layout = [False] * len(links), []
+    cursor = 0
+    while cursor < len(links):
+        if placed[cursor]:
+            cursor += 1
+            continue
+        gain: dict[int, int] = {}
+        batch = 0
+        pick = cursor
+        while batch < size:
+            placed[pick] = True
+            layout.append(pick)
+            batch += 1
+            gain.pop(pick, None)
+            for j in links[pick]:
+                if not placed[j]:
+                    gain[j] = gain.get(j, 0) + 1
+            if gain:
+                pick = min(gain, key=lambda j: (-gain[j], j))
+            else:
+                while cursor < len(links) and placed[cursor]:
+                    cursor += 1
+                if cursor == len(links):
+                    break
+                pick = cursor
+    return layout
 
 
 class SourceWeights:
@@ -474,12 +522,15 @@ class EpochOrder:
 
     def __init__(self, index: DataIndex, seed: int, epoch: int, shuffle: bool, window: int,
                  group: int | None = None, batch: int = 1, weights: dict[str, float] | None = None,
-                 by_source: bool = False) -> None:
+                 by_source: bool = False, neighbours: tuple[int, Any] | None = None) -> None:
         import random
 
         self.index, self.shuffle = index, shuffle
         self.seed, self.epoch = seed, epoch
-        self.batch, self.span = batch, group * batch if group else 0
+        # The span of positions regrouped together: by length, or by mined negatives (a window of
+        # train.hard_negatives.window batches and the table of the latest round).
+        self.neighbours = neighbours[1] if neighbours else None
+        self.batch, self.span = batch, (neighbours[0] if neighbours else group or 0) * batch
         self._groups: OrderedDict[int, list[int]] = OrderedDict()
         self.weights = SourceWeights(index, weights, seed, epoch) if weights else None
         counts = [self.weights.count(i) if self.weights else b.count for i, b in enumerate(index.blocks)]
@@ -632,12 +683,13 @@ class EpochOrder:
         import random
 
         size = min(self.span, self.total - start)
-        codes = []
-        for p in range(start, start + size):
-            block, ordinal = self.locate(p)
-            codes.append(self.index.payload(block)[1][ordinal])
-        ordered = sorted(range(size), key=codes.__getitem__)
-        rng = random.Random(f"{self.seed}:{self.epoch}:length-groups:{start // self.span}")
+        located = [self.locate(p) for p in range(start, start + size)]
+        if self.neighbours is None:
+            codes = [self.index.payload(block)[1][ordinal] for block, ordinal in located]
+            ordered, purpose = sorted(range(size), key=codes.__getitem__), "length-groups"
+        else:
+            ordered, purpose = self._linked(located), "neighbour-groups"
+        rng = random.Random(f"{self.seed}:{self.epoch}:{purpose}:{start // self.span}")
         full = size // self.batch * self.batch
         cut = [ordered[i:i + self.batch] for i in range(0, full, self.batch)]
         rng.shuffle(cut)
@@ -646,6 +698,28 @@ class EpochOrder:
         for batch in cut:
             rng.shuffle(batch)
         return [offset for batch in cut for offset in batch]
+
+    def _linked(self, located: list[tuple[int, int]]) -> list[int]:
+        """A span's pairs in batch order, linked by the mined negatives: two pairs are linked when
+        one's mined negative is the other's answer, and ``partition`` puts linked pairs together."""
+        keys = []
+        for block, ordinal in located:
+            found = self.index.payload(block)[3]
+            if found is None:
+                raise DataError("the index was built without the pairs' keys that train.hard_negatives.in_batch "
+                                "needs; it is built with them when the run mines in-batch negatives")
+            keys.append((found[2 * ordinal], found[2 * ordinal + 1]))
+        answered_by: dict[int, list[int]] = {}
+        for i, (answer, _) in enumerate(keys):
+            answered_by.setdefault(answer, []).append(i)
+        links: list[set[int]] = [set() for _ in keys]
+        for i, (_, pair) in enumerate(keys):
+            for key in self.neighbours.negative_keys_of(pair):  # type: ignore[union-attr]
+                for j in answered_by.get(key, ()):
+                    if j != i:
+                        links[i].add(j)
+                        links[j].add(i)
+        return partition([sorted(linked) for linked in links], self.batch)
 
     def pair_id(self, position: int) -> str:
         """The id of the pair at ``position`` of the training order (its file and line), from the

@@ -593,6 +593,12 @@ def text_key(text: str) -> int:
     return int.from_bytes(hashlib.sha1(normalize_text(text).encode("utf-8")).digest()[:8], "big") >> 1
 
 
+def pair_key(query: str, positive: str) -> int:
+    """A 63-bit key of a (question, answer) pair's normalized texts: equal pairs share their mined negatives."""
+    joined = f"{text_key(query)}:{text_key(positive)}".encode()
+    return int.from_bytes(hashlib.sha1(joined).digest()[:8], "big") >> 1
+
+
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 

@@ -35,7 +35,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from embedtune.config import DataConfig
 from embedtune.data.collate import TrainBatch
-from embedtune.data.index import BlockReader, DataIndex, EpochOrder, window_records
+from embedtune.data.index import BlockReader, DataIndex, EpochOrder, partition, window_records
 from embedtune.data.records import DataError, Pair, Reject, document_tokens, read_pairs, resolve_files, text_key
 from embedtune.data.split import plan_data, trains_on
 
@@ -287,35 +287,7 @@ class PairBatches(IterableDataset):
         return [pairs[i] for i in self._partition([sorted(linked) for linked in links])]
 
     def _partition(self, links: list[list[int]]) -> list[int]:
-        """The window's pairs (by index) in batch order: each batch starts from the first unplaced
-        pair in stream order and grows by the unplaced pair with the most links into it (ties by
-        stream order), or, with none linked, the next unplaced pair."""
-        size, placed, layout = self.batch_size, [False] * len(links), []
-        cursor = 0
-        while cursor < len(links):
-            if placed[cursor]:
-                cursor += 1
-                continue
-            gain: dict[int, int] = {}
-            batch = 0
-            pick = cursor
-            while batch < size:
-                placed[pick] = True
-                layout.append(pick)
-                batch += 1
-                gain.pop(pick, None)
-                for j in links[pick]:
-                    if not placed[j]:
-                        gain[j] = gain.get(j, 0) + 1
-                if gain:
-                    pick = min(gain, key=lambda j: (-gain[j], j))
-                else:
-                    while cursor < len(links) and placed[cursor]:
-                        cursor += 1
-                    if cursor == len(links):
-                        break
-                    pick = cursor
-        return layout
+        return partition(links, self.batch_size)
 
     def _grouped(self, batches: Iterator[tuple[list[Pair], list[Reject]]],
                  window: int) -> Iterator[tuple[list[Pair], list[Reject]]]:
@@ -400,12 +372,17 @@ class PairBatches(IterableDataset):
         reading only their pairs, window by window of the order: each block is read once an
         epoch, a micro-batch goes as soon as the windows that hold its pairs are read, and the
         next window is read in the background meanwhile (so a slow read stalls no step)."""
+        table = self.negatives if self.negatives is not None and self.negatives.step >= 0 else None
+        # train.hard_negatives.in_batch: once a round has run, the pairs are grouped by their mined
+        # negatives instead of carrying them.
+        neighbours = (self.neighbour_window, table) if self.neighbour_window and table is not None else None
         order = EpochOrder(self.index, self.seed, self.epoch, self.cfg.shuffle, window_records(self.cfg),
                            self.cfg.group_by_length, self.batch_size, self.cfg.source_weights,
-                           self.cfg.batch_by_source)
+                           self.cfg.batch_by_source, neighbours)
         if self.reader is None:
             self.reader = BlockReader(self.index, self.cfg, self.require_negatives)
-        table = self.negatives if self.negatives is not None and self.negatives.step >= 0 else None
+        if neighbours is not None:
+            table = None
         slots = self._slots(order.total, worker, workers)
         if not order.monotone:
             yield from self._chunked_batches(order, slots, workers, table)

@@ -12,7 +12,6 @@ checkpointing, so a resumed run trains on the negatives the interrupted run had 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -24,7 +23,7 @@ from accelerate.utils import gather_object
 
 from embedtune.config import Config
 from embedtune.data.collate import PairCollator
-from embedtune.data.records import Pair, read_pairs, resolve_files, text_key
+from embedtune.data.records import Pair, pair_key, read_pairs, resolve_files, text_key
 from embedtune.data.split import trains_on
 from embedtune.data.stream import process_slice
 from embedtune.mining.negatives import Selection, choose_negatives
@@ -33,12 +32,6 @@ from embedtune.retrieval import RetrievalSet, set_encoder
 logger = logging.getLogger(__name__)
 
 SCORE_BUDGET = 1 << 25  # query x document scores held at once while searching
-
-
-def pair_key(query: str, positive: str) -> int:
-    """A 63-bit key of a (question, answer) pair's normalized texts: equal pairs share their negatives."""
-    joined = f"{text_key(query)}:{text_key(positive)}".encode()
-    return int.from_bytes(hashlib.sha1(joined).digest()[:8], "big") >> 1
 
 
 class MinedNegatives:
@@ -82,19 +75,25 @@ class MinedNegatives:
         return None if at is None else tuple(self.texts[r] for r in self.rows[at].tolist() if r >= 0)
 
     def _find(self, pair: Pair) -> int | None:
+        return self._find_key(pair_key(pair.query, pair.positive))
+
+    def _find_key(self, key: int) -> int | None:
         if self._index is None:
             self._index = self.keys.numpy()
-        key = pair_key(pair.query, pair.positive)
         at = int(np.searchsorted(self._index, key))
         return None if at == len(self._index) or self._index[at] != key else at
 
     def negative_keys(self, pair: Pair) -> list[int]:
         """The text keys of the pair's mined negatives (none when no round has covered it)."""
+        return self.negative_keys_of(pair_key(pair.query, pair.positive))
+
+    def negative_keys_of(self, key: int) -> list[int]:
+        """``negative_keys`` of the pair whose ``pair_key`` is ``key``."""
         if self.step < 0 or not len(self.keys):
             return []
         if self._text_keys is None:
             self._text_keys = [text_key(t) for t in self.texts]
-        at = self._find(pair)
+        at = self._find_key(key)
         return [] if at is None else [self._text_keys[r] for r in self.rows[at].tolist() if r >= 0]
 
     def apply(self, pair: Pair) -> Pair:

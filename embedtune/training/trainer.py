@@ -218,20 +218,22 @@ class Trainer:
         files = resolve_files(data.train_files)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         workers = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        hard = self.cfg.train.hard_negatives
+        keys = bool(hard and hard.in_batch)  # in-batch mining groups pairs by keys the index then keeps
         if accelerator.num_processes > 1:
             # Every process indexes its share of the files, on its machine's share of the cores;
             # then each reads the others' from the folder they share.
             failed: Exception | None = None
             try:
                 build_index(files[accelerator.process_index::accelerator.num_processes], data, folder,
-                            self.require_negatives, workers)
+                            self.require_negatives, workers, keys)
             except Exception as exc:  # the others must not wait for this one forever
                 failed = exc
             if any_process(failed is not None, accelerator.device):
                 if failed is not None:
                     raise failed
                 raise DataError("another process could not index its share of the training files; its log says why")
-        self.index = build_index(files, data, folder, self.require_negatives, workers)
+        self.index = build_index(files, data, folder, self.require_negatives, workers, keys)
         if self.index.bad and data.on_bad_record == "error":
             raise DataError(f"{self.index.bad} bad record(s) in the training files; the first: "
                             + format_stream_reject(self.index.rejects[0]))
