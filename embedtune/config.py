@@ -350,7 +350,7 @@ class TrainConfig(_Section):
         "pairs' answers (held-out ones never), with the current weights, and train on them with the in-batch "
         "negatives; they replace the records' own (data.negatives_field). Saved with each checkpoint, so a resumed "
         "run trains on the same ones. Not given: {in_batch: true} for the in-batch ranking losses when no other "
-        "batch grouping is set, else off. null: off.")
+        "batch grouping is set and data.order is stream, else off. null: off.")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -510,7 +510,8 @@ class Config(_Section):
     @classmethod
     def _default_mining(cls, raw: Any) -> Any:
         """train.hard_negatives, when not given: mined in-batch negatives (DEFAULT_MINING) where the loss
-        trains on in-batch negatives and no other batch grouping is asked for; otherwise off."""
+        trains on in-batch negatives and no other batch grouping (nor data.order=indexed) is asked for;
+        otherwise off."""
         if not isinstance(raw, dict):
             return raw
         train = raw.get("train", {})
