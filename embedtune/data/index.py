@@ -50,6 +50,7 @@ from embedtune.data.records import (
     file_format,
     pair_key,
     parse_record,
+    read_lines_numbered,
     text_key,
 )
 from embedtune.data.split import trains_on
@@ -791,13 +792,13 @@ class BlockReader:
         last = max(wanted)
         if file.fmt == "json":
             stop = None if b.stop == -1 else b.stop
-            for number, line, _ in _read_lines(file.path, self.cfg.max_record_bytes, b.start, stop, b.first):
-                record = number - b.first
-                self.scanned += 1
-                if record in wanted:
-                    yield record, line
-                if record >= last:
-                    return
+            numbers = [b.first + r for r in sorted(wanted)]
+            self.scanned += last + 1  # lines passed over (counted, not split) up to the last one wanted
+            for number, line in read_lines_numbered(file.path, numbers, self.cfg.max_record_bytes, b.start, stop,
+                                                    b.first):
+                if line is None:  # too long or not UTF-8 now: not what was indexed
+                    raise DataError(self._changed(file.path, number))
+                yield number - b.first, line
             return
         parquet = self._parquet.get(b.file)
         if parquet is None:
