@@ -730,6 +730,9 @@ class EpochOrder:
         return f"{self.index.files[b.file].path}:{b.first + self.record(block, ordinal)}"
 
 
+Raw = tuple[str, int, Any]  # a record as read: its file, its line (or row) number, the line or row
+
+
 class BlockReader:
     """Reads the training pairs it is asked for, parsing no other record; counts what it did."""
 
@@ -740,23 +743,30 @@ class BlockReader:
         self.blocks_read = 0
         self._parquet: OrderedDict[int, Any] = OrderedDict()
 
-    def read(self, order: EpochOrder, wanted: dict[int, list[int]]) -> dict[tuple[int, int], Pair]:
-        """The pairs at (block, ordinal) for each block's wanted ordinals."""
-        found: dict[tuple[int, int], Pair] = {}
+    def read(self, order: EpochOrder, wanted: dict[int, list[int]]) -> dict[tuple[int, int], Raw]:
+        """The records at (block, ordinal) for each block's wanted ordinals, still unparsed (``parse``
+        makes each a pair when it is needed, so a window's first micro-batch waits for the reading
+        of the window, not the parsing of all of it)."""
+        found: dict[tuple[int, int], Raw] = {}
         for block, ordinals in sorted(wanted.items()):
             records = {order.record(block, k): k for k in set(ordinals)}
             b = self.index.blocks[block]
             path = self.index.files[b.file].path
             for record, raw in self._records(block, records):
-                self.parsed += 1
-                item = parse_record(path, b.first + record, raw, self.cfg, self.require_negatives)
-                if not isinstance(item, Pair) or not trains_on(item, self.cfg):
-                    raise DataError(self._changed(path, b.first + record))
-                found[block, records[record]] = item
+                found[block, records[record]] = (path, b.first + record, raw)
             missing = [r for r, k in records.items() if (block, k) not in found]
             if missing:  # the file is shorter than when it was indexed
                 raise DataError(self._changed(path, b.first + min(missing)))
         return found
+
+    def parse(self, record: Raw) -> Pair:
+        """The training pair a record ``read`` gave is."""
+        path, line, raw = record
+        self.parsed += 1
+        item = parse_record(path, line, raw, self.cfg, self.require_negatives)
+        if not isinstance(item, Pair) or not trains_on(item, self.cfg):
+            raise DataError(self._changed(path, line))
+        return item
 
     def _changed(self, path: str, line: int) -> str:
         return (f"{path}: line {line} is no longer the training pair the index of the file says it is; the file "

@@ -35,7 +35,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from embedtune.config import DataConfig
 from embedtune.data.collate import TrainBatch
-from embedtune.data.index import BlockReader, DataIndex, EpochOrder, partition, window_records
+from embedtune.data.index import BlockReader, DataIndex, EpochOrder, Raw, partition, window_records
 from embedtune.data.records import DataError, Pair, Reject, document_tokens, read_pairs, resolve_files, text_key
 from embedtune.data.split import plan_data, trains_on
 
@@ -401,14 +401,14 @@ class PairBatches(IterableDataset):
                 upcoming = next(slots, None)
             return {p: order.locate(p) for _, sources in pending for p in sources if start <= p < end}
 
-        def read(located: dict[int, tuple[int, int]]) -> dict[int, Pair]:
+        def read(located: dict[int, tuple[int, int]]) -> dict[int, Raw]:
             wanted: dict[int, list[int]] = {}
             for block, ordinal in located.values():
                 wanted.setdefault(block, []).append(ordinal)
             pairs = self.reader.read(order, wanted) if wanted else {}
             return {p: pairs[where] for p, where in located.items()}
 
-        found: dict[int, Pair] = {}
+        found: dict[int, Raw] = {}
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedtune-readahead") as ahead:
             reading = ahead.submit(read, plan(0)) if ends else None
             for number in range(len(ends)):
@@ -420,7 +420,7 @@ class PairBatches(IterableDataset):
                     reading = ahead.submit(dict)
                 while pending and max(pending[0][1]) < ends[number]:
                     slot, sources = pending.popleft()
-                    pairs = [found[p] for p in sources]
+                    pairs = [self.reader.parse(found[p]) for p in sources]
                     if table is not None:
                         pairs = [table.apply(p) for p in pairs]
                     yield self._indexed_batch(slot, pairs, order)
@@ -443,7 +443,7 @@ class PairBatches(IterableDataset):
             chunk = [(slot, [order.source(q) for q in slot.needed]) for slot in itertools.islice(slots, span)]
             return chunk, {p: order.locate(p) for _, sources in chunk for p in sources}
 
-        def read(located: dict[int, tuple[int, int]]) -> dict[int, Pair]:
+        def read(located: dict[int, tuple[int, int]]) -> dict[int, Raw]:
             wanted: dict[int, list[int]] = {}
             for block, ordinal in located.values():
                 wanted.setdefault(block, []).append(ordinal)
@@ -458,7 +458,7 @@ class PairBatches(IterableDataset):
                 following, located = plan()
                 reading = ahead.submit(read, located)
                 for slot, sources in chunk:
-                    pairs = [found[p] for p in sources]
+                    pairs = [self.reader.parse(found[p]) for p in sources]
                     if table is not None:
                         pairs = [table.apply(p) for p in pairs]
                     yield self._indexed_batch(slot, pairs, order)
