@@ -1,13 +1,13 @@
 """``embedtune bench data``: what each reader reads at cluster scale, with ``data.order=indexed``.
 
-It builds sharded data from the packaged Q&A pairs (both sets, each record made unique by a
-copy number), as gzipped JSONL and as Parquet, indexes it, then plays single readers of large
-jobs one at a time on this machine: reader 0 of P processes x W DataLoader workers, which builds
-exactly the micro-batches it would in that job. For each it prints the records parsed per reader
-per epoch (one whole epoch each), the records scanned (lines
-decompressed or rows read to reach them), the time to its first batch fresh and resumed deep into
-the epoch, and its peak memory (each reader runs in a process of its own), next to what the
-streamed order costs: every reader parses every record, and a resume re-reads all it skips.
+It builds sharded data from the packaged Q&A pairs (both sets, each record made unique by a copy
+number), as gzipped JSONL and as Parquet (or plain JSONL), indexes it, then plays single readers
+of large jobs one at a time on this machine: reader 0 of P processes x W DataLoader workers, which
+builds exactly the micro-batches it would in that job. For each it prints the records it parses
+in one whole epoch, the records it scans to reach them (lines counted or rows read), the time to
+its first batch fresh and resumed deep into the epoch, and its peak memory (each reader runs in a
+process of its own), next to what the streamed order costs: every reader parses every record,
+and a resume re-reads all it skips.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from importlib import resources
 from typing import Any
 
 READERS = ((1, 1), (1, 8), (8, 8), (64, 8))  # (processes, workers per process): 1, 8, 64 and 512 readers
-FORMATS = ("jsonl.gz", "parquet")
+FORMATS = ("jsonl.gz", "parquet", "jsonl")
 
 
 def packaged_pairs() -> list[dict[str, Any]]:
@@ -59,7 +59,8 @@ def write_shards(folder: str, records: int, shards: int, fmt: str) -> list[str]:
 
             pq.write_table(pa.Table.from_pylist(rows), tmp, row_group_size=8192)
         else:
-            with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as f:
+            with (gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) if fmt.endswith(".gz")
+                  else open(tmp, "w", encoding="utf-8")) as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         os.replace(tmp, path)
     return paths
@@ -126,7 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(reused by later runs)")
     parser.add_argument("--records", type=int, default=11_000_000)
     parser.add_argument("--shards", type=int, default=110)
-    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS[:2]), choices=FORMATS,
+                        help="the shards' formats (default: jsonl.gz parquet)")
     parser.add_argument("--batch_size", type=int, default=1024, help="pairs per global batch")
     parser.add_argument("--resume_at", type=int, nargs="+", default=[1_000_000, 10_000_000],
                         help="records into the epoch to resume at")
