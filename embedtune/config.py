@@ -145,6 +145,12 @@ class DataConfig(_Section):
                                "read together (a Parquet file's row groups and a compressed file are read whole).")
     index_dir: str | None = Field(None, description="order: indexed: where the files' indexes are kept; null: "
                                   "output_dir/data_index.")
+    block_cache: str | None = Field(
+        None, description="order: indexed: a folder on each machine (a local disk) where its readers keep what they "
+        "fetch of the training files, so each block is fetched once per machine rather than once per DataLoader "
+        "worker; for files on object storage. null: off.")
+    block_cache_bytes: int = Field(64 << 30, ge=1 << 20, description="order: indexed: the most block_cache holds; "
+                                   "the least recently used go first.")
     group_by_length: int | None = Field(
         None, ge=2, le=4096, description="Sort the pairs of every N consecutive global batches by the length of "
         "their documents and cut the batches from that, so a batch holds texts of about one length (much less "

@@ -480,3 +480,57 @@ def test_the_data_benchmark_shows_each_reader_parsing_its_share(tmp_path: Path) 
     resumed = [line.split() for line in out.splitlines() if line.strip().startswith("9,000")]
     assert len(resumed) == 2 and all(float(r[-1]) < 2.0 for r in resumed)  # resumed 9,000 in, no slower than fresh x2
     assert "peak RSS of reader 0 of 32" in out and "(2,000 pairs)" in out and "(12,000 pairs)" in out
+
+
+class CountingFileSystem(MemoryFileSystem):
+    """fsspec's in-memory filesystem, counting the files opened for reading and the bytes read."""
+
+    protocol = "counting"
+    root_marker = "/"
+    opened = 0
+    read = 0
+
+    def _open(self, path, mode="rb", **kwargs):
+        file = super()._open(path, mode, **kwargs)
+        if "r" not in mode:
+            return file
+        CountingFileSystem.opened += 1
+        return CountedFile(file.getvalue())
+
+
+class CountedFile(io.BytesIO):
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        CountingFileSystem.read += len(data)
+        return data
+
+
+def test_a_block_cache_fetches_each_block_once_per_machine_for_all_its_readers(tmp_path: Path) -> None:
+    fsspec.register_implementation("counting", CountingFileSystem, clobber=True)
+    local = shards(tmp_path)
+    remote = []
+    for path in local:
+        remote.append(f"counting://bucket/{Path(path).name}")
+        with fsspec.open(remote[-1], "wb") as f:
+            f.write(Path(path).read_bytes())
+    index = build_index(remote, config(remote), str(tmp_path / "index"))
+    size = sum(Path(p).stat().st_size for p in local)
+
+    def fetched(cfg: DataConfig) -> tuple[list[list[str]], int, int]:
+        CountingFileSystem.opened = CountingFileSystem.read = 0
+        batches = epoch_batches(cfg, index, processes=4)  # 4 readers, each with its own reader of blocks
+        return batches, CountingFileSystem.opened, CountingFileSystem.read
+
+    plain, opened, read = fetched(config(remote))
+    cache = tmp_path / "cache"
+    cached, opened_cached, read_cached = fetched(config(remote, block_cache=str(cache)))
+    assert cached == plain
+    # Without the cache every reader fetches about every block; with it, each block comes once.
+    assert read > 3 * size and read_cached <= size + 4096
+    assert opened_cached <= len(index.blocks) < opened
+    # A second epoch is served from the machine's copy; past the limit, the least recently used go.
+    _, opened_again, _ = fetched(config(remote, block_cache=str(cache)))
+    assert opened_again == 0
+    small = config(remote, block_cache=str(cache), block_cache_bytes=1 << 20)
+    assert fetched(small)[0] == plain
+    assert sum(f.stat().st_size for f in cache.iterdir()) <= max(1 << 20, max(f.stat().st_size for f in cache.iterdir()))

@@ -23,12 +23,14 @@ from __future__ import annotations
 import array
 import bisect
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import multiprocessing
 import os
+import shutil
 import sys
 import threading
 import time
@@ -57,7 +59,7 @@ from embedtune.data.split import trains_on
 
 logger = logging.getLogger(__name__)
 
-INDEX_VERSION = 4
+INDEX_VERSION = 5
 INDEX_FOLDER = "data_index"  # in output_dir, unless data.index_dir says where
 # The settings that decide which records are training pairs, and so what an index holds.
 PAIR_SETTINGS = ("format", "query_field", "positive_field", "negatives_field", "label_field", "source_field",
@@ -67,7 +69,9 @@ REJECTS_KEPT = 10_000  # bad records an index keeps per file (the count is alway
 READ_RETRIES = 5  # a block read that fails is tried this many times more
 READ_BACKOFF_S = 1.0  # before the first retry; doubled before each next one
 MAX_SOURCES = 65535  # source codes are two bytes
-PAYLOADS_KEPT = 1024  # blocks whose bits and lengths an index keeps in memory at once
+PAYLOADS_KEPT = 1024
+CACHE_WAIT_S = 300  # how long a reader waits for another to fetch what both need, before fetching it too
+READ_CHUNK_BYTES = 8 << 20  # blocks whose bits and lengths an index keeps in memory at once
 
 
 @dataclass(slots=True)
@@ -99,13 +103,14 @@ class FileIndex:
     bad: int  # bad records in the file (all of them, even past REJECTS_KEPT)
     sources: list[str] = field(default_factory=list)  # the source names its records give; code i + 1 is sources[i]
     keys: bool = False  # whether the payloads hold each pair's answer key and pair key (for in-batch mining)
+    stamp: str = ""  # the file's size and modification time when it was indexed
     payload: bytes | None = None  # the blocks' payloads, when held in memory
     payload_file: str | None = None  # else where they are kept
 
     def to_json(self) -> dict[str, Any]:
         """Everything but the payload."""
         return {"version": INDEX_VERSION, "path": self.path, "format": self.fmt, "bad": self.bad,
-                "sources": self.sources, "keys": self.keys,
+                "sources": self.sources, "keys": self.keys, "stamp": self.stamp,
                 "blocks": [[b.start, b.stop, b.first, b.lines, b.count, b.payload, b.sources] for b in self.blocks],
                 "rejects": [[r.file, r.line, r.reason, r.raw] for r in self.rejects]}
 
@@ -113,7 +118,7 @@ class FileIndex:
     def from_json(cls, data: dict[str, Any], file: int, payload: bytes | None, payload_file: str | None) -> FileIndex:
         blocks = [Block(file, *values) for values in data["blocks"]]
         return cls(data["path"], data["format"], blocks, [Reject(*r) for r in data["rejects"]], data["bad"],
-                   data["sources"], data["keys"], payload, payload_file)
+                   data["sources"], data["keys"], data["stamp"], payload, payload_file)
 
     def source(self, code: int) -> str | None:
         return self.sources[code - 1] if code else None
@@ -319,7 +324,8 @@ def index_file(path: str, cfg: DataConfig, require_negatives: bool = False, keys
     else:
         raise DataError(f"{path}: data.order=indexed reads JSONL and Parquet files, and this one is {fmt}; convert "
                         "it to JSONL or Parquet, or set data.order=stream")
-    return FileIndex(path, fmt, bits.blocks, rejects, bad, list(bits.names), keys, bytes(bits.payload))
+    return FileIndex(path, fmt, bits.blocks, rejects, bad, list(bits.names), keys, json.dumps(_stamp(path)),
+                     bytes(bits.payload))
 
 
 def _parquet(path: str) -> Any:
@@ -730,6 +736,75 @@ class EpochOrder:
         return f"{self.index.files[b.file].path}:{b.first + self.record(block, ordinal)}"
 
 
+class BlockCache:
+    """``data.block_cache``: a folder on one machine where its readers (every DataLoader worker of
+    every process there) keep what they fetch of the training files: the bytes of a block of an
+    uncompressed JSONL file, or a whole compressed or Parquet file. Each is fetched once per
+    machine rather than once per reader: the first reader to need it takes a lock file, fetches it
+    and renames it into place, the others wait for it. The least recently used are removed when
+    the folder passes ``limit`` bytes."""
+
+    def __init__(self, folder: str, limit: int) -> None:
+        self.folder, self.limit = folder, limit
+        os.makedirs(folder, exist_ok=True)
+
+    def local(self, file: FileIndex, start: int, stop: int | None) -> str:
+        """A local path holding the bytes ``[start, stop)`` of ``file`` (all of it when ``stop`` is
+        None, under a name that keeps its extensions, so it decompresses the same way)."""
+        key = hashlib.sha1(f"{file.path}|{file.stamp}|{start}|{stop}".encode()).hexdigest()
+        name = key if stop is not None else f"{key}-{file.path.rstrip('/').rsplit('/', 1)[-1]}"
+        target = os.path.join(self.folder, name)
+        if os.path.exists(target):
+            os.utime(target)  # recently used
+            return target
+        lock = f"{target}.lock"
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            owner = True
+        except FileExistsError:
+            owner = False
+            waited = time.monotonic()
+            while os.path.exists(lock) and not os.path.exists(target):
+                if time.monotonic() - waited > CACHE_WAIT_S:  # its fetcher died: fetch it here
+                    break
+                time.sleep(0.02)
+            if os.path.exists(target):
+                return target
+        try:
+            tmp = f"{target}.{os.getpid()}.{threading.get_ident()}.tmp"
+            with fsspec.open(file.path, "rb", compression=None) as remote, open(tmp, "wb") as f:
+                if stop is None:
+                    shutil.copyfileobj(remote, f, READ_CHUNK_BYTES)
+                else:
+                    remote.seek(start)
+                    left = stop - start
+                    while left > 0 and (data := remote.read(min(left, READ_CHUNK_BYTES))):
+                        f.write(data)
+                        left -= len(data)
+            os.replace(tmp, target)
+        finally:
+            if owner:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(lock)
+        self._trim()
+        return target
+
+    def _trim(self) -> None:
+        entries = []
+        for entry in os.scandir(self.folder):
+            if not entry.name.endswith((".lock", ".tmp")):
+                with contextlib.suppress(FileNotFoundError):
+                    stat = entry.stat()
+                    entries.append((stat.st_mtime, stat.st_size, entry.path))
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= self.limit:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            total -= size
+
+
 Raw = tuple[str, int, Any]  # a record as read: its file, its line (or row) number, the line or row
 
 
@@ -738,6 +813,7 @@ class BlockReader:
 
     def __init__(self, index: DataIndex, cfg: DataConfig, require_negatives: bool = False) -> None:
         self.index, self.cfg, self.require_negatives = index, cfg, require_negatives
+        self.cache = BlockCache(cfg.block_cache, cfg.block_cache_bytes) if cfg.block_cache else None
         self.parsed = 0  # records parsed
         self.scanned = 0  # records passed over to reach them (lines split, rows read)
         self.blocks_read = 0
@@ -801,18 +877,20 @@ class BlockReader:
         self.blocks_read += 1
         last = max(wanted)
         if file.fmt == "json":
-            stop = None if b.stop == -1 else b.stop
+            path, start, stop = file.path, b.start, None if b.stop == -1 else b.stop
+            if self.cache is not None:  # the block (or the whole compressed file) from this machine's copy
+                path, start, stop = self.cache.local(file, start, stop), 0, None
             numbers = [b.first + r for r in sorted(wanted)]
             self.scanned += last + 1  # lines passed over (counted, not split) up to the last one wanted
-            for number, line in read_lines_numbered(file.path, numbers, self.cfg.max_record_bytes, b.start, stop,
-                                                    b.first):
+            for number, line in read_lines_numbered(path, numbers, self.cfg.max_record_bytes, start, stop, b.first):
                 if line is None:  # too long or not UTF-8 now: not what was indexed
                     raise DataError(self._changed(file.path, number))
                 yield number - b.first, line
             return
         parquet = self._parquet.get(b.file)
         if parquet is None:
-            parquet = self._parquet[b.file] = _parquet(file.path)
+            local = self.cache.local(file, 0, None) if self.cache is not None else file.path
+            parquet = self._parquet[b.file] = _parquet(local)
             if len(self._parquet) > 4:
                 self._parquet.popitem(last=False)
         rows = sorted(wanted)
