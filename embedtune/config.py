@@ -193,6 +193,17 @@ class DataConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _indexed_formats(self) -> DataConfig:
+        if self.order != "indexed":
+            return self
+        for name in self.train_files:
+            plain = re.sub(r"\.(gz|bz2|xz|zst|zstd)$", "", name.lower())
+            if self.format == "csv" or (self.format == "auto" and plain.endswith(".csv")):
+                raise ValueError(f"data.order=indexed reads JSONL and Parquet files, and {name} is CSV; convert it "
+                                 "to JSONL or Parquet, or set data.order=stream")
+        return self
+
+    @model_validator(mode="after")
     def _query_prompt(self) -> DataConfig:
         if self.query_prompt is not None and self.query_prefix:
             raise ValueError(f"data.query_prompt ({_shown(self.query_prompt)}) and data.query_prefix "

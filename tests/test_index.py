@@ -186,10 +186,8 @@ def test_mining_is_off_unless_asked_and_files_it_cannot_enter_are_refused_in_one
     assert Config(data={"train_files": [path], "order": "indexed"}).train.hard_negatives is None
     assert Config(data={"train_files": [path], "order": "indexed"},
                   train={"hard_negatives": {"in_batch": True}}).train.hard_negatives.in_batch
-    csv = tmp_path / "a.csv"
-    csv.write_text("question,answer\nq,a\n")
-    with pytest.raises(DataError, match=r"a\.csv: data.order=indexed reads JSONL and Parquet files.*convert it"):
-        build_index([str(csv)], config([str(csv)]), None)
+    with pytest.raises(ValueError, match=r"data.order=indexed reads JSONL and Parquet files, and .*b\.csv\.gz is CSV"):
+        DataConfig(train_files=[path, str(tmp_path / "b.csv.gz")], order="indexed")
 
 
 def test_length_grouped_batches_keep_every_guarantee_and_hold_texts_of_about_one_length(indexed) -> None:
