@@ -25,6 +25,7 @@ import bisect
 import concurrent.futures
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -69,7 +70,10 @@ REJECTS_KEPT = 10_000  # bad records an index keeps per file (the count is alway
 READ_RETRIES = 5  # a block read that fails is tried this many times more
 READ_BACKOFF_S = 1.0  # before the first retry; doubled before each next one
 MAX_SOURCES = 65535  # source codes are two bytes
-PAYLOADS_KEPT = 1024
+# What a reader keeps of what it has worked out, at most, so that its memory does not grow with the data.
+PAYLOAD_BYTES_KEPT = 32 << 20  # blocks' payloads
+OFFSET_BYTES_KEPT = 32 << 20  # blocks' training pairs' record numbers
+LAYOUT_BYTES_KEPT = 64 << 20  # windows' orders
 CACHE_WAIT_S = 300  # how long a reader waits for another to fetch what both need, before fetching it too
 READ_CHUNK_BYTES = 8 << 20  # blocks whose bits and lengths an index keeps in memory at once
 
@@ -126,15 +130,14 @@ class FileIndex:
 
 class DataIndex:
     """Every training file's blocks; ``blocks`` lists them all in file order. The blocks' payloads
-    stay in the index's files and are read as needed (the last ``PAYLOADS_KEPT`` kept), so a
+    stay in the index's files and are read as needed (the last ``PAYLOAD_BYTES_KEPT`` kept), so a
     reader's memory does not grow with the data."""
 
     def __init__(self, files: list[FileIndex], built: int = 0) -> None:
         self.files = files
         self.blocks = [b for f in files for b in f.blocks]
         self.built = built  # files indexed by this call (the others came from the cache)
-        self._payloads: OrderedDict[int, tuple[bytes, bytes, array.array, array.array | None]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._payloads = Kept(PAYLOAD_BYTES_KEPT)
 
     def __getstate__(self) -> dict[str, Any]:  # for DataLoader workers started by spawn
         return {"files": self.files, "built": self.built}
@@ -168,11 +171,9 @@ class DataIndex:
         """(a bit per record: a training pair or not, a length code per training pair, a source code
         per training pair, and when the index has them each training pair's answer key and pair key
         one after the other) of ``block``."""
-        with self._lock:
-            found = self._payloads.get(block)
-            if found is not None:
-                self._payloads.move_to_end(block)
-                return found
+        found = self._payloads.get(block)
+        if found is not None:
+            return found
         b = self.blocks[block]
         file = self.files[b.file]
         size = b.payload_size(file.keys)
@@ -195,16 +196,13 @@ class DataIndex:
             if keys is not None:
                 keys.byteswap()
         found = (data[:head], data[head:head + b.count], codes, keys)
-        with self._lock:
-            self._payloads[block] = found
-            if len(self._payloads) > PAYLOADS_KEPT:
-                self._payloads.popitem(last=False)
+        self._payloads.put(block, found, len(data))
         return found
 
-    def offsets(self, block: int) -> list[int]:
+    def offsets(self, block: int) -> array.array:
         """The training pairs' record numbers within ``block``, in order."""
         bits = self.payload(block)[0]
-        return [i for i in range(self.blocks[block].lines) if bits[i >> 3] >> (i & 7) & 1]
+        return array.array("I", (i for i in range(self.blocks[block].lines) if bits[i >> 3] >> (i & 7) & 1))
 
 
 def settings_key(cfg: DataConfig, require_negatives: bool, keys: bool = False) -> dict[str, Any]:
@@ -237,6 +235,34 @@ def _cache_name(path: str, settings: dict[str, Any]) -> str:
 def length_code(tokens: int) -> int:
     """A document length in one byte: 16 steps per doubling (about 4% apart), for sorting by length."""
     return min(255, round(16 * math.log2(1 + tokens)))
+
+
+class Kept:
+    """The most recently used values, up to ``limit`` bytes (as their owners count them; the last
+    one is kept whatever its size). Safe to share between a reading thread and its owner."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.size = limit, 0
+        self.items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self.lock:
+            found = self.items.get(key)
+            if found is None:
+                return None
+            self.items.move_to_end(key)
+            return found[0]
+
+    def put(self, key: Any, value: Any, size: int) -> None:
+        with self.lock:
+            if key in self.items:
+                return
+            self.items[key] = (value, size)
+            self.size += size
+            while self.size > self.limit and len(self.items) > 1:
+                _, (_, dropped) = self.items.popitem(last=False)
+                self.size -= dropped
 
 
 class _Bits:
@@ -557,11 +583,10 @@ class EpochOrder:
             held += counts[b]
             total += counts[b]
         self.total = total
-        self._layouts: OrderedDict[int, tuple[list[int], list[tuple[int, int]]]] = OrderedDict()
-        self._offsets: OrderedDict[int, list[int]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._layouts = Kept(LAYOUT_BYTES_KEPT)  # window -> (permutation, blocks, ordinals)
+        self._offsets = Kept(OFFSET_BYTES_KEPT)
         self.monotone = not by_source
-        self._by_name: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
+        self._by_name = Kept(LAYOUT_BYTES_KEPT)
         if by_source:
             self._by_source(batch)
 
@@ -603,48 +628,51 @@ class EpochOrder:
         number = bisect.bisect_right(column, ordinal) - 1
         return self.starts[number] + self._source_positions(number, index)[ordinal - column[number]]
 
-    def _source_positions(self, number: int, index: int) -> list[int]:
+    def _source_positions(self, number: int, index: int) -> array.array:
         """The places in window ``number`` (in its permuted order) of the pairs of source ``index``."""
         key = (number, index)
         found = self._by_name.get(key)
         if found is None:
-            permutation, entries = self._window_layout(number)
+            permutation, blocks, ordinals = self._window_layout(number)
             name = self.names[index]
             codes = {b: self.index.payload(b)[2] for b in self.windows[number]}
             file = {b: self.index.files[self.index.blocks[b].file] for b in self.windows[number]}
-            found = [x for x, e in enumerate(permutation)
-                     if file[entries[e][0]].source(codes[entries[e][0]][entries[e][1]]) == name]
-            self._by_name[key] = found
-            if len(self._by_name) > 64:
-                self._by_name.popitem(last=False)
+            found = array.array("I", (x for x, e in enumerate(permutation)
+                                      if file[blocks[e]].source(codes[blocks[e]][ordinals[e]]) == name))
+            self._by_name.put(key, found, 4 * len(found))
         return found
 
-    def _window_layout(self, number: int) -> tuple[list[int], list[tuple[int, int]]]:
-        """Window ``number``: a permutation of its entries, and the entries, (block, training pair),
-        in block order; with ``data.source_weights`` a pair comes as many times as it is repeated."""
+    def _window_layout(self, number: int) -> tuple[array.array, array.array, array.array]:
+        """Window ``number``: a permutation of its entries, and the entries (block, training pair) in
+        block order, as two arrays; with ``data.source_weights`` a pair comes as many times as it is
+        repeated."""
         layout = self._layouts.get(number)
         if layout is None:
             import random
 
-            entries: list[tuple[int, int]] = []
+            blocks, ordinals = array.array("I"), array.array("I")
             for b in self.windows[number]:
                 if self.weights is None:
-                    entries += [(b, k) for k in range(self.index.blocks[b].count)]
+                    count = self.index.blocks[b].count
+                    blocks.extend(itertools.repeat(b, count))
+                    ordinals.extend(range(count))
                 else:
-                    entries += [(b, k) for k, copies in enumerate(self.weights.copies(b)) for _ in range(copies)]
-            permutation = list(range(len(entries)))
+                    for k, copies in enumerate(self.weights.copies(b)):
+                        blocks.extend(itertools.repeat(b, copies))
+                        ordinals.extend(itertools.repeat(k, copies))
+            order = list(range(len(blocks)))
             if self.shuffle:
-                random.Random(f"{self.seed}:{self.epoch}:window:{number}").shuffle(permutation)
-            layout = self._layouts[number] = (permutation, entries)
-            if len(self._layouts) > 8:
-                self._layouts.popitem(last=False)
+                random.Random(f"{self.seed}:{self.epoch}:window:{number}").shuffle(order)
+            layout = (array.array("I", order), blocks, ordinals)
+            self._layouts.put(number, layout, 12 * len(blocks))
         return layout
 
     def locate(self, position: int) -> tuple[int, int]:
         """(block, which of its training pairs) at ``position`` of the epoch."""
         number = bisect.bisect_right(self.starts, position) - 1
-        permutation, entries = self._window_layout(number)
-        return entries[permutation[position - self.starts[number]]]
+        permutation, blocks, ordinals = self._window_layout(number)
+        entry = permutation[position - self.starts[number]]
+        return blocks[entry], ordinals[entry]
 
     def window_end(self, position: int) -> int:
         """The first position after the window that holds ``position``."""
@@ -654,12 +682,9 @@ class EpochOrder:
     def record(self, block: int, ordinal: int) -> int:
         """Which record of ``block`` (counted from 0) its ``ordinal``-th training pair is."""
         offsets = self._offsets.get(block)
-        if offsets is None:
+        if offsets is None:  # the reading thread and the one that lays out batches both ask: Kept locks
             offsets = self.index.offsets(block)
-            with self._lock:  # the reading thread and the one that lays out batches both ask
-                self._offsets[block] = offsets
-                if len(self._offsets) > 64:
-                    self._offsets.popitem(last=False)
+            self._offsets.put(block, offsets, 4 * len(offsets))
         return offsets[ordinal]
 
     def earliest(self, position: int) -> int:
