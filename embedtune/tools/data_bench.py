@@ -115,7 +115,9 @@ def reader_case(paths: list[str], index_dir: str, processes: int, workers: int, 
 def _in_process(**kwargs: Any) -> dict[str, Any]:
     code = ("import json, sys; from embedtune.tools.data_bench import reader_case; "
             "print(json.dumps(reader_case(**json.loads(sys.argv[1]))))")
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True)
+    # Offline: the streamed order reads Parquet through datasets, which would otherwise ask the Hub first.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"a reader case failed ({kwargs['processes']}x{kwargs['workers']}, "
                            f"{kwargs['order']}):\n{done.stderr[-3000:]}")
