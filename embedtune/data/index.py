@@ -71,9 +71,9 @@ READ_RETRIES = 5  # a block read that fails is tried this many times more
 READ_BACKOFF_S = 1.0  # before the first retry; doubled before each next one
 MAX_SOURCES = 65535  # source codes are two bytes
 # What a reader keeps of what it has worked out, at most, so that its memory does not grow with the data.
-PAYLOAD_BYTES_KEPT = 32 << 20  # blocks' payloads
-OFFSET_BYTES_KEPT = 32 << 20  # blocks' training pairs' record numbers
-LAYOUT_BYTES_KEPT = 64 << 20  # windows' orders
+PAYLOAD_BYTES_KEPT = 8 << 20  # blocks' payloads
+OFFSET_BYTES_KEPT = 8 << 20  # blocks' training pairs' record numbers
+LAYOUT_BYTES_KEPT = 16 << 20  # windows' orders
 CACHE_WAIT_S = 300  # how long a reader waits for another to fetch what both need, before fetching it too
 READ_CHUNK_BYTES = 8 << 20  # blocks whose bits and lengths an index keeps in memory at once
 
