@@ -23,6 +23,14 @@ import time
 from importlib import resources
 from typing import Any
 
+import torch
+
+from embedtune.config import DataConfig
+from embedtune.data.collate import TrainBatch
+from embedtune.data.index import build_index
+from embedtune.data.stream import PairBatches
+from embedtune.model.packing import Ragged
+
 READERS = ((1, 1), (1, 8), (8, 8), (64, 8))  # (processes, workers per process): 1, 8, 64 and 512 readers
 FORMATS = ("jsonl.gz", "parquet", "jsonl")
 
@@ -67,18 +75,11 @@ def write_shards(folder: str, records: int, shards: int, fmt: str) -> list[str]:
 
 
 def _config(paths: list[str], order: str = "indexed") -> Any:
-    from embedtune.config import DataConfig
-
     return DataConfig(train_files=paths, order=order, eval_fraction=0.0, source_field=None, on_bad_record="skip")
 
 
 def _cheap_collate(pairs: list[Any]) -> Any:
     """The typed batch without tokens: this bench measures reading, not tokenizing."""
-    import torch
-
-    from embedtune.data.collate import TrainBatch
-    from embedtune.model.packing import Ragged
-
     none = Ragged(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     rows = torch.zeros(len(pairs), dtype=torch.long)
     return TrainBatch(none, none, len(pairs), rows[:0], rows, rows, None, 0, 0)
@@ -88,9 +89,6 @@ def reader_case(paths: list[str], index_dir: str, processes: int, workers: int, 
                 done: int, order: str) -> dict[str, Any]:
     """One reader (rank 0, worker 0) of ``processes`` x ``workers``, in this process: its first
     batch after ``done`` global batches, and with ``whole`` the rest of its share of the epoch."""
-    from embedtune.data.index import build_index
-    from embedtune.data.stream import PairBatches
-
     cfg = _config(paths, order)
     dataset = PairBatches(cfg, batch, 1, seed=0, collate=_cheap_collate, num_processes=processes, rank=0)
     if order == "indexed":
@@ -143,8 +141,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from embedtune.data.index import build_index
-
     cores = len(os.sched_getaffinity(0))
     jobs = [tuple(int(n) for n in job.lower().split("x")) for job in args.readers]
     print(f"{args.records:,} records in {args.shards} shards per format; global batch {args.batch_size}; "
