@@ -165,10 +165,10 @@ def test_every_epoch_mines_at_each_epochs_start_and_not_twice_on_a_rounds_step(t
     assert rounds == sorted(set(range(0, steps, 3)) | {per_epoch, 2 * per_epoch})
 
 
-def killed_and_resumed(model: Path, data: Path, tmp_path: Path, kill_at: int, mining: str, *more: str) -> Path:
+def killed_and_resumed(model: Path, data: Path, tmp_path: Path, kill_at: int, *settings: str) -> Path:
     """A run SIGKILLed once it has logged ``kill_at`` steps, then resumed: checked to be the same
     run (batches, weights) as an uninterrupted one; returns its output folder."""
-    extra = ("tracking.report_to=none", mining, *more)
+    extra = ("tracking.report_to=none", *settings)
     reference = tmp_path / "reference"
     finish(start(args_for(model, data, reference, *extra)))
     out = tmp_path / "out"

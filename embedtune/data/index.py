@@ -674,11 +674,6 @@ class EpochOrder:
         entry = permutation[position - self.starts[number]]
         return blocks[entry], ordinals[entry]
 
-    def window_end(self, position: int) -> int:
-        """The first position after the window that holds ``position``."""
-        number = bisect.bisect_right(self.starts, position) - 1
-        return self.starts[number + 1] if number + 1 < len(self.starts) else self.total
-
     def record(self, block: int, ordinal: int) -> int:
         """Which record of ``block`` (counted from 0) its ``ordinal``-th training pair is."""
         offsets = self._offsets.get(block)
@@ -859,6 +854,14 @@ class BlockReader:
             if missing:  # the file is shorter than when it was indexed
                 raise DataError(self._changed(path, b.first + min(missing)))
         return found
+
+    def read_at(self, order: EpochOrder, located: dict[int, tuple[int, int]]) -> dict[int, Raw]:
+        """``read`` for positions of the epoch, each located as (block, ordinal): the record at each."""
+        wanted: dict[int, list[int]] = {}
+        for block, ordinal in located.values():
+            wanted.setdefault(block, []).append(ordinal)
+        records = self.read(order, wanted) if wanted else {}
+        return {p: records[where] for p, where in located.items()}
 
     def parse(self, record: Raw) -> Pair:
         """The training pair a record ``read`` gave is."""

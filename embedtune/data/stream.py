@@ -401,29 +401,19 @@ class PairBatches(IterableDataset):
                 upcoming = next(slots, None)
             return {p: order.locate(p) for _, sources in pending for p in sources if start <= p < end}
 
-        def read(located: dict[int, tuple[int, int]]) -> dict[int, Raw]:
-            wanted: dict[int, list[int]] = {}
-            for block, ordinal in located.values():
-                wanted.setdefault(block, []).append(ordinal)
-            pairs = self.reader.read(order, wanted) if wanted else {}
-            return {p: pairs[where] for p, where in located.items()}
-
         found: dict[int, Raw] = {}
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedtune-readahead") as ahead:
-            reading = ahead.submit(read, plan(0)) if ends else None
+            reading = ahead.submit(self.reader.read_at, order, plan(0)) if ends else None
             for number in range(len(ends)):
                 found.update(reading.result())
                 if number + 1 < len(ends) and (pending or upcoming is not None):
                     # Planned here, so that the slots are pulled in order; the locating is cheap.
-                    reading = ahead.submit(read, plan(number + 1))
+                    reading = ahead.submit(self.reader.read_at, order, plan(number + 1))
                 else:
                     reading = ahead.submit(dict)
                 while pending and max(pending[0][1]) < ends[number]:
                     slot, sources = pending.popleft()
-                    pairs = [self.reader.parse(found[p]) for p in sources]
-                    if table is not None:
-                        pairs = [table.apply(p) for p in pairs]
-                    yield self._indexed_batch(slot, pairs, order)
+                    yield self._indexed_batch(slot, [found[p] for p in sources], order, table)
                 if not pending and upcoming is None:
                     return
                 keep = min(min(sources) for _, sources in pending) if pending else ends[number]
@@ -443,28 +433,23 @@ class PairBatches(IterableDataset):
             chunk = [(slot, [order.source(q) for q in slot.needed]) for slot in itertools.islice(slots, span)]
             return chunk, {p: order.locate(p) for _, sources in chunk for p in sources}
 
-        def read(located: dict[int, tuple[int, int]]) -> dict[int, Raw]:
-            wanted: dict[int, list[int]] = {}
-            for block, ordinal in located.values():
-                wanted.setdefault(block, []).append(ordinal)
-            pairs = self.reader.read(order, wanted) if wanted else {}
-            return {p: pairs[where] for p, where in located.items()}
-
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedtune-readahead") as ahead:
             chunk, located = plan()
-            reading = ahead.submit(read, located)
+            reading = ahead.submit(self.reader.read_at, order, located)
             while chunk:
                 found = reading.result()
                 following, located = plan()
-                reading = ahead.submit(read, located)
+                reading = ahead.submit(self.reader.read_at, order, located)
                 for slot, sources in chunk:
-                    pairs = [self.reader.parse(found[p]) for p in sources]
-                    if table is not None:
-                        pairs = [table.apply(p) for p in pairs]
-                    yield self._indexed_batch(slot, pairs, order)
+                    yield self._indexed_batch(slot, [found[p] for p in sources], order, table)
                 chunk = following
 
-    def _indexed_batch(self, slot: _Slot, pairs: list[Pair], order: EpochOrder) -> TrainBatch:
+    def _indexed_batch(self, slot: _Slot, records: list[Raw], order: EpochOrder, table: Any) -> TrainBatch:
+        """The micro-batch of ``slot`` from its records as read: parsed, with the mined negatives of
+        ``table`` in place of their own (when a round has run and they are not trained in-batch)."""
+        pairs = [self.reader.parse(record) for record in records]  # type: ignore[union-attr]
+        if table is not None:
+            pairs = [table.apply(p) for p in pairs]
         if sum(map(pair_chars, pairs)) > self.cfg.max_batch_chars:
             raise DataError(too_much_text(pairs, slot.offset // self.batch_size, self.epoch,
                                           self.cfg.max_batch_chars).replace("global batch", "this process's share of "
