@@ -143,6 +143,33 @@ def test_each_reader_parses_only_its_own_pairs(indexed) -> None:
     assert sum(readers) == index.total and max(readers) <= index.total / 6 + 12
 
 
+def test_each_reader_reads_only_its_own_lines_and_rows(tmp_path: Path, monkeypatch) -> None:
+    """Not only parsed: read. A JSONL line is read where the index places it, a compressed file and
+    a Parquet row group through the machine's block cache, decompressed and decoded once there."""
+    monkeypatch.setattr(index_module, "RANGE_GAP_BYTES", 0)  # no bytes read past between two lines
+    files = shards(tmp_path)
+    text = Path(files[0]).read_bytes() + gzip.decompress(Path(files[1]).read_bytes())
+    for cache in (None, str(tmp_path / "cache")):
+        cfg = config(files, block_cache=cache)
+        index = build_index(files, cfg, None)
+        totals = collections.Counter()
+        for rank in range(2):
+            for worker in range(3):
+                dataset = PairBatches(cfg, 12, 2, seed=7, collate=untokenized, num_processes=2, rank=rank)
+                dataset.index = index
+                got = list(dataset.indexed_batches(worker, 3))
+                reader = dataset.reader
+                totals.update(bytes=reader.bytes_read, parsed=reader.parsed)
+                if cache:  # every record read is one of its own (or a stand-in), and parsed
+                    assert reader.scanned == reader.parsed == sum(len(b.ids) + b.empty for b in got)
+        if cache:
+            # The six readers together read each training pair's line once (and a newline before
+            # each run of lines), not six times the data.
+            assert len(text) * 0.8 < totals["bytes"] < len(text) * 1.1
+        else:  # the compressed file cannot be entered in the middle: each reader decompresses it
+            assert totals["bytes"] > 3 * len(text) / 2
+
+
 def test_the_index_is_read_from_its_cache_and_built_again_for_a_changed_file(tmp_path: Path) -> None:
     files = shards(tmp_path)
     cfg = config(files)
@@ -456,10 +483,16 @@ def test_the_data_benchmark_shows_each_reader_parsing_its_share(tmp_path: Path) 
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "jsonl.gz: 0.00 GB, 12,000 training pairs in 6 blocks" in out
-    rows = {int(line.split()[0]): line.split() for line in out.splitlines()
-            if line.split() and line.split()[0] in ("1", "32") and "x" in line.split()[1]}
-    assert rows[1][2] == "12,000" and rows[1][3] == "1.000"  # one reader parses all
-    assert 0.99 <= float(rows[32][3]) <= 1.1  # each of 32 parses a 32nd (stand-ins aside)
+    without, cached = out.split("without a block cache:")[1].split("with a block cache on this machine")
+    for table in (without, cached):
+        rows = {int(line.split()[0]): line.split() for line in table.splitlines()
+                if line.split() and line.split()[0] in ("1", "32") and "x" in line.split()[1]}
+        assert rows[1][2] == "12,000" and rows[1][3] == "1.000"  # one reader parses all
+        assert 0.99 <= float(rows[32][3]) <= 1.1  # each of 32 parses a 32nd (stand-ins aside)
+        read = int(rows[32][4].replace(",", ""))
+        # Without a cache a reader decompresses the whole of each file; from the machine's
+        # decompressed copy it reads its own lines (with what lies between near ones).
+        assert read > 11_000 if table is without else read < 12_000 / 32 * 3
     resumed = [line.split() for line in out.splitlines() if line.strip().startswith("9,000")]
     assert len(resumed) == 2 and all(float(r[-1]) < 2.0 for r in resumed)  # resumed 9,000 in, no slower than fresh x2
     assert "peak RSS of reader 0 of 32" in out and "(2,000 pairs)" in out and "(12,000 pairs)" in out

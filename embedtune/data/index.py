@@ -24,6 +24,7 @@ import array
 import bisect
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -31,14 +32,13 @@ import logging
 import math
 import multiprocessing
 import os
-import shutil
 import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any, NamedTuple
 
 import fsspec
 
@@ -48,19 +48,20 @@ from embedtune.data.records import (
     Pair,
     Reject,
     _compression_suffix,
+    _open_binary,
     _read_lines,
+    decoded_line,
     document_tokens,
     file_format,
     pair_key,
     parse_record,
-    read_lines_numbered,
     text_key,
 )
 from embedtune.data.split import trains_on
 
 logger = logging.getLogger(__name__)
 
-INDEX_VERSION = 5
+INDEX_VERSION = 6
 INDEX_FOLDER = "data_index"  # in output_dir, unless data.index_dir says where
 # The settings that decide which records are training pairs, and so what an index holds.
 PAIR_SETTINGS = ("format", "query_field", "positive_field", "negatives_field", "label_field", "source_field",
@@ -75,7 +76,8 @@ PAYLOAD_BYTES_KEPT = 8 << 20  # blocks' payloads
 OFFSET_BYTES_KEPT = 8 << 20  # blocks' training pairs' record numbers
 LAYOUT_BYTES_KEPT = 16 << 20  # windows' orders
 CACHE_WAIT_S = 300  # how long a reader waits for another to fetch what both need, before fetching it too
-READ_CHUNK_BYTES = 8 << 20  # blocks whose bits and lengths an index keeps in memory at once
+READ_CHUNK_BYTES = 8 << 20  # bytes copied at a time into the block cache
+RANGE_GAP_BYTES = 4 << 10  # a reader reads two lines in one read when no more than this lies between them
 
 
 @dataclass(slots=True)
@@ -93,9 +95,27 @@ class Block:
     # then a byte per training pair, its document length as ``length_code`` (data.group_by_length),
     # then two bytes per training pair, its source's code (0: none; else a name of its file's ``sources``)
     sources: list[list[int]]  # [code, training pairs] per source code in it
+    span: int = 0  # JSONL: its bytes (decompressed), whose places its training pairs' lines have in the
+    # payload, after the rest: their offsets from its start (4 bytes each, 8 from 4 GiB), then their sizes
+    # (4 bytes each, the newline included); Parquet: 0, and no places
 
-    def payload_size(self, keys: bool) -> int:
-        return (self.lines + 7) // 8 + (19 if keys else 3) * self.count
+    def offset_width(self) -> int:
+        return 4 if self.span < 1 << 32 else 8
+
+    def payload_size(self, keys: bool, ranged: bool) -> int:
+        places = self.offset_width() + 4 if ranged else 0
+        return (self.lines + 7) // 8 + ((19 if keys else 3) + places) * self.count
+
+
+class Payload(NamedTuple):
+    """What the index holds of a block's records (see ``Block``)."""
+
+    bits: bytes  # a bit per record: a training pair or not
+    lengths: bytes  # a length code per training pair
+    codes: array.array  # a source code per training pair
+    keys: array.array | None  # each training pair's answer key and pair key, one after the other
+    starts: array.array | None  # JSONL: each training pair's line, as its byte offset from the block's start
+    sizes: array.array | None  # and its size in bytes
 
 
 @dataclass
@@ -115,7 +135,8 @@ class FileIndex:
         """Everything but the payload."""
         return {"version": INDEX_VERSION, "path": self.path, "format": self.fmt, "bad": self.bad,
                 "sources": self.sources, "keys": self.keys, "stamp": self.stamp,
-                "blocks": [[b.start, b.stop, b.first, b.lines, b.count, b.payload, b.sources] for b in self.blocks],
+                "blocks": [[b.start, b.stop, b.first, b.lines, b.count, b.payload, b.sources, b.span]
+                           for b in self.blocks],
                 "rejects": [[r.file, r.line, r.reason, r.raw] for r in self.rejects]}
 
     @classmethod
@@ -167,16 +188,15 @@ class DataIndex:
                 sizes[name] = sizes.get(name, 0) + n
         return sizes
 
-    def payload(self, block: int) -> tuple[bytes, bytes, array.array, array.array | None]:
-        """(a bit per record: a training pair or not, a length code per training pair, a source code
-        per training pair, and when the index has them each training pair's answer key and pair key
-        one after the other) of ``block``."""
+    def payload(self, block: int) -> Payload:
+        """What the index holds of ``block``'s records."""
         found = self._payloads.get(block)
         if found is not None:
             return found
         b = self.blocks[block]
         file = self.files[b.file]
-        size = b.payload_size(file.keys)
+        ranged = file.fmt == "json"
+        size = b.payload_size(file.keys, ranged)
         if file.payload is not None:
             data = file.payload[b.payload:b.payload + size]
         else:
@@ -186,22 +206,27 @@ class DataIndex:
             if len(data) != size:
                 raise DataError(f"{file.payload_file}: the index of {file.path} is cut short; delete it to index the "
                                 "file again")
-        head = (b.lines + 7) // 8
-        codes, keys = array.array("H"), array.array("q") if file.keys else None
-        codes.frombytes(data[head + b.count:head + 3 * b.count])
-        if keys is not None:
-            keys.frombytes(data[head + 3 * b.count:])
+        head, n = (b.lines + 7) // 8, b.count
+        arrays: list[array.array | None] = []
+        at = head + 3 * n
+        wide = b.offset_width() == 8
+        for typecode, each, wanted in (("q", 16, file.keys), ("Q" if wide else "I", 8 if wide else 4, ranged),
+                                       ("I", 4, ranged)):  # bytes per training pair
+            values = array.array(typecode, data[at:at + each * n]) if wanted else None
+            at += each * n if wanted else 0
+            arrays.append(values)
+        codes = array.array("H", data[head + n:head + 3 * n])
         if sys.byteorder != "little":
-            codes.byteswap()
-            if keys is not None:
-                keys.byteswap()
-        found = (data[:head], data[head:head + b.count], codes, keys)
+            for values in (codes, *arrays):
+                if values is not None:
+                    values.byteswap()
+        found = Payload(data[:head], data[head:head + n], codes, *arrays)
         self._payloads.put(block, found, len(data))
         return found
 
     def offsets(self, block: int) -> array.array:
         """The training pairs' record numbers within ``block``, in order."""
-        bits = self.payload(block)[0]
+        bits = self.payload(block).bits
         return array.array("I", (i for i in range(self.blocks[block].lines) if bits[i >> 3] >> (i & 7) & 1))
 
 
@@ -268,19 +293,22 @@ class Kept:
 class _Bits:
     """A file's blocks and their payload, as it is read."""
 
-    def __init__(self, keys: bool) -> None:
+    def __init__(self, keys: bool, ranged: bool) -> None:
         self.payload = bytearray()
         self.blocks: list[Block] = []
         self.names: dict[str, int] = {}  # source name -> code
-        self.with_keys = keys
+        self.with_keys, self.ranged = keys, ranged
         self._new()
 
     def _new(self) -> None:
         self.bits, self.lengths, self.lines, self.count = bytearray(), bytearray(), 0, 0
         self.codes = array.array("H")
         self.keys = array.array("q")
+        self.starts, self.sizes = array.array("Q"), array.array("I")
 
-    def add(self, pair: Pair | None) -> None:
+    def add(self, pair: Pair | None, start: int = 0, size: int = 0) -> None:
+        """The next record: a training pair or None; for JSONL its line's offset from the block's
+        start and its size."""
         if self.lines % 8 == 0:
             self.bits.append(0)
         if pair is not None:
@@ -295,21 +323,27 @@ class _Bits:
             self.codes.append(code)
             if self.with_keys:
                 self.keys.extend((text_key(pair.positive), pair_key(pair.query, pair.positive)))
+            if self.ranged:
+                self.starts.append(start)
+                self.sizes.append(size)  # a training pair's line is at most max_record_bytes (< 4 GiB)
             self.count += 1
         self.lines += 1
 
-    def cut(self, start: int, stop: int, first: int) -> None:
+    def cut(self, start: int, stop: int, first: int, span: int = 0) -> None:
         """The records added since the last cut make a block."""
         counts: dict[int, int] = {}
         for code in self.codes:
             counts[code] = counts.get(code, 0) + 1
-        self.blocks.append(Block(0, start, stop, first, self.lines, self.count, len(self.payload),
-                                 [[c, n] for c, n in sorted(counts.items())]))
-        codes, keys = array.array("H", self.codes), array.array("q", self.keys)
+        block = Block(0, start, stop, first, self.lines, self.count, len(self.payload),
+                      [[c, n] for c, n in sorted(counts.items())], span)
+        self.blocks.append(block)
+        parts = [self.codes, self.keys]
+        if self.ranged:
+            parts += [self.starts if block.offset_width() == 8 else array.array("I", self.starts), self.sizes]
         if sys.byteorder != "little":
-            codes.byteswap()
-            keys.byteswap()
-        self.payload += self.bits + self.lengths + codes.tobytes() + keys.tobytes()
+            for values in parts:
+                values.byteswap()
+        self.payload += self.bits + self.lengths + b"".join(values.tobytes() for values in parts)
         self._new()
 
 
@@ -329,17 +363,18 @@ def index_file(path: str, cfg: DataConfig, require_negatives: bool = False, keys
             return None
         return item if item is not None and trains_on(item, cfg) else None
 
-    bits = _Bits(keys)
+    bits = _Bits(keys, ranged=fmt == "json")
     if fmt == "json":
         whole = bool(_compression_suffix(path))
-        start, first, end = 0, 1, 0
-        for number, line, end in _read_lines(path, cfg.max_record_bytes):
-            bits.add(judge(parse_record(path, number, line, cfg, require_negatives)))
+        start, first, end = 0, 1, 0  # the block's first byte and line; the end of the last line read
+        for number, line, stop in _read_lines(path, cfg.max_record_bytes):
+            bits.add(judge(parse_record(path, number, line, cfg, require_negatives)), end - start, stop - end)
+            end = stop
             if not whole and bits.lines == cfg.block_records:
-                bits.cut(start, end, first)
+                bits.cut(start, end, first, end - start)
                 start, first = end, number + 1
         if bits.lines:
-            bits.cut(start, -1 if whole else end, first)
+            bits.cut(start, -1 if whole else end, first, end - start)
     elif fmt == "parquet":
         number = 0
         for group, rows in enumerate(_row_groups(path)):
@@ -388,17 +423,8 @@ def _index_one(args: tuple[str, DataConfig, bool, str | None, bool]
                 return data, None, payload_file, False
         except (OSError, ValueError):
             pass  # unreadable: built again, and written over
-    for attempt in range(READ_RETRIES + 1):
-        try:
-            built = index_file(path, cfg, require_negatives, keys)
-            break
-        except Exception as exc:  # the file is read again from its start: a dropped connection, a throttle
-            cause = exc.__cause__ if isinstance(exc, DataError) and exc.__cause__ is not None else exc
-            if isinstance(exc, DataError) and exc.__cause__ is None or attempt == READ_RETRIES:
-                raise  # a problem of the file itself (named), or the last try
-            logger.warning("%s: indexing failed (%s: %s); trying again in %.0f s", path, type(cause).__name__,
-                           str(cause)[:200], READ_BACKOFF_S * 2 ** attempt)
-            time.sleep(READ_BACKOFF_S * 2 ** attempt)
+    # Read again from its start when it fails: a dropped connection, a throttle.
+    built = retried(lambda: index_file(path, cfg, require_negatives, keys), path, "indexing")
     data = built.to_json()
     if not cached:
         return data, built.payload, None, True
@@ -527,7 +553,7 @@ class SourceWeights:
         file = self.index.files[b.file]
         seen: dict[str | None, int] = {}
         out = []
-        for code in self.index.payload(block)[2]:
+        for code in self.index.payload(block).codes:
             name = file.source(code)
             j = self.first[block][name] + seen.get(name, 0)
             seen[name] = seen.get(name, 0) + 1
@@ -635,7 +661,7 @@ class EpochOrder:
         if found is None:
             permutation, blocks, ordinals = self._window_layout(number)
             name = self.names[index]
-            codes = {b: self.index.payload(b)[2] for b in self.windows[number]}
+            codes = {b: self.index.payload(b).codes for b in self.windows[number]}
             file = {b: self.index.files[self.index.blocks[b].file] for b in self.windows[number]}
             found = array.array("I", (x for x, e in enumerate(permutation)
                                       if file[blocks[e]].source(codes[blocks[e]][ordinals[e]]) == name))
@@ -712,7 +738,7 @@ class EpochOrder:
         size = min(self.span, self.total - start)
         located = [self.locate(p) for p in range(start, start + size)]
         if self.neighbours is None:
-            codes = [self.index.payload(block)[1][ordinal] for block, ordinal in located]
+            codes = [self.index.payload(block).lengths[ordinal] for block, ordinal in located]
             ordered, purpose = sorted(range(size), key=codes.__getitem__), "length-groups"
         else:
             ordered, purpose = self._linked(located), "neighbour-groups"
@@ -731,7 +757,7 @@ class EpochOrder:
         one's mined negative is the other's answer, and ``partition`` puts linked pairs together."""
         keys = []
         for block, ordinal in located:
-            found = self.index.payload(block)[3]
+            found = self.index.payload(block).keys
             if found is None:
                 raise DataError("the index was built without the pairs' keys that train.hard_negatives.in_batch "
                                 "needs; it is built with them when the run mines in-batch negatives")
@@ -758,21 +784,24 @@ class EpochOrder:
 
 class BlockCache:
     """``data.block_cache``: a folder on one machine where its readers (every DataLoader worker of
-    every process there) keep what they fetch of the training files: the bytes of a block of an
-    uncompressed JSONL file, or a whole compressed or Parquet file. Each is fetched once per
-    machine rather than once per reader: the first reader to need it takes a lock file, fetches it
-    and renames it into place, the others wait for it. The least recently used are removed when
-    the folder passes ``limit`` bytes."""
+    every process there) keep what they fetch of the training files, in a form each reader can take
+    its own records from: the bytes of a block of an uncompressed JSONL file, a compressed file
+    decompressed, a Parquet file and each of its row groups decoded (as an Arrow file, which a reader
+    maps into memory and takes its rows from). Each is made once per machine rather than once per
+    reader: the first reader to need it takes a lock file, writes it and renames it into place, the
+    others wait for it. The least recently used are removed when the folder passes ``limit`` bytes."""
 
     def __init__(self, folder: str, limit: int) -> None:
         self.folder, self.limit = folder, limit
         os.makedirs(folder, exist_ok=True)
 
-    def local(self, file: FileIndex, start: int, stop: int | None) -> str:
-        """A local path holding the bytes ``[start, stop)`` of ``file`` (all of it when ``stop`` is
-        None, under a name that keeps its extensions, so it decompresses the same way)."""
-        key = hashlib.sha1(f"{file.path}|{file.stamp}|{start}|{stop}".encode()).hexdigest()
-        name = key if stop is not None else f"{key}-{file.path.rstrip('/').rsplit('/', 1)[-1]}"
+    @staticmethod
+    def name(file: FileIndex, *what: Any) -> str:
+        """The entry for ``what`` of ``file`` as it was indexed."""
+        return hashlib.sha1("|".join(map(str, (file.path, file.stamp, *what))).encode()).hexdigest()
+
+    def local(self, name: str, fill: Callable[[str], None]) -> str:
+        """The local path of entry ``name``, which ``fill(path)`` writes when no reader has yet."""
         target = os.path.join(self.folder, name)
         if os.path.exists(target):
             os.utime(target)  # recently used
@@ -785,23 +814,19 @@ class BlockCache:
             owner = False
             waited = time.monotonic()
             while os.path.exists(lock) and not os.path.exists(target):
-                if time.monotonic() - waited > CACHE_WAIT_S:  # its fetcher died: fetch it here
+                if time.monotonic() - waited > CACHE_WAIT_S:  # its maker died: make it here
                     break
                 time.sleep(0.02)
             if os.path.exists(target):
                 return target
         try:
             tmp = f"{target}.{os.getpid()}.{threading.get_ident()}.tmp"
-            with fsspec.open(file.path, "rb", compression=None) as remote, open(tmp, "wb") as f:
-                if stop is None:
-                    shutil.copyfileobj(remote, f, READ_CHUNK_BYTES)
-                else:
-                    remote.seek(start)
-                    left = stop - start
-                    while left > 0 and (data := remote.read(min(left, READ_CHUNK_BYTES))):
-                        f.write(data)
-                        left -= len(data)
-            os.replace(tmp, target)
+            try:
+                fill(tmp)
+                os.replace(tmp, target)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
         finally:
             if owner:
                 with contextlib.suppress(FileNotFoundError):
@@ -825,17 +850,66 @@ class BlockCache:
             total -= size
 
 
+def _copy(source: IO[bytes], target: str, size: int | None = None) -> None:
+    """``size`` bytes of ``source`` (all of it: None) into the file ``target``."""
+    with open(target, "wb") as f:
+        left = size
+        while left is None or left > 0:
+            data = source.read(READ_CHUNK_BYTES if left is None else min(left, READ_CHUNK_BYTES))
+            if not data:
+                break
+            f.write(data)
+            if left is not None:
+                left -= len(data)
+
+
+def _fetch(path: str, start: int, stop: int | None, target: str) -> None:
+    """The bytes ``[start, stop)`` of ``path`` as stored (to its end: None) into ``target``."""
+    with fsspec.open(path, "rb", compression=None) as remote:
+        remote.seek(start)
+        _copy(remote, target, None if stop is None else stop - start)
+
+
+def _decompress(path: str, target: str) -> None:
+    with _open_binary(path) as source:
+        _copy(source, target)
+
+
+def retried(action: Callable[[], Any], path: str, doing: str, reset: Callable[[], None] | None = None) -> Any:
+    """``action()``, tried again when it fails (object storage drops connections and throttles),
+    after 1, 2, 4... seconds, each time logged, ``READ_RETRIES`` times; a problem of the file
+    itself (a ``DataError`` that names it, with no cause) is not tried again. The last failure is
+    raised as it is."""
+    for attempt in range(READ_RETRIES + 1):
+        try:
+            return action()
+        except Exception as exc:
+            if isinstance(exc, DataError) and exc.__cause__ is None or attempt == READ_RETRIES:
+                raise
+            cause = exc.__cause__ if isinstance(exc, DataError) else exc
+            wait = READ_BACKOFF_S * 2 ** attempt
+            logger.warning("%s: %s failed (%s: %s); trying again in %.0f s", path, doing, type(cause).__name__,
+                           str(cause)[:200], wait)
+            if reset is not None:
+                reset()
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
 Raw = tuple[str, int, Any]  # a record as read: its file, its line (or row) number, the line or row
 
 
 class BlockReader:
-    """Reads the training pairs it is asked for, parsing no other record; counts what it did."""
+    """Reads the training pairs it is asked for, and no other record: of a JSONL file the bytes of
+    their lines (their places are in the index), of a Parquet file their rows of the row group
+    (decoded whole, unless the machine's block cache holds it decoded). Counts what it did."""
 
     def __init__(self, index: DataIndex, cfg: DataConfig, require_negatives: bool = False) -> None:
         self.index, self.cfg, self.require_negatives = index, cfg, require_negatives
         self.cache = BlockCache(cfg.block_cache, cfg.block_cache_bytes) if cfg.block_cache else None
         self.parsed = 0  # records parsed
-        self.scanned = 0  # records passed over to reach them (lines split, rows read)
+        self.scanned = 0  # records read to reach them (lines read, rows decoded)
+        self.bytes_read = 0  # JSONL bytes read (decompressed), from the files or the machine's cache
         self.blocks_read = 0
         self._parquet: OrderedDict[int, Any] = OrderedDict()
 
@@ -878,54 +952,113 @@ class BlockReader:
                 "files again.")
 
     def _records(self, block: int, wanted: dict[int, int]) -> list[tuple[int, Any]]:
-        """(record number in the block, raw line or row) of the wanted records. A read that fails
-        (object storage drops connections and throttles) is tried again, after 1, 2, 4... seconds."""
-        path = self.index.files[self.index.blocks[block].file].path
-        for attempt in range(READ_RETRIES + 1):
-            scanned = self.scanned
-            try:
-                return list(self._read_block(block, wanted))
-            except Exception as exc:
-                self.scanned = scanned
-                self._parquet.pop(self.index.blocks[block].file, None)  # its connection may be what broke
-                cause = exc.__cause__ if isinstance(exc, DataError) and exc.__cause__ is not None else exc
-                if attempt == READ_RETRIES:
-                    raise DataError(f"{path}: block {block} (from line or row {self.index.blocks[block].first}) could "
-                                    f"not be read in {READ_RETRIES + 1} tries; the last error: "
-                                    f"{type(cause).__name__}: {cause}") from exc
-                wait = READ_BACKOFF_S * 2 ** attempt
-                logger.warning("%s: reading failed (%s: %s); trying again in %.0f s", path, type(cause).__name__,
-                               str(cause)[:200], wait)
-                time.sleep(wait)
-        raise AssertionError("unreachable")
+        """(record number in the block, raw line or row) of the wanted records (record number ->
+        training pair ordinal), read again when a read fails (``retried``)."""
+        b = self.index.blocks[block]
+        path = self.index.files[b.file].path
+        counted = self.scanned, self.bytes_read
+
+        def reset() -> None:
+            self.scanned, self.bytes_read = counted
+            self._parquet.pop(b.file, None)  # its connection may be what broke
+
+        self.blocks_read += 1
+        try:
+            return retried(lambda: list(self._read_block(block, wanted)), path, "reading", reset)
+        except Exception as exc:
+            if isinstance(exc, DataError) and exc.__cause__ is None:
+                raise
+            cause = exc.__cause__ if isinstance(exc, DataError) else exc
+            raise DataError(f"{path}: block {block} (from line or row {b.first}) could not be read in "
+                            f"{READ_RETRIES + 1} tries; the last error: {type(cause).__name__}: {cause}") from exc
 
     def _read_block(self, block: int, wanted: dict[int, int]) -> Iterable[tuple[int, Any]]:
         b = self.index.blocks[block]
         file = self.index.files[b.file]
-        self.blocks_read += 1
-        last = max(wanted)
         if file.fmt == "json":
-            path, start, stop = file.path, b.start, None if b.stop == -1 else b.stop
-            if self.cache is not None:  # the block (or the whole compressed file) from this machine's copy
-                path, start, stop = self.cache.local(file, start, stop), 0, None
-            numbers = [b.first + r for r in sorted(wanted)]
-            self.scanned += last + 1  # lines passed over (counted, not split) up to the last one wanted
-            for number, line in read_lines_numbered(path, numbers, self.cfg.max_record_bytes, start, stop, b.first):
-                if line is None:  # too long or not UTF-8 now: not what was indexed
-                    raise DataError(self._changed(file.path, number))
-                yield number - b.first, line
+            yield from self._lines(block, wanted)
             return
-        parquet = self._parquet.get(b.file)
+        rows = sorted(wanted)
+        if self.cache is not None:  # the row group decoded once on this machine; each reader takes its rows
+            local = self.cache.local(f"{BlockCache.name(file, 'row group', b.start)}.arrow",
+                                     functools.partial(self._decode_row_group, file, b.start))
+            import pyarrow as pa
+
+            with pa.memory_map(local) as source:
+                taken = pa.ipc.open_file(source).read_all().take(rows).to_pylist()
+            self.scanned += len(rows)
+            yield from zip(rows, taken)
+            return
+        group = self._parquet_file(b.file, file.path).read_row_group(b.start)
+        self.scanned += group.num_rows
+        yield from zip(rows, group.take(rows).to_pylist())
+
+    def _parquet_file(self, number: int, path: str) -> Any:
+        parquet = self._parquet.get(number)
         if parquet is None:
-            local = self.cache.local(file, 0, None) if self.cache is not None else file.path
-            parquet = self._parquet[b.file] = _parquet(local)
+            parquet = self._parquet[number] = _parquet(path)
             if len(self._parquet) > 4:
                 self._parquet.popitem(last=False)
-        rows = sorted(wanted)
-        group = parquet.read_row_group(b.start)
-        self.scanned += group.num_rows
-        table = group.take(rows)
-        yield from zip(rows, table.to_pylist())
+        return parquet
+
+    def _decode_row_group(self, file: FileIndex, group: int, target: str) -> None:
+        import pyarrow as pa
+
+        name = f"{BlockCache.name(file, 'file')}-{os.path.basename(file.path.rstrip('/'))}"
+        local = self.cache.local(name, functools.partial(_fetch, file.path, 0, None))  # type: ignore[union-attr]
+        table = _parquet(local).read_row_group(group)
+        with pa.OSFile(target, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+
+    def _lines(self, block: int, wanted: dict[int, int]) -> Iterable[tuple[int, str]]:
+        """The wanted lines of a JSONL block, each read where the index places it: near ones in one
+        read, the bytes between them passed over (a compressed file is decompressed up to the last
+        one, unless the machine's block cache holds it decompressed)."""
+        b = self.index.blocks[block]
+        file = self.index.files[b.file]
+        payload = self.index.payload(block)
+        path, base = file.path, b.start  # a compressed file is one block, from 0
+        if self.cache is not None:  # this machine's copy: the block, or the compressed file decompressed
+            if b.stop == -1:
+                path = self.cache.local(BlockCache.name(file, "decompressed"), functools.partial(_decompress, file.path))
+            else:
+                path = self.cache.local(BlockCache.name(file, b.start, b.stop),
+                                        functools.partial(_fetch, file.path, b.start, b.stop))
+            base = 0
+        places = sorted((payload.starts[k], payload.sizes[k], record) for record, k in wanted.items())
+        read, scanned = self.bytes_read, self.scanned
+        with _open_binary(path) as f:
+            for group in _near(places, RANGE_GAP_BYTES):
+                low = group[0][0] - (1 if base + group[0][0] > 0 else 0)  # from the newline before the first line
+                high = group[-1][0] + group[-1][1] + 1  # to a byte past the last (none at the end of the file)
+                f.seek(base + low)
+                data = f.read(high - low)
+                self.bytes_read += len(data)
+                self.scanned += data.count(b"\n", group[0][0] - low, group[-1][0] + group[-1][1] - low)
+                for start, size, record in group:
+                    at = start - low
+                    raw = data[at:at + size]
+                    whole = (len(raw) == size and (at == 0 or data[at - 1] == 10)
+                             and (raw.endswith(b"\n") or at + size == len(data)))
+                    line = decoded_line(raw.removesuffix(b"\n"), b.first + record) if whole else None
+                    if line is None:  # cut, moved or no longer text: not what was indexed
+                        raise DataError(self._changed(file.path, b.first + record))
+                    yield record, line
+            if path == file.path and b.stop == -1:  # decompressed from the start: every line up to here
+                self.bytes_read, self.scanned = read + f.tell(), scanned + max(wanted) + 1
+
+
+def _near(places: list[tuple[int, int, int]], gap: int) -> Iterable[list[tuple[int, int, int]]]:
+    """(start, size, record) places, ascending, in runs read together: no more than ``gap`` bytes
+    between one and the next."""
+    run: list[tuple[int, int, int]] = []
+    for place in places:
+        if run and place[0] - 1 > run[-1][0] + run[-1][1] + 1 + gap:
+            yield run
+            run = []
+        run.append(place)
+    if run:
+        yield run
 
 
 def window_records(cfg: DataConfig) -> int:

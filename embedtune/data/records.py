@@ -373,54 +373,9 @@ def _read_lines(path: str, limit: int, start: int = 0, stop: int | None = None, 
                         "the file is complete and that its extension matches its compression") from exc
 
 
-def read_lines_numbered(path: str, numbers: list[int], limit: int, start: int = 0, stop: int | None = None,
-                        first: int = 1) -> Iterator[tuple[int, str | None]]:
-    """(line number, line) for each of ``numbers`` (ascending) of a JSONL file read from byte
-    ``start`` (whose line is ``first``) to ``stop``, as ``_read_lines`` gives them, without
-    splitting or decoding the lines between: a read with none of them is only counted. A wanted
-    line that is longer than ``limit`` or is not UTF-8 comes as None."""
-    number, at = first, 0  # the line the next byte belongs to; the next of `numbers`
-    pending = bytearray()  # the start of a wanted line that goes on in the next read
-    try:
-        with _open_binary(path) as opened:
-            stream: Any = opened if stop is None else _Range(opened, start, stop)
-            while at < len(numbers):
-                chunk = stream.read(READ_BYTES)
-                if not chunk:
-                    break
-                ends = chunk.count(b"\n")
-                if numbers[at] > number + ends:  # no wanted line ends or starts in this read
-                    number += ends
-                    continue
-                pieces = chunk.split(b"\n")
-                for i, piece in enumerate(pieces):
-                    if at == len(numbers):
-                        break
-                    if number == numbers[at]:
-                        if len(pending) + len(piece) > limit:
-                            yield number, None
-                            at += 1
-                            pending.clear()
-                        else:
-                            pending += piece
-                            if i < len(pieces) - 1:  # the line ends here
-                                yield number, _decoded(bytes(pending), number)
-                                at += 1
-                                pending.clear()
-                    if i < len(pieces) - 1:
-                        number += 1
-            if at < len(numbers) and pending and number == numbers[at]:  # a last line without its newline
-                yield number, _decoded(bytes(pending), number)
-    except DataError:
-        raise
-    except Exception as exc:
-        if problem := _stored_problem(path):
-            raise DataError(problem) from None
-        raise DataError(f"{path}: cannot be read after line {number}: {type(exc).__name__}: {exc}; check that "
-                        "the file is complete and that its extension matches its compression") from exc
-
-
-def _decoded(raw: bytes, number: int) -> str | None:
+def decoded_line(raw: bytes, number: int) -> str | None:
+    """Line ``number`` of a JSONL file (its bytes without the newline) as text; None when it is not
+    UTF-8."""
     if number == 1 and raw.startswith(BOM):
         raw = raw[len(BOM):]
     if raw.endswith(b"\r"):

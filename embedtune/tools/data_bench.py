@@ -4,10 +4,11 @@ It builds sharded data from the packaged Q&A pairs (both sets, each record made 
 number), as gzipped JSONL and as Parquet (or plain JSONL), indexes it, then plays single readers
 of large jobs one at a time on this machine: reader 0 of P processes x W DataLoader workers, which
 builds exactly the micro-batches it would in that job. For each it prints the records it parses
-in one whole epoch, the records it scans to reach them (lines counted or rows read), the time to
-its first batch fresh and resumed deep into the epoch, and its peak memory (each reader runs in a
-process of its own), next to what the streamed order costs: every reader parses every record,
-and a resume re-reads all it skips.
+in one whole epoch, the records and bytes it reads to reach them (lines, decompressed bytes, rows
+decoded), the time to its first batch fresh and resumed deep into the epoch, and its peak memory
+(each reader runs in a process of its own); without a block cache, and with one on this machine
+that its first reader fills (``data.block_cache``). Next to it, what the streamed order costs:
+every reader parses every record, and a resume re-reads all it skips.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import gzip
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -74,8 +76,9 @@ def write_shards(folder: str, records: int, shards: int, fmt: str) -> list[str]:
     return paths
 
 
-def _config(paths: list[str], order: str = "indexed") -> Any:
-    return DataConfig(train_files=paths, order=order, eval_fraction=0.0, source_field=None, on_bad_record="skip")
+def _config(paths: list[str], order: str = "indexed", block_cache: str | None = None) -> Any:
+    return DataConfig(train_files=paths, order=order, eval_fraction=0.0, source_field=None, on_bad_record="skip",
+                      block_cache=block_cache)
 
 
 def _cheap_collate(pairs: list[Any]) -> Any:
@@ -86,10 +89,10 @@ def _cheap_collate(pairs: list[Any]) -> Any:
 
 
 def reader_case(paths: list[str], index_dir: str, processes: int, workers: int, batch: int, whole: bool,
-                done: int, order: str) -> dict[str, Any]:
+                done: int, order: str, block_cache: str | None = None) -> dict[str, Any]:
     """One reader (rank 0, worker 0) of ``processes`` x ``workers``, in this process: its first
     batch after ``done`` global batches, and with ``whole`` the rest of its share of the epoch."""
-    cfg = _config(paths, order)
+    cfg = _config(paths, order, block_cache)
     dataset = PairBatches(cfg, batch, 1, seed=0, collate=_cheap_collate, num_processes=processes, rank=0)
     if order == "indexed":
         dataset.index = build_index(paths, cfg, index_dir)
@@ -105,7 +108,7 @@ def reader_case(paths: list[str], index_dir: str, processes: int, workers: int, 
         own = 1 + sum(1 for _ in stream)
         reader = dataset.reader
         result.update(micro_batches=own, parsed=reader.parsed, scanned=reader.scanned, total=dataset.index.total,
-                      epoch_s=time.perf_counter() - started)
+                      bytes_read=reader.bytes_read, epoch_s=time.perf_counter() - started)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
@@ -118,7 +121,7 @@ def _in_process(**kwargs: Any) -> dict[str, Any]:
     done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"a reader case failed ({kwargs['processes']}x{kwargs['workers']}, "
-                           f"{kwargs['order']}):\n{done.stderr[-3000:]}")
+                           f"{kwargs['order']}, block cache {kwargs.get('block_cache')}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -134,6 +137,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="records into the epoch to resume at")
     parser.add_argument("--stream_resume", type=int, default=1_000_000,
                         help="records into the epoch to resume the streamed order at, for comparison (0: skip)")
+    parser.add_argument("--block_cache", nargs="+", default=["off", "on"], choices=("off", "on"),
+                        help="play the readers without a block cache, and with one on this machine that a first "
+                        "reader fills (default: both)")
     parser.add_argument("--workers", type=int, default=None, help="processes that build the index (default: cores)")
     parser.add_argument("--readers", nargs="+", default=[f"{p}x{w}" for p, w in READERS],
                         help="the jobs played, as PROCESSESxWORKERS (default: 1x1 1x8 8x8 64x8); resuming is timed "
@@ -159,15 +165,28 @@ def main(args: argparse.Namespace) -> int:
               f"written in {wrote:.0f} s, indexed in {indexed:.0f} s ({index.built} file(s) indexed now, once; "
               f"{(index.built and index.total / indexed) or 0:,.0f} records/s)")
         common = {"paths": paths, "index_dir": index_dir, "batch": args.batch_size}
-        print(f"{'readers':>8} {'P x W':>7} {'parsed/reader/epoch':>20} {'x readers/total':>16} "
-              f"{'scanned/reader/epoch':>21} {'first batch s':>14} {'epoch s':>8} {'peak RSS MiB':>13}")
-        for processes, workers in jobs:
-            row = _in_process(**common, processes=processes, workers=workers, whole=True, done=0,
-                              order="indexed")
-            readers = processes * workers
-            print(f"{readers:>8} {f'{processes}x{workers}':>7} {row['parsed']:>20,} "
-                  f"{row['parsed'] * readers / row['total']:>16.3f} {row['scanned']:>21,} "
-                  f"{row['first_batch_s']:>14.2f} {row['epoch_s']:>8.1f} {row['peak_rss_mib']:>13.0f}")
+        cache = os.path.join(folder, "block_cache")
+        shutil.rmtree(cache, ignore_errors=True)
+        for mode in args.block_cache:
+            if mode == "on":
+                common["block_cache"] = cache
+                filled = _in_process(**common, processes=1, workers=1, whole=True, done=0, order="indexed")
+                print(f"with a block cache on this machine, filled by its first reader in {filled['epoch_s']:.1f} s "
+                      f"(once per machine: {_gb(cache):.2f} GB), then:")
+            else:
+                print("without a block cache:")
+            print(f"{'readers':>8} {'P x W':>7} {'parsed/reader/epoch':>20} {'x readers/total':>16} "
+                  f"{'read/reader/epoch':>18} {'MB read':>8} {'first batch s':>14} {'epoch s':>8} "
+                  f"{'peak RSS MiB':>13}")
+            for processes, workers in jobs:
+                row = _in_process(**common, processes=processes, workers=workers, whole=True, done=0,
+                                  order="indexed")
+                readers = processes * workers
+                megabytes = "-" if fmt == "parquet" else f"{row['bytes_read'] / 1e6:,.1f}"
+                print(f"{readers:>8} {f'{processes}x{workers}':>7} {row['parsed']:>20,} "
+                      f"{row['parsed'] * readers / row['total']:>16.3f} {row['scanned']:>18,} "
+                      f"{megabytes:>8} {row['first_batch_s']:>14.2f} {row['epoch_s']:>8.1f} "
+                      f"{row['peak_rss_mib']:>13.0f}")
         print("streamed order: every reader parses all "
               f"{index.total:,} records per epoch, whatever the number of readers")
         print(f"{'resumed at':>12} {'readers':>8} {'first batch s':>14} {'fresh s':>8} {'ratio':>6}")
@@ -188,7 +207,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"streamed order, 1 reader: first batch {fresh['first_batch_s']:.2f} s fresh, "
                   f"{resumed['first_batch_s']:.2f} s resumed {args.stream_resume:,} in "
                   f"({resumed['first_batch_s'] / fresh['first_batch_s']:.1f}x)")
-        # Memory must not grow with the data: the same reader on a tenth of the shards.
+        # Memory must not grow with the data: the same reader on a tenth of the shards (with the last
+        # cache setting above).
         tenth = paths[:max(1, len(paths) // 10)]
         build_index(tenth, _config(tenth), index_dir, workers=args.workers or cores)
         processes, workers = jobs[-1]
@@ -198,4 +218,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"peak RSS of reader 0 of {processes * workers}: {small['peak_rss_mib']:.0f} MiB on {len(tenth)} "
               f"shard(s) ({small['total']:,} pairs), {large['peak_rss_mib']:.0f} MiB on {len(paths)} "
               f"({large['total']:,} pairs)")
+        shutil.rmtree(cache, ignore_errors=True)
     return 0
+
+
+def _gb(folder: str) -> float:
+    return sum(entry.stat().st_size for entry in os.scandir(folder) if entry.is_file()) / 1e9
