@@ -1,4 +1,5 @@
-"""A checkpoint written before the package was restructured resumes after it, exactly."""
+"""Checkpoints written by earlier versions resume into the same run: one from before the package
+was restructured, and one of the first indexed order (before checkpoints recorded its version)."""
 
 from __future__ import annotations
 
@@ -11,25 +12,27 @@ import torch
 from conftest import ROOT
 from safetensors.torch import load_file
 
-FIXTURE = ROOT / "tests" / "fixtures" / "checkpoint_before_restructure"
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
-def test_a_checkpoint_of_the_earlier_layout_resumes_into_the_same_run(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fixture", ["checkpoint_before_restructure", "checkpoint_indexed_order_1"])
+def test_a_checkpoint_of_an_earlier_version_resumes_into_the_same_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      fixture: str) -> None:
     from embedtune.commands.train import main
 
     run = tmp_path / "run"
-    shutil.copytree(FIXTURE, run)
+    saved = FIXTURES / fixture
+    shutil.copytree(saved, run)
     monkeypatch.chdir(run)  # the checkpoint's config names its files relative to this folder
-    args = (FIXTURE / "args.txt").read_text().split()
+    args = (saved / "args.txt").read_text().split()
     assert main(args + ["--resume_from_checkpoint", "latest"]) == 0
     resumed = [json.loads(line) for line in (run / "out" / "batches.jsonl").read_text().splitlines()]
-    expected = [json.loads(line) for line in (FIXTURE / "uninterrupted_batches.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (saved / "uninterrupted_batches.jsonl").read_text().splitlines()]
     assert [row["step"] for row in resumed] == [3, 4] and resumed == expected[2:]
     final = load_file(run / "out" / "final_model" / "model.safetensors")
-    reference = load_file(FIXTURE / "uninterrupted_final_model.safetensors")
+    reference = load_file(saved / "uninterrupted_final_model.safetensors")
     assert final.keys() == reference.keys()
-    moved = load_file(FIXTURE / "out" / "checkpoints" / "step-00000002" / "model.safetensors")
+    moved = load_file(saved / "out" / "checkpoints" / "step-00000002" / "model.safetensors")
     for name, weight in reference.items():
         torch.testing.assert_close(final[name], weight, rtol=0, atol=1e-6, msg=name)
     # The steps after the checkpoint really trained: the weights are not those of step 2.

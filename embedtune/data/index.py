@@ -62,6 +62,10 @@ from embedtune.data.split import trains_on
 logger = logging.getLogger(__name__)
 
 INDEX_VERSION = 6
+# The order's own version: 1 shuffled each window with Python's random (checkpoints that do not say
+# which resume with it), 2 with NumPy's legacy generator, 50 times faster: every reader shuffles
+# every window.
+INDEXED_ORDER = 2
 INDEX_FOLDER = "data_index"  # in output_dir, unless data.index_dir says where
 # The settings that decide which records are training pairs, and so what an index holds.
 PAIR_SETTINGS = ("format", "query_field", "positive_field", "negatives_field", "label_field", "source_field",
@@ -581,10 +585,11 @@ class EpochOrder:
 
     def __init__(self, index: DataIndex, seed: int, epoch: int, shuffle: bool, window: int,
                  group: int | None = None, batch: int = 1, weights: dict[str, float] | None = None,
-                 by_source: bool = False, neighbours: tuple[int, Any] | None = None) -> None:
+                 by_source: bool = False, neighbours: tuple[int, Any] | None = None,
+                 version: int = INDEXED_ORDER) -> None:
         import random
 
-        self.index, self.shuffle = index, shuffle
+        self.index, self.shuffle, self.version = index, shuffle, version
         self.seed, self.epoch = seed, epoch
         # The span of positions regrouped together: by length, or by mined negatives (a window of
         # train.hard_negatives.window batches and the table of the latest round).
@@ -686,10 +691,19 @@ class EpochOrder:
                     for k, copies in enumerate(self.weights.copies(b)):
                         blocks.extend(itertools.repeat(b, copies))
                         ordinals.extend(itertools.repeat(k, copies))
-            order = list(range(len(blocks)))
-            if self.shuffle:
-                random.Random(f"{self.seed}:{self.epoch}:window:{number}").shuffle(order)
-            layout = (array.array("I", order), blocks, ordinals)
+            key = f"{self.seed}:{self.epoch}:window:{number}"
+            if not self.shuffle:
+                order = array.array("I", range(len(blocks)))
+            elif self.version == 1:  # the first indexed order: Python's shuffle, about 1 us a pair
+                shuffled = list(range(len(blocks)))
+                random.Random(key).shuffle(shuffled)
+                order = array.array("I", shuffled)
+            else:  # NumPy's legacy generator, whose stream is frozen: about 20 ns a pair
+                import numpy as np
+
+                seed = np.frombuffer(hashlib.sha256(key.encode()).digest(), dtype="<u4")
+                order = array.array("I", np.random.RandomState(seed).permutation(len(blocks)).astype(np.uint32).tobytes())
+            layout = (order, blocks, ordinals)
             self._layouts.put(number, layout, 12 * len(blocks))
         return layout
 

@@ -35,7 +35,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from embedtune.config import DataConfig
 from embedtune.data.collate import TrainBatch
-from embedtune.data.index import BlockReader, DataIndex, EpochOrder, Raw, partition, window_records
+from embedtune.data.index import (
+    INDEXED_ORDER,
+    BlockReader,
+    DataIndex,
+    EpochOrder,
+    Raw,
+    partition,
+    window_records,
+)
 from embedtune.data.records import DataError, Pair, Reject, document_tokens, read_pairs, resolve_files, text_key
 from embedtune.data.split import plan_data, trains_on
 
@@ -199,6 +207,7 @@ class PairBatches(IterableDataset):
         # data.order=indexed: the training files' index (set by the trainer), and the reader of its blocks.
         self.index: DataIndex | None = None
         self.reader: BlockReader | None = None
+        self.order_version = INDEXED_ORDER  # the indexed order's version (a resumed run keeps its own)
 
     def set_epoch(self, epoch: int) -> None:
         self.set_position(epoch, 0)
@@ -378,7 +387,7 @@ class PairBatches(IterableDataset):
         neighbours = (self.neighbour_window, table) if self.neighbour_window and table is not None else None
         order = EpochOrder(self.index, self.seed, self.epoch, self.cfg.shuffle, window_records(self.cfg),
                            self.cfg.group_by_length, self.batch_size, self.cfg.source_weights,
-                           self.cfg.batch_by_source, neighbours)
+                           self.cfg.batch_by_source, neighbours, self.order_version)
         if self.reader is None:
             self.reader = BlockReader(self.index, self.cfg, self.require_negatives)
         if neighbours is not None:

@@ -116,6 +116,8 @@ class TrainerState:
     config: dict[str, Any] = field(default_factory=dict)
     data_files: dict[str, Any] = field(default_factory=dict)  # what the run read, file by file; {}: not recorded
     processes: int = 0  # how many processes trained; 0: not recorded
+    indexed_order: int = 0  # data.order=indexed: the version of its order (index.INDEXED_ORDER); 0: not
+    # recorded (the first version, for a run that was indexed)
 
     @classmethod
     def load(cls, path: str) -> TrainerState:
@@ -149,7 +151,7 @@ def _state_problem(data: Any) -> str | None:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
     for name in ("step", "epoch", "batches_in_epoch", "examples_seen", "skipped_steps", "nonfinite_in_a_row",
-                 "processes"):
+                 "processes", "indexed_order"):
         if name in data and not count(data[name]):
             return f"'{name}' must be a count (an integer, 0 or more)"
     if "duration_s" in data and not number(data["duration_s"]):

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from embedtune.config import Config, ConfigError
 from embedtune.data.collate import PairCollator, TrainBatch, query_prefix
 from embedtune.data.identity import data_changes, data_identity
-from embedtune.data.index import INDEX_FOLDER, build_index
+from embedtune.data.index import INDEX_FOLDER, INDEXED_ORDER, build_index
 from embedtune.data.records import DataError, format_stream_reject, resolve_files
 from embedtune.data.split import eval_pairs, plan_data, preflight, source_problems, weighted_total
 from embedtune.data.stream import PairBatches, make_loader
@@ -164,7 +164,8 @@ class Trainer:
     def _setup_state(self) -> None:
         cfg, processes = self.cfg, self.accelerator.num_processes
         identity = data_identity(cfg.data)  # what this run reads, saved with every checkpoint
-        self.state = TrainerState(config=cfg.to_dict(), data_files=identity, processes=processes)
+        self.state = TrainerState(config=cfg.to_dict(), data_files=identity, processes=processes,
+                                  indexed_order=INDEXED_ORDER)
         self.resume_dir = None
         if cfg.checkpoint.resume_from:
             if self.accelerator.is_main_process:  # the output lock is held: no save of this folder is under way
@@ -310,6 +311,7 @@ class Trainer:
                                    all_ids=cfg.tracking.log_batch_ids, require_negatives=self.require_negatives,
                                    sizes=plan.sources)
         self.dataset.index = self.index
+        self.dataset.order_version = self.state.indexed_order or 1  # a resumed run keeps its order
         self.loader = make_loader(self.dataset, data.num_workers, pin_memory=accelerator.device.type == "cuda")
         self.mined = MinedNegatives() if cfg.train.hard_negatives else None
         self.dataset.negatives = self.mined
