@@ -33,12 +33,12 @@ def train_log(out: Path) -> str:
 # --- the data a run reads -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("change", ["append", "reorder"])
-def test_a_resume_on_changed_data_is_refused_naming_the_file(models, tmp_path: Path, change: str,
+@pytest.mark.parametrize("change, order", [("append", "stream"), ("reorder", "stream"), ("reorder", "indexed")])
+def test_a_resume_on_changed_data_is_refused_naming_the_file(models, tmp_path: Path, change: str, order: str,
                                                             capsys: pytest.CaptureFixture) -> None:
     data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(150, seed=3))
     out = tmp_path / "out"
-    args = args_for(models["plain"], data, out, *QUICK)
+    args = args_for(models["plain"], data, out, *QUICK, f"data.order={order}")
     assert main(args) == 0
     lines = data.read_text().splitlines(keepends=True)
     data.write_text("".join(lines + lines[:5] if change == "append" else lines[::-1]))
@@ -51,6 +51,30 @@ def test_a_resume_on_changed_data_is_refused_naming_the_file(models, tmp_path: P
     assert main([*resume, "checkpoint.allow_data_change=true"]) == 0
     assert "data changed since the checkpoint (checkpoint.allow_data_change=true)" in train_log(out)
     assert json.loads((out / "training_progress.json").read_text())["step"] == 6
+
+
+def test_indexed_data_is_described_by_samples_and_an_older_checkpoint_the_way_it_was(tmp_path: Path,
+                                                                                       monkeypatch) -> None:
+    """With data.order=indexed a file is hashed by 16 blocks of 64 KiB whatever its size (no pass
+    over all the data before step 1); a checkpoint that hashed it whole is compared the same way."""
+    from embedtune.data import identity
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(20_000, seed=3))
+    assert data.stat().st_size > 2 << 20
+    cfg = parse_args(["--input_jsonl", str(data), "data.order=indexed"]).data
+    read = []
+    real_open = open
+    monkeypatch.setattr(identity, "open", lambda *a, **k: read.append(a[0]) or real_open(*a, **k), raising=False)
+    sampled = identity.data_identity(cfg)[str(data)]
+    assert sampled["sample"] == [16, 64 << 10] and read == [str(data)]
+    whole = identity.describe_file(str(data))  # as a stream run, or an older indexed one, saved it
+    assert "sample" not in whole and whole["hash"] != sampled["hash"]
+    assert identity.data_identity(cfg, like={str(data): whole}) == {str(data): whole}
+    # A change inside a sampled block is seen, by both descriptions.
+    text = data.read_bytes()
+    data.write_bytes(text[:100] + text[100:200][::-1] + text[200:])
+    assert identity.data_identity(cfg)[str(data)]["hash"] != sampled["hash"]
+    assert identity.data_identity(cfg, like={str(data): whole})[str(data)]["hash"] != whole["hash"]
 
 
 def test_a_file_touched_but_not_changed_resumes(models, tmp_path: Path) -> None:

@@ -163,16 +163,18 @@ class Trainer:
 
     def _setup_state(self) -> None:
         cfg, processes = self.cfg, self.accelerator.num_processes
-        identity = data_identity(cfg.data)  # what this run reads, saved with every checkpoint
-        self.state = TrainerState(config=cfg.to_dict(), data_files=identity, processes=processes,
-                                  indexed_order=INDEXED_ORDER)
         self.resume_dir = None
-        if cfg.checkpoint.resume_from:
+        if not cfg.checkpoint.resume_from:
+            # What this run reads, saved with every checkpoint.
+            self.state = TrainerState(config=cfg.to_dict(), data_files=data_identity(cfg.data), processes=processes,
+                                      indexed_order=INDEXED_ORDER)
+        else:
             if self.accelerator.is_main_process:  # the output lock is held: no save of this folder is under way
                 checkpoint.remove_partial(cfg.output_dir)  # a killed save's half-written folder may fill the disk
             self.accelerator.wait_for_everyone()
             resume = checkpoint.open_resume(cfg)
             saved = resume.state
+            identity = data_identity(cfg.data, like=saved.data_files)  # each file described as the checkpoint did
             self._check_data_unchanged(saved.data_files, identity)
             if saved.processes and saved.processes != processes:
                 resume.changes.append(f"processes: {saved.processes} -> {processes} (the same global batches, "
