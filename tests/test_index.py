@@ -107,7 +107,7 @@ def test_the_same_global_batches_on_any_number_of_processes_and_workers(indexed,
     assert epoch_batches(cfg, index, processes, workers) == epoch_batches(cfg, index)
 
 
-def test_a_resumed_epoch_continues_exactly_and_reads_nothing_before(indexed) -> None:
+def test_a_resumed_epoch_continues_exactly_and_reads_nothing_before(indexed, monkeypatch) -> None:
     _, cfg, index = indexed
     whole = epoch_batches(cfg, index, epoch=1)
     # 5 global batches done = 10 micro-batches of 6.
@@ -115,8 +115,14 @@ def test_a_resumed_epoch_continues_exactly_and_reads_nothing_before(indexed) -> 
     dataset = PairBatches(cfg, 12, 2, seed=7, collate=untokenized)
     dataset.index = index
     dataset.set_position(1, 5)
+    reads = []
+    read_at = index_module.BlockReader.read_at
+    monkeypatch.setattr(index_module.BlockReader, "read_at",
+                        lambda self, order, located: reads.append(located) or read_at(self, order, located))
     first = next(iter(dataset))
     assert first.ids == whole[10]
+    # Its window and the next (read ahead) were read: no window before it was even gone through.
+    assert len(reads) == 2 and all(reads)
     # What it took: the records from there to the end of the window that holds the micro-batch
     # were read (and the next window's, ahead), nothing of the 60 pairs before; only the micro-batch's
     # 6 pairs were parsed.

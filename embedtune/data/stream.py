@@ -17,6 +17,7 @@ of its own micro-batches (``indexed_batches``), and the text limit applies to ea
 from __future__ import annotations
 
 import atexit
+import bisect
 import collections
 import concurrent.futures
 import itertools
@@ -411,9 +412,11 @@ class PairBatches(IterableDataset):
             return {p: order.locate(p) for _, sources in pending for p in sources if start <= p < end}
 
         found: dict[int, Raw] = {}
+        # From the window that holds the first position needed: a resumed run passes over none before.
+        first = bisect.bisect_right(order.starts, order.earliest(upcoming.needed[0])) - 1 if upcoming else 0
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedtune-readahead") as ahead:
-            reading = ahead.submit(self.reader.read_at, order, plan(0)) if ends else None
-            for number in range(len(ends)):
+            reading = ahead.submit(self.reader.read_at, order, plan(first)) if ends else None
+            for number in range(first, len(ends)):
                 found.update(reading.result())
                 if number + 1 < len(ends) and (pending or upcoming is not None):
                     # Planned here, so that the slots are pulled in order; the locating is cheap.
