@@ -19,6 +19,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -140,6 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block_cache", nargs="+", default=["off", "on"], choices=("off", "on"),
                         help="play the readers without a block cache, and with one on this machine that a first "
                         "reader fills (default: both)")
+    parser.add_argument("--tables", nargs="+", default=["epoch", "resume", "memory"],
+                        choices=("epoch", "resume", "memory"), help="what to measure (default: all)")
     parser.add_argument("--workers", type=int, default=None, help="processes that build the index (default: cores)")
     parser.add_argument("--readers", nargs="+", default=[f"{p}x{w}" for p, w in READERS],
                         help="the jobs played, as PROCESSESxWORKERS (default: 1x1 1x8 8x8 64x8); resuming is timed "
@@ -164,62 +167,80 @@ def main(args: argparse.Namespace) -> int:
         print(f"\n{fmt}: {size / 1e9:.2f} GB, {index.total:,} training pairs in {len(index.blocks):,} blocks; "
               f"written in {wrote:.0f} s, indexed in {indexed:.0f} s ({index.built} file(s) indexed now, once; "
               f"{(index.built and index.total / indexed) or 0:,.0f} records/s)")
-        common = {"paths": paths, "index_dir": index_dir, "batch": args.batch_size}
+        common: dict[str, Any] = {"paths": paths, "index_dir": index_dir, "batch": args.batch_size}
         cache = os.path.join(folder, "block_cache")
         shutil.rmtree(cache, ignore_errors=True)
-        for mode in args.block_cache:
-            if mode == "on":
-                common["block_cache"] = cache
-                filled = _in_process(**common, processes=1, workers=1, whole=True, done=0, order="indexed")
-                print(f"with a block cache on this machine, filled by its first reader in {filled['epoch_s']:.1f} s "
-                      f"(once per machine: {_gb(cache):.2f} GB), then:")
-            else:
-                print("without a block cache:")
-            print(f"{'readers':>8} {'P x W':>7} {'parsed/reader/epoch':>20} {'x readers/total':>16} "
-                  f"{'read/reader/epoch':>18} {'MB read':>8} {'first batch s':>14} {'epoch s':>8} "
-                  f"{'peak RSS MiB':>13}")
-            for processes, workers in jobs:
-                row = _in_process(**common, processes=processes, workers=workers, whole=True, done=0,
-                                  order="indexed")
-                readers = processes * workers
-                megabytes = "-" if fmt == "parquet" else f"{row['bytes_read'] / 1e6:,.1f}"
-                print(f"{readers:>8} {f'{processes}x{workers}':>7} {row['parsed']:>20,} "
-                      f"{row['parsed'] * readers / row['total']:>16.3f} {row['scanned']:>18,} "
-                      f"{megabytes:>8} {row['first_batch_s']:>14.2f} {row['epoch_s']:>8.1f} "
-                      f"{row['peak_rss_mib']:>13.0f}")
-        print("streamed order: every reader parses all "
-              f"{index.total:,} records per epoch, whatever the number of readers")
-        print(f"{'resumed at':>12} {'readers':>8} {'first batch s':>14} {'fresh s':>8} {'ratio':>6}")
-        for processes, workers in dict.fromkeys((jobs[0], jobs[-1])):
-            fresh = _in_process(**common, processes=processes, workers=workers, whole=False, done=0,
-                                order="indexed")["first_batch_s"]
-            for at in args.resume_at:
-                if at >= index.total:
-                    print(f"{at:>12,} {'':>8} (past the {index.total:,} pairs of the epoch)")
-                    continue
-                resumed = _in_process(**common, processes=processes, workers=workers, whole=False,
-                                      done=at // args.batch_size, order="indexed")["first_batch_s"]
-                print(f"{at:>12,} {processes * workers:>8} {resumed:>14.2f} {fresh:>8.2f} {resumed / fresh:>6.2f}")
-        if args.stream_resume and args.stream_resume < index.total:
-            fresh = _in_process(**common, processes=1, workers=1, whole=False, done=0, order="stream")
-            resumed = _in_process(**common, processes=1, workers=1, whole=False,
-                                  done=args.stream_resume // args.batch_size, order="stream")
-            print(f"streamed order, 1 reader: first batch {fresh['first_batch_s']:.2f} s fresh, "
-                  f"{resumed['first_batch_s']:.2f} s resumed {args.stream_resume:,} in "
-                  f"({resumed['first_batch_s'] / fresh['first_batch_s']:.1f}x)")
-        # Memory must not grow with the data: the same reader on a tenth of the shards (with the last
-        # cache setting above).
-        tenth = paths[:max(1, len(paths) // 10)]
-        build_index(tenth, _config(tenth), index_dir, workers=args.workers or cores)
-        processes, workers = jobs[-1]
-        small = _in_process(**{**common, "paths": tenth}, processes=processes, workers=workers, whole=True, done=0,
-                            order="indexed")
-        large = _in_process(**common, processes=processes, workers=workers, whole=True, done=0, order="indexed")
-        print(f"peak RSS of reader 0 of {processes * workers}: {small['peak_rss_mib']:.0f} MiB on {len(tenth)} "
-              f"shard(s) ({small['total']:,} pairs), {large['peak_rss_mib']:.0f} MiB on {len(paths)} "
-              f"({large['total']:,} pairs)")
+        if "epoch" in args.tables:
+            for mode in args.block_cache:
+                _epoch_table(fmt, {**common, "block_cache": cache if mode == "on" else None}, jobs)
+            print(f"streamed order: every reader parses all {index.total:,} records per epoch, whatever the number "
+                  "of readers")
+        common["block_cache"] = cache if args.block_cache[-1] == "on" else None  # the last setting, from here
+        if "resume" in args.tables:
+            _resume_table(common, jobs, args.resume_at, args.stream_resume, index.total)
+        if "memory" in args.tables:
+            # Memory must not grow with the data: the same reader on a tenth of the shards.
+            tenth = paths[:max(1, len(paths) // 10)]
+            build_index(tenth, _config(tenth), index_dir, workers=args.workers or cores)
+            processes, workers = jobs[-1]
+            small = _in_process(**{**common, "paths": tenth}, processes=processes, workers=workers, whole=True,
+                                done=0, order="indexed")
+            large = _in_process(**common, processes=processes, workers=workers, whole=True, done=0, order="indexed")
+            print(f"peak RSS of reader 0 of {processes * workers}: {small['peak_rss_mib']:.0f} MiB on {len(tenth)} "
+                  f"shard(s) ({small['total']:,} pairs), {large['peak_rss_mib']:.0f} MiB on {len(paths)} "
+                  f"({large['total']:,} pairs)")
         shutil.rmtree(cache, ignore_errors=True)
     return 0
+
+
+def _epoch_table(fmt: str, common: dict[str, Any], jobs: list[tuple[int, ...]]) -> None:
+    """A whole epoch of each job's reader 0: what it parses and reads, its time and memory."""
+    if common["block_cache"]:
+        filled = _in_process(**common, processes=1, workers=1, whole=True, done=0, order="indexed")
+        print(f"with a block cache on this machine, filled by its first reader in {filled['epoch_s']:.1f} s "
+              f"(once per machine: {_gb(common['block_cache']):.2f} GB), then:")
+    else:
+        print("without a block cache:")
+    print(f"{'readers':>8} {'P x W':>7} {'parsed/reader/epoch':>20} {'x readers/total':>16} "
+          f"{'read/reader/epoch':>18} {'MB read':>8} {'first batch s':>14} {'epoch s':>8} {'peak RSS MiB':>13}")
+    for processes, workers in jobs:
+        row = _in_process(**common, processes=processes, workers=workers, whole=True, done=0, order="indexed")
+        readers = processes * workers
+        megabytes = "-" if fmt == "parquet" else f"{row['bytes_read'] / 1e6:,.1f}"
+        print(f"{readers:>8} {f'{processes}x{workers}':>7} {row['parsed']:>20,} "
+              f"{row['parsed'] * readers / row['total']:>16.3f} {row['scanned']:>18,} {megabytes:>8} "
+              f"{row['first_batch_s']:>14.2f} {row['epoch_s']:>8.1f} {row['peak_rss_mib']:>13.0f}")
+
+
+def _resume_table(common: dict[str, Any], jobs: list[tuple[int, ...]], resume_at: list[int], stream_resume: int,
+                  total: int) -> None:
+    """The first batch of the first and the last job's reader 0, fresh and resumed deep into the
+    epoch, next to the streamed order's."""
+    batch = common["batch"]
+    print(f"{'resumed at':>12} {'readers':>8} {'first batch s':>14} {'fresh s':>8} {'ratio':>6}  (medians of 3)")
+    for processes, workers in dict.fromkeys((jobs[0], jobs[-1])):
+        fresh = _first_batch(common, processes, workers, 0)
+        for at in resume_at:
+            if at >= total:
+                print(f"{at:>12,} {'':>8} (past the {total:,} pairs of the epoch)")
+                continue
+            resumed = _first_batch(common, processes, workers, at // batch)
+            print(f"{at:>12,} {processes * workers:>8} {resumed:>14.3f} {fresh:>8.3f} {resumed / fresh:>6.2f}")
+    if stream_resume and stream_resume < total:
+        streamed = {**common, "block_cache": None}
+        fresh = _in_process(**streamed, processes=1, workers=1, whole=False, done=0, order="stream")
+        resumed = _in_process(**streamed, processes=1, workers=1, whole=False, done=stream_resume // batch,
+                              order="stream")
+        print(f"streamed order, 1 reader: first batch {fresh['first_batch_s']:.2f} s fresh, "
+              f"{resumed['first_batch_s']:.2f} s resumed {stream_resume:,} in "
+              f"({resumed['first_batch_s'] / fresh['first_batch_s']:.1f}x)")
+
+
+def _first_batch(common: dict[str, Any], processes: int, workers: int, done: int, times: int = 3) -> float:
+    """Seconds to a reader's first batch after ``done`` global batches: the median of ``times``
+    processes (a single one, at hundredths of a second, measures the machine more than the reader)."""
+    return statistics.median(_in_process(**common, processes=processes, workers=workers, whole=False, done=done,
+                                         order="indexed")["first_batch_s"] for _ in range(times))
 
 
 def _gb(folder: str) -> float:
