@@ -340,3 +340,22 @@ def test_validate_lists_the_steps_hard_negatives_are_mined_at(tiny_model: Path, 
     # 80 pairs in batches of 16: 5 steps an epoch, 10 in all; rounds before step 1, every 2 steps
     # and at the second epoch's start, none after the last step.
     assert code == 0 and rows["hard negatives"]["data"]["rounds"] == [0, 2, 4, 5, 6, 8]
+
+
+def test_validate_indexes_the_files_where_the_run_then_reads_them(tiny_model: Path, qa_file: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """With data.order=indexed, validate's pass over the data builds the index, so the training
+    job (on GPUs, say) starts from it rather than reading every record first."""
+    args = args_for(tiny_model, qa_file, tmp_path, "data.order=indexed", "train.max_steps=2")
+    code, out, rows = validate(args, tmp_path, capsys)
+    assert code == 0, out
+    index = rows["index"]["data"]
+    assert index["built"] == index["files"] == 1 and index["pairs"] == rows["records"]["data"]["train"]
+    assert index["folder"] == str(tmp_path / "out" / "data_index")
+    trainer = Trainer(parse_args(args))
+    trainer.setup()
+    try:
+        assert trainer.index.built == 0 and trainer.index.total == index["pairs"]  # read, not built again
+    finally:
+        trainer.lock.release()
+    assert validate(args, tmp_path, capsys)[2]["index"]["data"]["built"] == 0

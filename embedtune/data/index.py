@@ -4,7 +4,8 @@ With ``data.order: indexed`` the files are cut into blocks: ``data.block_records
 uncompressed JSONL file (found by their byte offsets), a row group of a Parquet file, or a whole
 compressed file (which cannot be entered in the middle). One pass over each file, once, learns
 each block's place, how many of its records are training pairs and which (a bit per record: bad
-records and held-out pairs are not), and the bad records themselves. The index of each file is
+records and held-out pairs are not), where each training pair's line lies (JSONL), and the bad
+records themselves. The index of each file is
 kept in ``data.index_dir`` (by default ``output_dir/data_index``), under a name made from the
 file's path, size and modification time and the settings that decide what a training pair is, so
 a later run or a resumed one reads no record before its first step, and a changed file is indexed
@@ -13,9 +14,11 @@ again.
 ``EpochOrder`` is the order of one epoch over that index: the blocks in a seeded random order,
 taken in windows of at least ``data.shuffle_buffer`` training pairs, the pairs of each window in a
 seeded random order. Position ``p`` of the epoch maps to a block and a record in constant time
-(plus a shuffle of one window), whatever came before it, so a reader reads only the blocks that
-hold its own pairs and parses only those pairs, and a resumed run starts where it stopped without
-reading what came before. The order depends on (data, seed, epoch) only.
+(plus a shuffle of one window), whatever came before it, so a reader reads and parses only its
+own pairs (the lines of a JSONL file where the index places them; a compressed file or a Parquet
+row group from the machine's ``data.block_cache``, where it is decompressed or decoded once), and
+a resumed run starts where it stopped without reading what came before. The order depends on
+(data, seed, epoch) only.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from typing import IO, Any, NamedTuple
 
 import fsspec
 
-from embedtune.config import DataConfig
+from embedtune.config import Config, DataConfig
 from embedtune.data.records import (
     DataError,
     Pair,
@@ -232,6 +235,13 @@ class DataIndex:
         """The training pairs' record numbers within ``block``, in order."""
         bits = self.payload(block).bits
         return array.array("I", (i for i in range(self.blocks[block].lines) if bits[i >> 3] >> (i & 7) & 1))
+
+
+def index_place(cfg: Config) -> tuple[str, bool]:
+    """Where a run keeps its files' indexes (``data.index_dir``, or ``output_dir/data_index``), and
+    whether they hold the pairs' keys (in-batch mining groups by them)."""
+    hard = cfg.train.hard_negatives
+    return cfg.data.index_dir or os.path.join(cfg.output_dir, INDEX_FOLDER), bool(hard and hard.in_batch)
 
 
 def settings_key(cfg: DataConfig, require_negatives: bool, keys: bool = False) -> dict[str, Any]:

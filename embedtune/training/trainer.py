@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from embedtune.config import Config, ConfigError
 from embedtune.data.collate import PairCollator, TrainBatch, query_prefix
 from embedtune.data.identity import data_changes, data_identity
-from embedtune.data.index import INDEX_FOLDER, INDEXED_ORDER, build_index
+from embedtune.data.index import INDEXED_ORDER, build_index, index_place
 from embedtune.data.records import DataError, format_stream_reject, resolve_files
 from embedtune.data.split import eval_pairs, plan_data, preflight, source_problems, weighted_total
 from embedtune.data.stream import PairBatches, make_loader
@@ -217,12 +217,10 @@ class Trainer:
         """data.order=indexed: every training file indexed (or its index read from data.index_dir);
         the indexing reads every record, so it is also the check for bad ones."""
         data, accelerator = self.cfg.data, self.accelerator
-        folder = data.index_dir or os.path.join(self.cfg.output_dir, INDEX_FOLDER)
+        folder, keys = index_place(self.cfg)
         files = resolve_files(data.train_files)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         workers = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        hard = self.cfg.train.hard_negatives
-        keys = bool(hard and hard.in_batch)  # in-batch mining groups pairs by keys the index then keeps
         if accelerator.num_processes > 1:
             # Every process indexes its share of the files, on its machine's share of the cores;
             # then each reads the others' from the folder they share.

@@ -23,6 +23,7 @@ from embedtune.commands.validate.checks import FAIL, OK, WARN, Check, number
 from embedtune.commands.validate.environment import LoadedModel
 from embedtune.config import Config, ConfigError, DataConfig
 from embedtune.data.collate import query_prefix
+from embedtune.data.index import build_index, index_place
 from embedtune.data.records import DataError, Pair, Reject, document_tokens, read_records, resolve_files, text_key
 from embedtune.data.split import MAX_REJECTS_SHOWN, HeldOutQuestions, source_problems, trains_on, weighted_total
 from embedtune.files import human_bytes
@@ -374,6 +375,24 @@ def padding_check(cfg: Config, sample: list[Pair], document_lengths: list[int], 
     return Check("data", "padding", OK, detail, figures)
 
 
+def index_check(cfg: Config, require_negatives: bool) -> Check:
+    """data.order=indexed: the training files indexed now, where the run reads their indexes, so a
+    job started after this (on GPUs, say) reads no record before its first step."""
+    folder, keys = index_place(cfg)
+    files = resolve_files(cfg.data.train_files)
+    started = time.perf_counter()
+    try:
+        index = build_index(files, cfg.data, folder, require_negatives, len(os.sched_getaffinity(0)), keys)
+    except DataError as exc:
+        return Check("data", "index", FAIL, str(exc))
+    seconds = time.perf_counter() - started
+    return Check("data", "index", OK, f"{number(index.built)} of {number(len(files))} file(s) indexed now, in "
+                 f"{seconds:.0f} s ({number(index.total)} training pairs in {number(len(index.blocks))} blocks); kept "
+                 f"in {folder}, where the run reads them",
+                 {"files": len(files), "built": index.built, "pairs": index.total, "blocks": len(index.blocks),
+                  "folder": folder, "seconds": seconds})
+
+
 def data_section(cfg: Config, sample_size: int, require_negatives: bool, model: LoadedModel | None
                  ) -> tuple[list[Check], DataStats | None]:
     """The data rows, and the figures of the pass (None when the files could not be read)."""
@@ -385,6 +404,8 @@ def data_section(cfg: Config, sample_size: int, require_negatives: bool, model: 
     except Exception as exc:  # a reader's own error (network, codec...): reported, not raised
         return [Check("data", "files", FAIL, f"cannot read the data: {type(exc).__name__}: {exc}")], None
     checks = data_checks(cfg, stats)
+    if cfg.data.order == "indexed":
+        checks.append(index_check(cfg, require_negatives))
     if model is not None:
         checks += length_checks(cfg, stats, model)
     else:
