@@ -125,8 +125,10 @@ def peak_rss_mib() -> float:
 
 
 def _in_process(**kwargs: Any) -> dict[str, Any]:
-    code = ("import json, sys; from embedtune.tools.data_bench import reader_case; "
-            "print(json.dumps(reader_case(**json.loads(sys.argv[1]))))")
+    # It leaves at once when it has printed: pyarrow's thread pool can hang the interpreter's exit
+    # after a stream of Parquet was left mid-file, as a first batch leaves it.
+    code = ("import json, os, sys; from embedtune.tools.data_bench import reader_case; "
+            "print(json.dumps(reader_case(**json.loads(sys.argv[1]))), flush=True); os._exit(0)")
     # Offline: the streamed order reads Parquet through datasets, which would otherwise ask the Hub first.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env)
