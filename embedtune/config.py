@@ -142,13 +142,15 @@ class DataConfig(_Section):
         "and parses only its own pairs and a resumed run starts at once; for data at cluster scale (JSONL or "
         "Parquet).")
     block_records: int = Field(4096, ge=16, description="order: indexed: the lines of an uncompressed JSONL file "
-                               "read together (a Parquet file's row groups and a compressed file are read whole).")
+                               "that make a block of the order (a Parquet row group and a compressed file are one).")
     index_dir: str | None = Field(None, description="order: indexed: where the files' indexes are kept; null: "
                                   "output_dir/data_index.")
     block_cache: str | None = Field(
         None, description="order: indexed: a folder on each machine (a local disk) where its readers keep what they "
         "fetch of the training files, so each block is fetched once per machine rather than once per DataLoader "
-        "worker; for files on object storage. null: off.")
+        "worker, a compressed file decompressed and a Parquet row group decoded once per machine, after which each "
+        "reader reads only its own records from it; for files on object storage, compressed JSONL and Parquet. "
+        "null: off.")
     block_cache_bytes: int = Field(64 << 30, ge=1 << 20, description="order: indexed: the most block_cache holds; "
                                    "the least recently used go first.")
     group_by_length: int | None = Field(
