@@ -38,3 +38,23 @@ def test_a_checkpoint_of_an_earlier_version_resumes_into_the_same_run(tmp_path: 
     # The steps after the checkpoint really trained: the weights are not those of step 2.
     assert any(not torch.equal(moved[f"encoder.{name}"], weight) for name, weight in reference.items()
                if f"encoder.{name}" in moved)
+
+
+def test_a_checkpoint_of_a_newer_indexed_order_is_refused_in_one_line(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    from embedtune.commands.train import main
+    from embedtune.data.index import INDEXED_ORDER
+    from embedtune.training.checkpoint import write_manifest
+
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "checkpoint_indexed_order_1", run)
+    step = run / "out" / "checkpoints" / "step-00000002"
+    state = json.loads((step / "trainer_state.json").read_text())
+    (step / "trainer_state.json").write_text(json.dumps({**state, "indexed_order": INDEXED_ORDER + 1}))
+    write_manifest(str(step))
+    monkeypatch.chdir(run)
+    args = (run / "args.txt").read_text().split()
+    assert main(args + ["--resume_from_checkpoint", str(step)]) == 1
+    assert (f"its data order is version {INDEXED_ORDER + 1}, newer than this embedtune's ({INDEXED_ORDER}); resume "
+            "it with the embedtune that wrote it") in capsys.readouterr().err

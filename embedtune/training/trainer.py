@@ -174,6 +174,9 @@ class Trainer:
             self.accelerator.wait_for_everyone()
             resume = checkpoint.open_resume(cfg)
             saved = resume.state
+            if saved.indexed_order > INDEXED_ORDER:
+                raise CheckpointError(f"{resume.path}: its data order is version {saved.indexed_order}, newer than "
+                                      f"this embedtune's ({INDEXED_ORDER}); resume it with the embedtune that wrote it")
             identity = data_identity(cfg.data, like=saved.data_files)  # each file described as the checkpoint did
             self._check_data_unchanged(saved.data_files, identity)
             if saved.processes and saved.processes != processes:
