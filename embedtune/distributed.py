@@ -76,6 +76,13 @@ def gather_plain(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, counts)], dim=0)
 
 
+def cores_per_process() -> int:
+    """This process's share of the cores it may run on: those of its machine, divided among the
+    training processes there (``LOCAL_WORLD_SIZE``, set by the launchers), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def cpu_processes() -> bool:
     """Several processes but no GPU (torchrun, or accelerate launch's multi-process launcher):
     Accelerate only sets up gloo when told it runs on the CPU, and would otherwise run each

@@ -35,6 +35,7 @@ import logging
 import math
 import multiprocessing
 import os
+import shutil
 import sys
 import threading
 import time
@@ -877,14 +878,12 @@ class BlockCache:
 def _copy(source: IO[bytes], target: str, size: int | None = None) -> None:
     """``size`` bytes of ``source`` (all of it: None) into the file ``target``."""
     with open(target, "wb") as f:
-        left = size
-        while left is None or left > 0:
-            data = source.read(READ_CHUNK_BYTES if left is None else min(left, READ_CHUNK_BYTES))
-            if not data:
-                break
+        if size is None:
+            shutil.copyfileobj(source, f, READ_CHUNK_BYTES)
+            return
+        while size > 0 and (data := source.read(min(size, READ_CHUNK_BYTES))):
             f.write(data)
-            if left is not None:
-                left -= len(data)
+            size -= len(data)
 
 
 def _fetch(path: str, start: int, stop: int | None, target: str) -> None:
@@ -1050,15 +1049,16 @@ class BlockReader:
                                         functools.partial(_fetch, file.path, b.start, b.stop))
             base = 0
         places = sorted((payload.starts[k], payload.sizes[k], record) for record, k in wanted.items())
-        read, scanned = self.bytes_read, self.scanned
+        through = path == file.path and b.stop == -1  # a compressed file decompressed from its start
         with _open_binary(path) as f:
             for group in _near(places, RANGE_GAP_BYTES):
                 low = group[0][0] - (1 if base + group[0][0] > 0 else 0)  # from the newline before the first line
                 high = group[-1][0] + group[-1][1] + 1  # to a byte past the last (none at the end of the file)
                 f.seek(base + low)
                 data = f.read(high - low)
-                self.bytes_read += len(data)
-                self.scanned += data.count(b"\n", group[0][0] - low, group[-1][0] + group[-1][1] - low)
+                if not through:
+                    self.bytes_read += len(data)
+                    self.scanned += data.count(b"\n", group[0][0] - low, group[-1][0] + group[-1][1] - low)
                 for start, size, record in group:
                     at = start - low
                     raw = data[at:at + size]
@@ -1068,8 +1068,9 @@ class BlockReader:
                     if line is None:  # cut, moved or no longer text: not what was indexed
                         raise DataError(self._changed(file.path, b.first + record))
                     yield record, line
-            if path == file.path and b.stop == -1:  # decompressed from the start: every line up to here
-                self.bytes_read, self.scanned = read + f.tell(), scanned + max(wanted) + 1
+            if through:  # every byte and line up to the last one wanted
+                self.bytes_read += f.tell()
+                self.scanned += max(wanted) + 1
 
 
 def _near(places: list[tuple[int, int, int]], gap: int) -> Iterable[list[tuple[int, int, int]]]:

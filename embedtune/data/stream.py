@@ -47,6 +47,7 @@ from embedtune.data.index import (
 )
 from embedtune.data.records import DataError, Pair, Reject, document_tokens, read_pairs, resolve_files, text_key
 from embedtune.data.split import plan_data, trains_on
+from embedtune.distributed import cores_per_process
 
 logger = logging.getLogger(__name__)
 
@@ -550,9 +551,7 @@ def auto_workers(num_workers: int | None) -> int:
     machine, shared among those processes, between 1 and 8 each."""
     if num_workers is not None:
         return num_workers
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores // local - 1))
+    return max(1, min(8, cores_per_process() - 1))
 
 
 def make_loader(dataset: PairBatches, num_workers: int | None, pin_memory: bool) -> torch.utils.data.DataLoader:

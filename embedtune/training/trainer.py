@@ -26,7 +26,7 @@ from embedtune.data.index import INDEXED_ORDER, build_index, index_place
 from embedtune.data.records import DataError, format_stream_reject, resolve_files
 from embedtune.data.split import eval_pairs, plan_data, preflight, source_problems, weighted_total
 from embedtune.data.stream import PairBatches, make_loader
-from embedtune.distributed import any_process, cpu_processes, release, stop_signals
+from embedtune.distributed import any_process, cores_per_process, cpu_processes, release, stop_signals
 from embedtune.logs import setup_logging
 from embedtune.losses import build_loss, check_loss_data, required_data, requires_negatives
 from embedtune.mining.refresh import MinedNegatives, mine_round
@@ -222,8 +222,7 @@ class Trainer:
         data, accelerator = self.cfg.data, self.accelerator
         folder, keys = index_place(self.cfg)
         files = resolve_files(data.train_files)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        workers = cores_per_process()
         if accelerator.num_processes > 1:
             # Every process indexes its share of the files, on its machine's share of the cores;
             # then each reads the others' from the folder they share.

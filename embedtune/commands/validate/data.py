@@ -26,6 +26,7 @@ from embedtune.data.collate import query_prefix
 from embedtune.data.index import build_index, index_place
 from embedtune.data.records import DataError, Pair, Reject, document_tokens, read_records, resolve_files, text_key
 from embedtune.data.split import MAX_REJECTS_SHOWN, HeldOutQuestions, source_problems, trains_on, weighted_total
+from embedtune.distributed import cores_per_process
 from embedtune.files import human_bytes
 from embedtune.model.packing import padded_tokens
 
@@ -382,7 +383,7 @@ def index_check(cfg: Config, require_negatives: bool) -> Check:
     files = resolve_files(cfg.data.train_files)
     started = time.perf_counter()
     try:
-        index = build_index(files, cfg.data, folder, require_negatives, len(os.sched_getaffinity(0)), keys)
+        index = build_index(files, cfg.data, folder, require_negatives, cores_per_process(), keys)
     except DataError as exc:
         return Check("data", "index", FAIL, str(exc))
     seconds = time.perf_counter() - started
