@@ -483,7 +483,33 @@ class EvalConfig(_Section):
         return bool(self.queries_file and self.corpus_file and self.qrels_file)
 
 
+class PushToHubSection(_Section):
+    """export.push_to_hub: where the model goes on the Hugging Face Hub."""
+
+    repo_id: str = Field(description="The model repository, e.g. my-org/my-embedder (made when it does not exist).")
+    private: bool = Field(True, description="Make a new repository private (an existing one keeps its visibility).")
+    revision: str | None = Field(None, description="The branch the final model is pushed to (made from main when "
+                                 "it does not exist); null: main.")
+    every_save: bool = Field(False, description="Also push each checkpoint's model (the weights of that step, as a "
+                             "sentence-transformers folder) to the branch checkpoint_branch, so a preempted run's "
+                             "latest weights are online.")
+    checkpoint_branch: str = Field("last-checkpoint", description="The branch every_save pushes to.")
+    retries: int = Field(4, ge=0, le=20, description="A failed push is tried again this many times, waiting "
+                         "longer each time, then reported without stopping the training.")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo(cls, value: str) -> str:
+        if not re.fullmatch(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*", value) or ".." in value:
+            raise ValueError(f"export.push_to_hub.repo_id {_shown(value)} is not a repository name; give "
+                             "owner/name, e.g. my-org/my-embedder")
+        return value
+
+
 class ExportConfig(_Section):
+    push_to_hub: PushToHubSection | None = Field(
+        None, description="Push the final model (and with every_save each checkpoint's) to the Hugging Face Hub; "
+        "the token comes from HF_TOKEN or `hf auth login`. null: off.")
     merge_with_base: Literal["auto"] | float | None = Field(
         None, description="Interpolate the final weights with the base model's: the fine-tuned model's share, 0 "
         "to 1 (1: as trained). auto: the share among 0.25, 0.5, 0.75 and 1 with the best held-out nDCG (and, with "
@@ -499,8 +525,16 @@ class ExportConfig(_Section):
         return value
 
 
+# The trackers Accelerate can report to; each needs its own package (wandb is installed with embedtune).
+TRACKERS = ("wandb", "tensorboard", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive")
+
+
 class TrackingConfig(_Section):
-    report_to: Literal["wandb", "none"] = "wandb"
+    report_to: list[str] = Field(
+        default_factory=lambda: ["wandb"], description="The trackers the run reports to, any of "
+        f"{', '.join(TRACKERS)} (a list, or one name; none: only the files in output_dir). Each gets the same "
+        "metrics, config and final summary; tensorboard and mlflow write under output_dir unless their own "
+        "environment variables say otherwise.")
     project: str = "embedtune"
     run_name: str | None = None
     entity: str | None = None
@@ -512,6 +546,24 @@ class TrackingConfig(_Section):
     @classmethod
     def _names(cls, value: str | None, info: Any) -> str | None:
         return _name(value, f"tracking.{info.field_name}")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [] if value.strip().lower() in ("none", "") else [v.strip() for v in value.split(",")]
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            return value  # pydantic names the type
+        names = []
+        for name in value:
+            if not isinstance(name, str) or name not in TRACKERS:
+                raise ValueError(f"tracking.report_to: {name!r} is not a tracker; give any of {', '.join(TRACKERS)} "
+                                 "(a list or one name), or none")
+            if name not in names:
+                names.append(name)
+        return names
 
 
 class Config(_Section):

@@ -39,6 +39,11 @@ def public_config(cfg: Config) -> dict[str, Any]:
     return scrub_config(cfg.to_dict())
 
 
+def accelerate_trackers(cfg: Config) -> list[str] | None:
+    """The trackers the Accelerator is made with (``log_with``)."""
+    return list(cfg.tracking.report_to) or None
+
+
 def wandb_mode() -> str:
     """WANDB_MODE when set; otherwise online with a configured API key, offline without one.
 
@@ -122,7 +127,7 @@ class RunLog:
             self.metrics_file = open(os.path.join(self.out, METRICS), "a", encoding="utf-8")
             self.batches_file = (open(os.path.join(self.out, BATCHES), "a", encoding="utf-8")
                                  if cfg.tracking.log_batch_ids else None)
-        if cfg.tracking.report_to == "wandb":
+        if "wandb" in cfg.tracking.report_to:
             tracking = cfg.tracking
             # The same id with resume="allow" continues the run (online) or writes a new segment
             # of it (offline; `wandb sync` joins them). Steps are always passed explicitly.

@@ -57,7 +57,7 @@ from embedtune.training.optim import (
     skips_on_device,
 )
 from embedtune.training.step import Step, make_step
-from embedtune.training.tracking import RunLog
+from embedtune.training.tracking import RunLog, accelerate_trackers
 
 logger = logging.getLogger("embedtune")
 
@@ -135,7 +135,7 @@ class Trainer:
             cpu=cpu_processes(),
             mixed_precision=default_precision(cfg),
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-            log_with="wandb" if cfg.tracking.report_to == "wandb" else None,
+            log_with=accelerate_trackers(cfg),
             project_dir=cfg.output_dir,
         )
         if problem := cfg.train.processes_problem(self.accelerator.num_processes):

@@ -98,14 +98,14 @@ def outside(name: str, version: str, ranges: dict[str, str]) -> str | None:
     return None if Requirement(wanted).specifier.contains(version, prereleases=True) else wanted
 
 
-def package_checks(report_to: str | None, ranges: dict[str, str]) -> list[Check]:
+def package_checks(report_to: list[str] | None, ranges: dict[str, str]) -> list[Check]:
     checks = []
     for name in PACKAGES:
         try:
             version = metadata.version(name)
         except metadata.PackageNotFoundError:
             # wandb is needed only by a run that reports to it.
-            needed = name != "wandb" or report_to == "wandb"
+            needed = name != "wandb" or "wandb" in (report_to or ())
             checks.append(Check("environment", name, FAIL if needed else WARN,
                                 f"not installed; pip install {name}", {"version": None}))
             continue
@@ -156,7 +156,7 @@ def environment_checks(cfg: Config | None) -> list[Check]:
 
 
 def wandb_check(cfg: Config) -> Check:
-    if cfg.tracking.report_to != "wandb":
+    if "wandb" not in cfg.tracking.report_to:
         return Check("environment", "W&B", OK, "off (tracking.report_to=none)", {"mode": None})
     mode = wandb_mode()
     if os.environ.get("WANDB_MODE"):
