@@ -18,6 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mine": ("embedtune.commands.mine:main", "add hard negatives to a Q&A file, mined with a model"),
     "validate": ("embedtune.commands.validate:main",
                  "check the environment, data, config and disk before a run (same options as train)"),
+    "export": ("embedtune.commands.export:main",
+               "turn a checkpoint (of a finished, best or killed run) into a sentence-transformers folder with its card"),
+    "search": ("embedtune.commands.search:main", "search a corpus with a fine-tuned model (builds and reuses its index)"),
     "report": ("embedtune.commands.report:main", "PNG plots of a run from its training_metrics.jsonl (no W&B needed)"),
     "bench": ("embedtune.tools.bench:main", "benchmarks that print figures: throughput, memory, negatives, quality, resume, gradcache, data"),
     "soak": ("embedtune.tools.soak:main", "interrupt a 2-process CPU training at random moments and in random ways "
