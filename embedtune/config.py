@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from embedtune.data import hub
+
 PACKAGED_CONFIGS = "embedtune.configs"
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few kilobytes; anything near this is the wrong file
 MAX_CONFIG_VALUES = 100_000  # values in a loaded config, counting repeats (YAML aliases can multiply them)
@@ -171,6 +173,19 @@ class DataConfig(_Section):
                                     "null: one per spare core, up to 8 per training process.")
     on_bad_record: Literal["error", "skip"] = "error"
     drop_last: bool = Field(False, description="Drop a last global batch smaller than train.batch_size.")
+
+    @field_validator("train_files", "eval_files", mode="before")
+    @classmethod
+    def _hub_entries(cls, value: Any) -> Any:
+        """Hub datasets (a ``hub:`` string, or a mapping in YAML) in their canonical ``hub:`` form."""
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if not isinstance(value, list):
+            return value
+        try:
+            return [hub.normalized(entry) for entry in value]
+        except hub.HubDatasetError as exc:
+            raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
     def _negatives(self) -> DataConfig:

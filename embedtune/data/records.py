@@ -26,6 +26,8 @@ import datasets
 import fsspec
 
 from embedtune.config import DataConfig
+from embedtune.data import hub
+from embedtune.data.hub import is_hub_entry
 
 PACKAGE_PREFIX = "embedtune:"
 READ_CHUNK = 1000
@@ -134,7 +136,9 @@ def resolve_files(patterns: list[str]) -> list[str]:
     directories, and URLs whose filesystem is not installed."""
     files: list[str] = []
     for pattern in patterns:
-        if pattern.startswith(PACKAGE_PREFIX):
+        if is_hub_entry(pattern):
+            files.extend(hub.resolve(pattern))
+        elif pattern.startswith(PACKAGE_PREFIX):
             rel = pattern[len(PACKAGE_PREFIX):]
             path = resources.files("embedtune").joinpath(rel)
             if not path.is_file():
@@ -489,7 +493,11 @@ def parse_record(path: str, line: int, raw: Any, cfg: DataConfig, require_negati
         return raw[:SHOWN] if isinstance(raw, str) else json.dumps(raw, default=str, ensure_ascii=False)[:SHOWN]
 
     def bad(reason: str) -> Reject:
-        return Reject(path, line, reason, shown())
+        return Reject(named, line, reason, shown())
+
+    # A Hub dataset's file: reports name the dataset, split and file; its columns are renamed.
+    from_hub = hub.hub_file(path, cfg) if cfg.train_files or cfg.eval_files else None
+    named = from_hub.shown() if from_hub else path
 
     if isinstance(raw, str):
         if problem := line_problem(raw):
@@ -515,7 +523,7 @@ def parse_record(path: str, line: int, raw: Any, cfg: DataConfig, require_negati
     elif isinstance(raw, dict):
         record = raw
         if _row_over(raw, cfg.max_record_bytes):
-            return Reject(path, line, f"longer than {cfg.max_record_bytes:,} bytes (data.max_record_bytes); "
+            return Reject(named, line, f"longer than {cfg.max_record_bytes:,} bytes (data.max_record_bytes); "
                           "shorten the record, or raise the limit", f"{{row of {len(raw)} fields}}")
     else:
         record = raw
@@ -525,10 +533,14 @@ def parse_record(path: str, line: int, raw: Any, cfg: DataConfig, require_negati
         key = min(read)
         return bad(f"the key '{key}' appears more than once in the record, and only one value can be used; "
                    f"keep one '{key}'")
+    if from_hub:
+        record = from_hub.dataset.rename(record)
     for role, name in (("query", cfg.query_field), ("positive", cfg.positive_field)):
         if name not in record:
             keys = ", ".join(str(k)[:40] for k in sorted(record, key=str)[:10]) or "none"
-            return bad(f"no '{name}' field for the {role} (fields here: {keys}); add it or set data.{role}_field")
+            fix = (f"map a column to it in the dataset's entry (columns=COLUMN:{name})" if from_hub
+                   else "add it")
+            return bad(f"no '{name}' field for the {role} (fields here: {keys}); {fix} or set data.{role}_field")
         if _text(record[name]) is None:
             return bad(f"'{name}' must be a non-empty string, got {record[name]!r:.60}")
     negatives: tuple[str, ...] = ()
