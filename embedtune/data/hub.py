@@ -116,14 +116,9 @@ def normalized(entry: Any, where: str = "") -> Any:
 
 
 def resolve(entry: str) -> list[str]:
-    """The files of the entry's split: local paths in the Hugging Face cache, or ``hf://`` URLs."""
-    from embedtune.data.records import DataError
-
-    spec = parse(entry)
-    try:
-        return list(_resolved(spec, _cache_dir()))
-    except HubDatasetError as exc:
-        raise DataError(str(exc)) from None
+    """The files of the entry's split: local paths in the Hugging Face cache, or ``hf://`` URLs
+    (HubDatasetError, naming the entry, when there are none to read)."""
+    return list(_resolved(parse(entry), _cache_dir()))
 
 
 @functools.lru_cache(maxsize=64)

@@ -137,7 +137,10 @@ def resolve_files(patterns: list[str]) -> list[str]:
     files: list[str] = []
     for pattern in patterns:
         if is_hub_entry(pattern):
-            files.extend(hub.resolve(pattern))
+            try:
+                files.extend(hub.resolve(pattern))
+            except hub.HubDatasetError as exc:
+                raise DataError(str(exc)) from None
         elif pattern.startswith(PACKAGE_PREFIX):
             rel = pattern[len(PACKAGE_PREFIX):]
             path = resources.files("embedtune").joinpath(rel)
