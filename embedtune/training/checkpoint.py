@@ -74,7 +74,7 @@ WEIGHTS = re.compile(r"^(model(_\d+)?\.safetensors|pytorch_model\w*\.bin)$")
 # schedule), RNG, loss scaler, sampler; and the weights under FSDP, which has no safetensors.
 PICKLED = (".bin", ".pkl", ".pt", ".pth", ".pickle", ".ckpt")
 SAFE_TORCH = (2, 6)  # weights_only=True could still run code before torch 2.6 (CVE-2025-32434)
-RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # a W&B run id; it becomes part of a folder name
+RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # a W&B or MLflow run id; W&B's becomes part of a folder name
 MAX_STATE_BYTES = 64 << 20
 # Changing these makes the saved data position or weights mean something else.
 RESUME_KEYS = (
@@ -110,6 +110,7 @@ class TrainerState:
     nonfinite_in_a_row: int = 0
     duration_s: float = 0.0
     wandb_run_id: str | None = None
+    mlflow_run_id: str | None = None  # tracking.report_to's MLflow run, continued on resume
     eval_before: dict[str, float] | None = None
     eval_before_per_query: list[float] | None = None  # the base model's nDCG@k per held-out query
     scores: dict[str, float] = field(default_factory=dict)  # checkpoint name -> best-metric value
@@ -156,9 +157,10 @@ def _state_problem(data: Any) -> str | None:
             return f"'{name}' must be a count (an integer, 0 or more)"
     if "duration_s" in data and not number(data["duration_s"]):
         return "'duration_s' must be a number"
-    run_id = data.get("wandb_run_id")
-    if run_id is not None and not (isinstance(run_id, str) and RUN_ID.match(run_id)):
-        return "'wandb_run_id' must be a W&B run id (letters, digits, '.', '_' and '-')"
+    for name, tracker in (("wandb_run_id", "W&B"), ("mlflow_run_id", "MLflow")):
+        run_id = data.get(name)
+        if run_id is not None and not (isinstance(run_id, str) and RUN_ID.match(run_id)):
+            return f"'{name}' must be a {tracker} run id (letters, digits, '.', '_' and '-')"
     before = data.get("eval_before")
     if before is not None and not (isinstance(before, dict) and all(number(v) for v in before.values())):
         return "'eval_before' must map metric names to numbers"

@@ -1,16 +1,24 @@
-"""What a run leaves behind: W&B (through Accelerate's trackers) and files in the output folder.
+"""What a run leaves behind: its trackers (Accelerate's: W&B, TensorBoard, MLflow and the rest) and
+files in the output folder.
 
-Every side effect happens on the main process only. Besides the tracker, the output folder gets
+Every side effect happens on the main process only. Besides the trackers, the output folder gets
 ``config.yaml``, ``training_metrics.jsonl``, ``training_progress.json``, ``rejected.jsonl`` (when
 records are skipped), ``batches.jsonl`` (when asked) and ``eval_examples.jsonl``; ``logs/train.log``
 is ``embedtune.logs``'s and ``final_model/`` is ``export``'s. Every line of ``training_metrics.jsonl``
 is strict JSON: a non-finite value is null, its name listed under ``nonfinite``.
 
-Secrets never reach any of them: the config is written and sent to W&B with the values of
+Every tracker gets the same metrics, the config and the final summary, each in the shape it takes:
+W&B the nested config, its summary and tables; TensorBoard (``output_dir/<project>``) and MLflow
+(``output_dir/mlruns`` unless a tracking URI is set) the config flattened to dotted keys, and the
+summary as metrics of the last step. MLflow's names cannot hold ``@``: ``eval/ndcg@10`` is
+``eval/ndcg_at_10`` there.
+
+Secrets never reach any of them: the config is written and sent to the trackers with the values of
 secret-looking environment variables (``WANDB_API_KEY``, ``HF_TOKEN``, any ``*_TOKEN``,
 ``*KEY*``, ``*SECRET*``, ``*PASSWORD*``) and credentials in URLs blanked out (``embedtune.secrets``),
 and when the command line itself holds a secret W&B is told not to record it (its system
-metadata, which includes the command line, is turned off for the run).
+metadata, which includes the command line, is turned off for the run). MLflow records the
+script's name, not its command line; its tags are scrubbed once the run has started.
 """
 
 from __future__ import annotations
@@ -20,28 +28,127 @@ import logging
 import math
 import netrc
 import os
+import re
 import sys
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import yaml
 from accelerate import Accelerator
+from accelerate.tracking import get_available_trackers
 
-from embedtune.config import Config
+from embedtune.config import Config, ConfigError
 from embedtune.files import write_atomic
 from embedtune.secrets import command_line_holds_secret, scrub_config, scrub_text, scrub_value
 
 logger = logging.getLogger("embedtune")
 
+# What each of Accelerate's trackers needs installed: the distributions that provide it, and the
+# line that installs one. Accelerate itself leaves out, with only a debug message, a tracker it
+# cannot import; a run refuses to start instead.
+TRACKER_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
+    "wandb": (("wandb",), "wandb"),
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "mlflow": (("mlflow", "mlflow-skinny"), "mlflow-skinny"),
+    "trackio": (("trackio",), "trackio"),
+    "comet_ml": (("comet-ml",), "comet-ml"),
+    "aim": (("aim",), "'aim<4'"),  # Accelerate reports to aim 3 only
+    "clearml": (("clearml",), "clearml"),
+    "dvclive": (("dvclive",), "dvclive"),
+}
+RUN_FOLDERS = ("checkpoints", "final_model", "logs", "wandb", "mlruns")  # no place for TensorBoard's folder
+MLFLOW_NAME = re.compile(r"[^\w./\- ]")  # what MLflow refuses in a metric or param name (':' too, on Windows)
+MLFLOW_VALUE_LENGTH, MLFLOW_KEY_LENGTH, MLFLOW_BATCH = 6000, 250, 100  # MLflow's limits on params
+
 
 def public_config(cfg: Config) -> dict[str, Any]:
-    """The config as written to config.yaml, checkpoints and W&B: secrets scrubbed."""
+    """The config as written to config.yaml, checkpoints and the trackers: secrets scrubbed."""
     return scrub_config(cfg.to_dict())
 
 
+def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys (``train.learning_rate``), for the trackers that take only
+    flat scalars (TensorBoard's hparams, MLflow's params); a list is its JSON text."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flat_config(value, name + "."))
+        elif isinstance(value, (list, tuple, dict)):
+            flat[name] = json.dumps(value, ensure_ascii=False, default=str)
+        else:
+            flat[name] = value
+    return flat
+
+
+def mlflow_name(name: str, param: bool = False) -> str:
+    """A name MLflow takes: ``eval/ndcg@10`` is ``eval/ndcg_at_10``. A param's may not hold '/' either:
+    its key may come from the user (a source of data.source_weights), and MLflow refuses one that a
+    path would read otherwise (``a//b``)."""
+    name = MLFLOW_NAME.sub("_", name.replace("@", "_at_"))
+    return (name.replace("/", "_") if param else name)[:MLFLOW_KEY_LENGTH]
+
+
+def mlflow_value(value: Any) -> str:
+    """A param's text as config.yaml spells it (null, true), cut to MLflow's limit."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= MLFLOW_VALUE_LENGTH else text[:MLFLOW_VALUE_LENGTH - 1] + "\u2026"
+
+
+def tracker_version(name: str) -> str | None:
+    """The installed version of a tracker's package; None when Accelerate cannot report to it."""
+    if name not in {str(t) for t in get_available_trackers()}:
+        return None
+    for dist in TRACKER_PACKAGES[name][0]:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "installed"  # importable, without package metadata
+
+
+def install_line(name: str) -> str:
+    return f"pip install {TRACKER_PACKAGES[name][1]}"
+
+
+def missing_trackers_problem(report_to: list[str]) -> str | None:
+    """One line naming the configured trackers that are not installed, and how to install them."""
+    missing = [name for name in report_to if tracker_version(name) is None]
+    if not missing:
+        return None
+    return (f"tracking.report_to: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: "
+            f"pip install {' '.join(TRACKER_PACKAGES[name][1] for name in missing)}, or take "
+            f"{'it' if len(missing) == 1 else 'them'} out of tracking.report_to")
+
+
 def accelerate_trackers(cfg: Config) -> list[str] | None:
-    """The trackers the Accelerator is made with (``log_with``)."""
+    """The trackers the Accelerator is made with (``log_with``); ConfigError, before anything is
+    loaded or written, for one whose package is not installed."""
+    if problem := missing_trackers_problem(cfg.tracking.report_to) or tensorboard_dir_problem(cfg):
+        raise ConfigError(problem)
     return list(cfg.tracking.report_to) or None
+
+
+def tensorboard_dir(cfg: Config) -> str:
+    """Where TensorBoard's event files go: Accelerate's logging dir (output_dir) / the project."""
+    return os.path.join(cfg.output_dir, cfg.tracking.project)
+
+
+def tensorboard_dir_problem(cfg: Config) -> str | None:
+    """TensorBoard's folder may not be one of the run's own: final_model is replaced whole at the
+    export and checkpoints are pruned, which would take the event files with them."""
+    top = cfg.tracking.project.replace("\\", "/").split("/")[0]
+    if "tensorboard" not in cfg.tracking.report_to or top not in RUN_FOLDERS:
+        return None
+    return (f"tracking.project={cfg.tracking.project}: TensorBoard writes to output_dir/<project>, which would be "
+            f"a folder of the run's own ({', '.join(RUN_FOLDERS)}); choose another project name")
+
+
+def mlflow_default_uri(output_dir: str) -> str:
+    """The local store of a run when no MLflow tracking URI is set."""
+    return Path(output_dir, "mlruns").resolve().as_uri()
 
 
 def wandb_mode() -> str:
@@ -101,18 +208,23 @@ def truncate_jsonl(path: str, last_step: int) -> None:
 
 
 class RunLog:
-    """The run's outputs. Methods are no-ops off the main process (Accelerate's log is too)."""
+    """The run's outputs. Methods are no-ops off the main process (Accelerate's trackers are too)."""
 
     def __init__(self, cfg: Config, accelerator: Accelerator, resume_step: int | None = None,
-                 wandb_id: str | None = None) -> None:
+                 wandb_id: str | None = None, mlflow_id: str | None = None) -> None:
         """``resume_step``: continuing from a checkpoint at that step; rows logged after it by
-        the interrupted run are dropped, since the resumed run logs those steps again."""
+        the interrupted run are dropped, since the resumed run logs those steps again.
+        ``wandb_id``, ``mlflow_id``: the W&B and MLflow runs to continue."""
         self.cfg = cfg
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.out = cfg.output_dir
         self.wandb_run: Any = None
+        self.mlflow_run_id: str | None = None
+        self.where: dict[str, Any] = {}  # where TensorBoard and MLflow write, for training_progress.json
+        self.file_store_env: dict[str, str | None] | None = None  # set while MLflow writes to output_dir
         self.step = 0  # the step being trained, for the rows of rejected.jsonl
+        self.last_step = resume_step or 0  # the trackers besides W&B get the summary at this step
         if self.main:
             os.makedirs(self.out, exist_ok=True)
             write_atomic(os.path.join(self.out, "config.yaml"),
@@ -127,31 +239,119 @@ class RunLog:
             self.metrics_file = open(os.path.join(self.out, METRICS), "a", encoding="utf-8")
             self.batches_file = (open(os.path.join(self.out, BATCHES), "a", encoding="utf-8")
                                  if cfg.tracking.log_batch_ids else None)
-        if "wandb" in cfg.tracking.report_to:
-            tracking = cfg.tracking
-            # The same id with resume="allow" continues the run (online) or writes a new segment
-            # of it (offline; `wandb sync` joins them). Steps are always passed explicitly.
-            init = {"name": tracking.run_name and scrub_text(tracking.run_name),
-                    "tags": [scrub_text(t) for t in tracking.tags] or None, "entity": tracking.entity,
-                    "dir": self.out, "mode": wandb_mode() if self.main else "disabled",
-                    "id": wandb_id, "resume": "allow" if wandb_id else None}
-            if command_line_holds_secret():
-                # W&B records the command line with the system metadata; leave both out.
-                init["settings"] = {"x_disable_meta": True}
-                if self.main:
-                    logger.warning("the command line holds a secret (an environment variable's value or a URL's "
-                                   "credentials): W&B will not record the command line or system metadata")
-            accelerator.init_trackers(tracking.project, config=public_config(cfg),
-                                      init_kwargs={"wandb": {k: v for k, v in init.items() if v is not None}})
+        if cfg.tracking.report_to:
+            self._start_trackers(resume_step, wandb_id, mlflow_id)
+
+    def _start_trackers(self, resume_step: int | None, wandb_id: str | None, mlflow_id: str | None) -> None:
+        """Start every tracker through Accelerate, then give each the config in the shape it takes."""
+        names = self.cfg.tracking.report_to
+        init: dict[str, dict[str, Any]] = {}
+        if "wandb" in names:
+            init["wandb"] = self._wandb_init(wandb_id)
+        if "tensorboard" in names:
+            # TensorBoard hides the events of its folder from this step on that were written before:
+            # a resumed run replaces what the interrupted one logged after its checkpoint, a new run
+            # in the same output_dir all of an earlier one's.
+            init["tensorboard"] = {"purge_step": 0 if resume_step is None else resume_step + 1}
+        if "mlflow" in names and self.main:
+            init["mlflow"] = self._mlflow_init(mlflow_id)
+        self.accelerator.init_trackers(self.cfg.tracking.project, init_kwargs=init)
+        if not self.main:
+            return
+        config = public_config(self.cfg)
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "wandb":
+                tracker.store_init_configuration(config)
+                self.wandb_run = tracker.tracker
+                logger.info("W&B run %s (%s)", self.wandb_run.id, init["wandb"]["mode"])
+            elif tracker.name == "tensorboard":
+                tracker.store_init_configuration(flat_config(config))  # its hparams take scalars only
+                self.where["tensorboard"] = {"dir": tracker.logging_dir}
+                logger.info("TensorBoard writes to %s (open with: tensorboard --logdir %s)", tracker.logging_dir,
+                            self.out)
+            elif tracker.name == "mlflow":
+                self._mlflow_started(tracker.tracker, flat_config(config))
+            else:
+                tracker.store_init_configuration(config)
+                logger.info("reporting to %s", tracker.name)
+
+    def _wandb_init(self, wandb_id: str | None) -> dict[str, Any]:
+        tracking = self.cfg.tracking
+        # The same id with resume="allow" continues the run (online) or writes a new segment
+        # of it (offline; `wandb sync` joins them). Steps are always passed explicitly.
+        init = {"name": tracking.run_name and scrub_text(tracking.run_name),
+                "tags": [scrub_text(t) for t in tracking.tags] or None, "entity": tracking.entity,
+                "dir": self.out, "mode": wandb_mode() if self.main else "disabled",
+                "id": wandb_id, "resume": "allow" if wandb_id else None}
+        if command_line_holds_secret():
+            # W&B records the command line with the system metadata; leave both out.
+            init["settings"] = {"x_disable_meta": True}
             if self.main:
-                self.wandb_run = accelerator.get_tracker("wandb", unwrap=True)
-                logger.info("W&B run %s (%s)", self.wandb_run.id, init["mode"])
+                logger.warning("the command line holds a secret (an environment variable's value or a URL's "
+                               "credentials): W&B will not record the command line or system metadata")
+        return {k: v for k, v in init.items() if v is not None}
+
+    def _mlflow_init(self, run_id: str | None) -> dict[str, Any]:
+        """MLflow's store (output_dir/mlruns unless a tracking URI is set) and the run to start or continue."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        if not mlflow.is_tracking_uri_set():
+            # MLflow 3 keeps its file store for local use behind MLFLOW_ALLOW_FILE_STORE; the
+            # variables are put back when the run ends.
+            self.file_store_env = {"MLFLOW_ALLOW_FILE_STORE": os.environ.get("MLFLOW_ALLOW_FILE_STORE")}
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            mlflow.set_tracking_uri(mlflow_default_uri(self.out))
+        if run_id:
+            try:
+                mlflow.MlflowClient().get_run(run_id)
+            except MlflowException:
+                logger.warning("MLflow run %s is not in %s: a new run starts", run_id, mlflow.get_tracking_uri())
+                run_id = None
+        tracking = self.cfg.tracking
+        init = {"run_id": run_id, "run_name": tracking.run_name and scrub_text(tracking.run_name),
+                "tags": {mlflow_name(scrub_text(t), param=True): "" for t in tracking.tags} or None,
+                # Started inside a run of the caller's (from a notebook), this one is nested under it.
+                "nested_run": mlflow.active_run() is not None}
+        return {k: v for k, v in init.items() if v is not None}
+
+    def _mlflow_started(self, run: Any, params: dict[str, Any]) -> None:
+        """Scrub the run's tags (a git remote's URL may hold a token), and log the config as params.
+
+        A param cannot change once logged: a resumed run adds the new ones and keeps the first
+        value of those that changed (``checkpoint.resume_from`` always does)."""
+        import mlflow
+        from mlflow.entities import Param
+
+        client, run_id = mlflow.MlflowClient(), run.info.run_id
+        data = client.get_run(run_id).data
+        for key, value in data.tags.items():
+            if (clean := scrub_text(value)) != value:
+                client.set_tag(run_id, key, clean)
+        values = {mlflow_name(k, param=True): mlflow_value(v) for k, v in params.items()}
+        new = [Param(k, v) for k, v in values.items() if k not in data.params]
+        for i in range(0, len(new), MLFLOW_BATCH):
+            client.log_batch(run_id, params=new[i:i + MLFLOW_BATCH])
+        if changed := sorted(k for k, v in values.items() if k in data.params and data.params[k] != v):
+            logger.info("MLflow keeps the first value of a param; changed since: %s", ", ".join(changed))
+        uri, experiment = mlflow.get_tracking_uri(), client.get_experiment(run.info.experiment_id).name
+        self.mlflow_run_id = run_id
+        self.where["mlflow"] = {"run_id": run_id, "experiment": experiment, "tracking_uri": uri}
+        opener = "MLFLOW_ALLOW_FILE_STORE=true " if uri.startswith("file:") else ""
+        logger.info("MLflow run %s, experiment %s, in %s (open with: %smlflow ui --backend-store-uri %s)", run_id,
+                    experiment, uri, opener, uri)
+
+    def _named(self, tracker: str, values: dict[str, Any]) -> dict[str, Any]:
+        return {mlflow_name(k): v for k, v in values.items()} if tracker == "mlflow" else values
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.accelerator.log(metrics, step=step)
-        if self.main:
-            self.metrics_file.write(metrics_row(step, metrics) + "\n")
-            self.metrics_file.flush()
+        if not self.main:
+            return
+        for tracker in self.accelerator.trackers:
+            tracker.log(self._named(tracker.name, metrics), step=step)
+        self.last_step = max(self.last_step, step)
+        self.metrics_file.write(metrics_row(step, metrics) + "\n")
+        self.metrics_file.flush()
 
     def table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         """A table (W&B Table, and a row of ``eval_examples.jsonl``) on the main process; its texts
@@ -168,13 +368,23 @@ class RunLog:
             self.wandb_run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
-        """Values the W&B run page shows at the top (the final metrics, before and after)."""
-        if self.wandb_run is not None:
-            self.wandb_run.summary.update(values)
+        """The final metrics, before and after: W&B shows them at the top of the run's page; the
+        other trackers get them as metrics of the last step logged."""
+        if not self.main:
+            return
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "wandb":
+                self.wandb_run.summary.update(values)
+            else:
+                tracker.log(self._named(tracker.name, values), step=self.last_step)
 
     @property
     def wandb_id(self) -> str | None:
         return self.wandb_run.id if self.wandb_run is not None else None
+
+    @property
+    def mlflow_id(self) -> str | None:
+        return self.mlflow_run_id
 
     def batch_ids(self, step: int, ids: list[str]) -> None:
         if self.main and self.batches_file is not None:
@@ -187,6 +397,7 @@ class RunLog:
                 run = self.wandb_run
                 fields["wandb"] = {"id": run.id, "offline": run.offline, "dir": str(run.settings.sync_dir),
                                    "url": None if run.offline else run.url}
+            fields.update(self.where)
             write_atomic(os.path.join(self.out, "training_progress.json"),
                          scrub_text(json.dumps(fields, indent=2)) + "\n")
 
@@ -205,6 +416,15 @@ class RunLog:
         self.accelerator.end_training()
         if not self.main:
             return
+        if self.file_store_env is not None:  # what _mlflow_init changed, put back
+            import mlflow
+
+            mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None: not set, as before the run
+            for key, value in self.file_store_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         self.metrics_file.close()
         if self.batches_file is not None:
             self.batches_file.close()

@@ -1,5 +1,5 @@
-"""The environment rows: Python, torch, GPUs, mixed precision, package versions, W&B, and the
-model loading the way a run loads it."""
+"""The environment rows: Python, torch, GPUs, mixed precision, package versions, W&B and the other
+trackers of tracking.report_to, and the model loading the way a run loads it."""
 
 from __future__ import annotations
 
@@ -20,7 +20,15 @@ from embedtune.config import Config
 from embedtune.files import human_bytes
 from embedtune.model.encoder import EmbeddingModel
 from embedtune.model.folder import EMBEDDED_MODELS, ModelFolder, resolve_model_path
-from embedtune.training.tracking import wandb_mode
+from embedtune.secrets import scrub_text
+from embedtune.training.tracking import (
+    install_line,
+    mlflow_default_uri,
+    tensorboard_dir,
+    tensorboard_dir_problem,
+    tracker_version,
+    wandb_mode,
+)
 
 PACKAGES = ("accelerate", "transformers", "datasets", "sentence-transformers", "wandb", "safetensors")
 
@@ -152,18 +160,47 @@ def environment_checks(cfg: Config | None) -> list[Check]:
     checks.extend(package_checks(cfg.tracking.report_to if cfg else None, ranges))
     if cfg is not None:
         checks.append(wandb_check(cfg))
+        checks.extend(tracker_checks(cfg))
     return checks
 
 
 def wandb_check(cfg: Config) -> Check:
     if "wandb" not in cfg.tracking.report_to:
-        return Check("environment", "W&B", OK, "off (tracking.report_to=none)", {"mode": None})
+        why = "not in tracking.report_to" if cfg.tracking.report_to else "tracking.report_to=none"
+        return Check("environment", "W&B", OK, f"off ({why})", {"mode": None})
     mode = wandb_mode()
     if os.environ.get("WANDB_MODE"):
         why = "set by WANDB_MODE"
     else:
         why = "an API key is configured" if mode == "online" else "no API key; upload later with `wandb sync`"
     return Check("environment", "W&B", OK, f"{mode} ({why}), project {cfg.tracking.project}", {"mode": mode})
+
+
+def tracker_checks(cfg: Config) -> list[Check]:
+    """A row per tracker of tracking.report_to besides W&B (whose rows are wandb's and W&B's): its
+    version and where it writes, or FAIL with the line that installs it (a run would not start)."""
+    checks = []
+    for name in cfg.tracking.report_to:
+        if name == "wandb":
+            continue
+        version = tracker_version(name)
+        if version is None:
+            checks.append(Check("environment", name, FAIL, f"not installed (tracking.report_to names it); "
+                                f"{install_line(name)}", {"version": None}))
+            continue
+        if name == "tensorboard" and (problem := tensorboard_dir_problem(cfg)):
+            checks.append(Check("environment", name, FAIL, problem, {"version": version}))
+            continue
+        if name == "tensorboard":
+            where = f"writes to {tensorboard_dir(cfg)} (tensorboard --logdir {cfg.output_dir})"
+        elif name == "mlflow":
+            uri = os.environ.get("MLFLOW_TRACKING_URI")
+            where = (f"experiment {cfg.tracking.project} in {scrub_text(uri)} (MLFLOW_TRACKING_URI)" if uri
+                     else f"experiment {cfg.tracking.project} in {mlflow_default_uri(cfg.output_dir)}")
+        else:
+            where = "configured by its own settings"
+        checks.append(Check("environment", name, OK, f"{version}; {where}", {"version": version}))
+    return checks
 
 
 @dataclass
