@@ -56,6 +56,7 @@ from embedtune.training.optim import (
     build_scheduler,
     skips_on_device,
 )
+from embedtune.training.push import HubPush, push_problem
 from embedtune.training.step import Step, make_step
 from embedtune.training.tracking import RunLog, accelerate_trackers
 
@@ -101,11 +102,14 @@ class Trainer:
         self.general_before: float | None = None  # nDCG on eval.general_files before training (fresh runs)
         self.mined: MinedNegatives | None = None  # train.hard_negatives' latest round
         self.restart_stream = False  # a round just ran: the stream starts again at the position reached
+        self.hub: HubPush | None = None  # export.push_to_hub, set up with the trackers
 
     # --- setup --------------------------------------------------------------------------------
 
     def setup(self) -> None:
         self._setup_loss()  # a loss without its data never starts a run
+        if problem := push_problem(self.cfg):  # nor a push to the Hub that cannot work (no token, offline)
+            raise ConfigError(problem)
         self._setup_accelerator()
         self._setup_state()  # a checkpoint that cannot be resumed stops here
         self._check_data()  # a broken file stops here, before any heavy work
@@ -341,8 +345,9 @@ class Trainer:
     def _setup_tracking(self) -> None:
         state, accelerator = self.state, self.accelerator
         self.run_log = RunLog(self.cfg, accelerator, resume_step=state.step if self.resume_dir else None,
-                              wandb_id=state.wandb_run_id)
+                              wandb_id=state.wandb_run_id, mlflow_id=state.mlflow_run_id)
         self.window = MetricsWindow(accelerator.device)
+        self.hub = HubPush(self.cfg, accelerator) if self.cfg.export.push_to_hub else None
         if self.index is not None and self.index.bad and not self.resume_dir:
             self.run_log.reject(self.index.rejects, first_epoch=True)  # once, with the run that indexed them
         # Reading the counts costs a device sync on a GPU, nothing on the CPU: there, every step.
@@ -665,10 +670,9 @@ class Trainer:
         when the save failed and ``checkpoint.on_save_error`` let training go on."""
         cfg, state = self.cfg, self.state
         self.saved_at = state.step
-        score = None
-        if cfg.checkpoint.best_metric:
-            score = self.evaluate(state.step).get(cfg.checkpoint.best_metric)
-        state.wandb_run_id = self.run_log.wandb_id
+        metrics = self.evaluate(state.step) if cfg.checkpoint.best_metric else {}
+        score = metrics.get(cfg.checkpoint.best_metric) if cfg.checkpoint.best_metric else None
+        state.wandb_run_id, state.mlflow_run_id = self.run_log.wandb_id, self.run_log.mlflow_id
         state.duration_s = self.duration()
         try:
             path = checkpoint.save(self.accelerator, cfg.output_dir, state, cfg.checkpoint.keep_last,
@@ -679,7 +683,16 @@ class Trainer:
                 raise
             logger.error("%s Training goes on (checkpoint.on_save_error=continue).", exc)
             return False
+        if self.hub is not None:  # export.push_to_hub.every_save: this step's model, pushed in the background
+            self.hub.checkpoint(self.model, self.tokenizer, self._facts(metrics or None), self.duration)
         return True
+
+    def _facts(self, after: dict[str, float] | None, final_step: int | None = None,
+               change: dict[str, float] | None = None, merge: dict[str, Any] | None = None) -> RunFacts:
+        """What the model card (and a push's commit message) says of the model of this step."""
+        state, wandb = self.state, self.run_log.wandb_run
+        return RunFacts(state.eval_before, after, None if wandb is None or wandb.offline else wandb.url,
+                        state.examples_seen, state.step, final_step, change, merge)
 
     def finish(self, completed: bool) -> dict[str, Any]:
         """End the run: on completion a last checkpoint, the held-out metrics after training and the
@@ -691,6 +704,7 @@ class Trainer:
             else state.epoch,
             "examples_seen": state.examples_seen, "duration_s": 0.0, "skipped_steps": state.skipped_steps,
             "eval_before": state.eval_before}
+        facts: RunFacts | None = None  # what the final model's card and push say, on completion
         if not completed:
             logger.warning("stopped at step %d; continue with --resume_from_checkpoint latest", state.step)
         else:
@@ -705,9 +719,7 @@ class Trainer:
                 logger.info("held-out metrics (%d queries, %d documents):\n%s", len(self.held_out),
                             len(self.held_out.corpus), format_table(state.eval_before, after))
                 change = self._paired_change(state.step)
-            wandb = self.run_log.wandb_run
-            facts = RunFacts(state.eval_before, after or None, None if wandb is None or wandb.offline else wandb.url,
-                             state.examples_seen, state.step, final_step, change, merge)
+            facts = self._facts(after or None, final_step, change, merge)
             final_dir = export_model(accelerator, self.model, self.tokenizer, cfg, facts, self.duration)
             self.run_log.summary({**{f"final/{k}": v for k, v in after.items()},
                               **{f"before/{k}": v for k, v in (state.eval_before or {}).items()}})
@@ -718,6 +730,9 @@ class Trainer:
         self.run_log.progress(**summary)
         self.model = self.optimizer = None  # drop DDP before the process group goes
         release(accelerator)
+        if self.hub is not None and accelerator.is_main_process:  # after the release: no process waits on it
+            summary["hub"] = self.hub.finish(summary.get("final_model"), facts)
+            self.run_log.progress(**summary)
         self.run_log.finish()
         return summary
 
