@@ -522,6 +522,10 @@ class PushToHubSection(_Section):
 
 
 class ExportConfig(_Section):
+    language: str | list[str] | None = Field(None, description="The model card's language(s), ISO 639-1 codes "
+                                             "such as en (the Hub's language filter).")
+    license: str | None = Field(None, description="The model card's licence, a Hub licence id such as apache-2.0 "
+                                "(the base model's licence applies to the fine-tuned weights).")
     push_to_hub: PushToHubSection | None = Field(
         None, description="Push the final model (and with every_save each checkpoint's) to the Hugging Face Hub; "
         "the token comes from HF_TOKEN or `hf auth login`. null: off.")

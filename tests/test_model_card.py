@@ -14,7 +14,13 @@ from conftest import make_pairs, write_jsonl
 
 from embedtune.config import build_config, dump_yaml
 from embedtune.secrets import REDACTED
-from embedtune.training.model_card import data_fingerprint, hub_name, write_model_card, write_run_card
+from embedtune.training.model_card import (
+    data_fingerprint,
+    hub_name,
+    progress_pairs,
+    write_model_card,
+    write_run_card,
+)
 
 BEFORE = {"ndcg@10": 0.41234, "mrr@10": 0.35, "recall@10": 0.7, "docs/ndcg@10": 0.5}
 AFTER = {"ndcg@10": 0.8125, "mrr@10": 0.7751, "recall@10": 0.95, "map@100": 0.66, "docs/ndcg@10": 0.9}
@@ -47,7 +53,8 @@ def test_card_front_matter_and_eval_table(tmp_path: Path) -> None:
                 wandb_url="https://wandb.ai/team/embedtune/runs/abc123")
     front = front_matter(text)
     assert front["library_name"] == "sentence-transformers" and front["pipeline_tag"] == "sentence-similarity"
-    assert front["tags"] == ["sentence-transformers", "sentence-similarity", "embedtune"]
+    assert front["tags"] == ["sentence-transformers", "sentence-similarity", "feature-extraction", "dense",
+                             "embedtune", "loss:MultipleNegativesRankingLoss"]
     assert front["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
 
     rows = {cells[0]: cells[1:] for line in text.splitlines() if line.startswith("| ")
@@ -70,9 +77,59 @@ def test_card_without_eval_or_wandb_points_at_local_logs(tmp_path: Path) -> None
     config = config_dict(tmp_path)
     text = card(tmp_path, config, base_model=str(tmp_path), eval_before=None, eval_after=None)
     assert "base_model" not in front_matter(text)  # a local folder means nothing on the Hub
+    assert "model-index" not in front_matter(text) and "metrics" not in front_matter(text)
     assert "No held-out evaluation was run." in text and "| metric |" not in text
     assert f"embedtune report {config['output_dir']}" in text and "training_metrics.jsonl" in text
     assert "prompt_name" not in text  # no prefixes, no prompts to pass
+
+
+def test_front_matter_is_the_hubs_own_model_card_data(tmp_path: Path) -> None:
+    """Read back with huggingface_hub's parser, the front matter holds the figures as given, named
+    as sentence-transformers names its retrieval evaluator's."""
+    from huggingface_hub import ModelCard, metadata_load
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    config = config_dict(tmp_path, "loss.matryoshka_dims=[32,16]", "tracking.run_name=faq-embedder",
+                         "export.language=en", "export.license=apache-2.0")
+    config["data"]["train_files"] = ["hub:acme/faq?config=pairs&split=train", "local.jsonl",
+                                     "hf://datasets/acme/more@main/data/train.jsonl", "hub:acme/faq?split=extra"]
+    (tmp_path / "model").mkdir()
+    path = Path(write_model_card(str(tmp_path / "model"), base_model="all-MiniLM-L6-v2", config=config,
+                                 fingerprint={"files": []}, eval_before=BEFORE, eval_after=AFTER, wandb_url=None,
+                                 num_examples=4000, steps=125, duration_s=60.0, train_pairs=1234))
+
+    data = ModelCard.load(path).data
+    assert data.language == "en" and data.license == "apache-2.0"
+    assert data.datasets == ["acme/faq", "acme/more"]
+    assert data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert data.library_name == "sentence-transformers" and data.pipeline_tag == "sentence-similarity"
+    assert data.tags == ["sentence-transformers", "sentence-similarity", "feature-extraction", "dense", "embedtune",
+                         "dataset_size:1234", "loss:MatryoshkaLoss", "loss:MultipleNegativesRankingLoss"]
+    assert data.metrics == ["cosine_ndcg@10", "cosine_mrr@10", "cosine_recall@10", "cosine_map@100"]
+
+    name, results = model_index_to_eval_results(metadata_load(path)["model-index"])
+    assert name == "faq-embedder"
+    assert {(r.task_type, r.task_name) for r in results} == {("information-retrieval", "Information Retrieval")}
+    figures = {(r.dataset_type, r.metric_type): r.metric_value for r in results}
+    assert figures == {**{("held-out", f"cosine_{k}"): v for k, v in AFTER.items() if "/" not in k},
+                       **{("held-out", f"base_model_cosine_{k}"): v for k, v in BEFORE.items() if "/" not in k},
+                       ("held-out-docs", "cosine_ndcg@10"): AFTER["docs/ndcg@10"],
+                       ("held-out-docs", "base_model_cosine_ndcg@10"): BEFORE["docs/ndcg@10"]}
+    named = {r.metric_type: r.metric_name for r in results}
+    assert named["cosine_ndcg@10"] == "Cosine Ndcg@10"
+    assert named["base_model_cosine_ndcg@10"] == "Base Model Cosine Ndcg@10"
+
+
+def test_dataset_size_is_one_epochs_pairs_where_the_run_tells_it() -> None:
+    by_epochs = {"train": {"max_steps": None}}
+    assert progress_pairs({"completed": True, "examples_seen": 300, "epochs_completed": 3}, by_epochs) == 100
+    assert progress_pairs({"train_pairs": 90, "examples_seen": 300, "epochs_completed": 3}, by_epochs) == 90
+    for unknown in ({"completed": False, "examples_seen": 300, "epochs_completed": 3},
+                    {"completed": True, "stopped_early": True, "examples_seen": 250, "epochs_completed": 2},
+                    {"completed": True, "examples_seen": 300, "epochs_completed": 0}):
+        assert progress_pairs(unknown, by_epochs) is None
+    assert progress_pairs({"completed": True, "examples_seen": 300, "epochs_completed": 3},
+                          {"train": {"max_steps": 40}}) is None  # steps, not whole epochs
 
 
 @pytest.mark.parametrize("name, hub", [("BAAI/bge-small-en-v1.5", "BAAI/bge-small-en-v1.5"),

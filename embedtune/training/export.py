@@ -1,8 +1,9 @@
-"""The one place that writes ``final_model/``: a sentence-transformers folder and its model card.
+"""The one place that writes model folders: ``final_model/`` at the end of a run (and, through
+``from_checkpoint``, any checkpoint's weights): a sentence-transformers folder and its model card.
 
-It is written whole in ``final_model.tmp`` next to it, flushed to the disk and renamed into place,
-replacing an older ``final_model`` only at the rename: ``final_model/`` is complete or absent,
-never half written, and a failed export leaves nothing behind.
+Each is written whole in ``NAME.tmp`` next to its place, flushed to the disk and renamed into
+place, replacing an older folder only at the rename: it is complete or absent, never half
+written, and a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -21,14 +22,24 @@ from embedtune.data.collate import query_prefix
 from embedtune.distributed import any_process
 from embedtune.files import free_bytes, fsync_tree, human_bytes, remove_path, replace_folder, write_atomic
 from embedtune.model.lora import merged, name_the_base
-from embedtune.training.checkpoint import CheckpointError, complete_checkpoints
-from embedtune.training.model_card import CARD, FINAL_MODEL, data_fingerprint, render_card
+from embedtune.training.checkpoint import (
+    CheckpointError,
+    complete_checkpoints,
+)
+from embedtune.training.model_card import (
+    CARD,
+    FINAL_MODEL,
+    CheckpointOrigin,
+    data_fingerprint,
+    dataset_size,
+    render_card,
+)
 
 logger = logging.getLogger("embedtune")
 
 
 class ExportError(CheckpointError):
-    """``final_model`` could not be written; nothing half-written is left, and the checkpoints are untouched."""
+    """A model folder could not be written; nothing half-written is left, and the checkpoints are untouched."""
 
 
 @dataclass
@@ -43,6 +54,8 @@ class RunFacts:
     final_step: int | None = None  # the best checkpoint's step, when it became the final model
     eval_change: dict[str, float] | None = None  # nDCG's paired change from the base model, query by query
     merge: dict[str, Any] | None = None  # export.merge_with_base: the share used and the figures behind it
+    train_pairs: int | None = None  # training pairs in one epoch, for the card's dataset_size tag
+    origin: CheckpointOrigin | None = None  # the checkpoint the model comes from (embedtune export)
 
 
 def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Config, facts: RunFacts,
@@ -54,12 +67,7 @@ def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Conf
     folder is left."""
     path = os.path.join(cfg.output_dir, FINAL_MODEL)
     unwrapped = accelerator.unwrap_model(model)
-    lora = cfg.model.lora
-    if lora and lora.export == "adapter":
-        if unwrapped.folder is not None:
-            name_the_base(unwrapped.encoder, unwrapped.folder)
-    else:  # training is over: adapters are folded into the weights, for a plain sentence-transformers folder
-        unwrapped.encoder = merged(unwrapped.encoder)
+    _settle_adapters(unwrapped, cfg)
     accelerator.wait_for_everyone()
     # Collective: under FSDP or DeepSpeed the full weights are assembled on the main process.
     state = accelerator.get_state_dict(model)
@@ -81,9 +89,21 @@ def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Conf
     return path
 
 
+def _settle_adapters(unwrapped: Any, cfg: Config) -> None:
+    """LoRA adapters folded into the weights, for a plain sentence-transformers folder; or, with
+    model.lora.export=adapter, kept apart in a folder that names its base model."""
+    lora = cfg.model.lora
+    if lora and lora.export == "adapter":
+        if unwrapped.folder is not None:
+            name_the_base(unwrapped.encoder, unwrapped.folder)
+    else:
+        unwrapped.encoder = merged(unwrapped.encoder)
+
+
 def _write(tmp: str, path: str, unwrapped: Any, tokenizer: Any, state: Any, cfg: Config, facts: RunFacts,
-           duration: Callable[[], float], precision: str) -> None:
-    """The sentence-transformers folder and its card, in ``tmp``; the card names ``path``, where it will be."""
+           duration: Callable[[], float], precision: str | None, fingerprint: dict[str, Any] | None = None) -> None:
+    """The sentence-transformers folder and its card, in ``tmp``; the card names ``path``, where it will be.
+    ``fingerprint``: the training data's (``data_fingerprint``), when the files are not to be read."""
     data = cfg.data
     # The prefixes trained with become the model's query and document prompts (the base's
     # own prompts are kept by the save); a named base prompt is saved as the query prompt.
@@ -97,11 +117,23 @@ def _write(tmp: str, path: str, unwrapped: Any, tokenizer: Any, state: Any, cfg:
     # After the save: sentence-transformers writes a generic README.md, which the card replaces.
     # The card is read from the folder as written, and its usage example loads the final path.
     text = render_card(tmp, base_model=cfg.model.base_model, config=cfg.to_dict(),
-                       fingerprint=data_fingerprint(data.train_files), eval_before=facts.eval_before,
-                       eval_after=facts.eval_after, wandb_url=facts.wandb_url, num_examples=facts.examples_seen,
-                       steps=facts.steps, duration_s=duration(), precision=precision, final_step=facts.final_step,
-                       eval_change=facts.eval_change, merge=facts.merge)
+                       fingerprint=data_fingerprint(data.train_files) if fingerprint is None else fingerprint,
+                       eval_before=facts.eval_before, eval_after=facts.eval_after, wandb_url=facts.wandb_url,
+                       num_examples=facts.examples_seen, steps=facts.steps, duration_s=duration(),
+                       precision=precision, final_step=facts.final_step, eval_change=facts.eval_change,
+                       merge=facts.merge, train_pairs=_train_pairs(path, cfg, facts), origin=facts.origin)
     write_atomic(os.path.join(tmp, CARD), text.replace(json.dumps(tmp), json.dumps(path)))
+
+
+def _train_pairs(path: str, cfg: Config, facts: RunFacts) -> int | None:
+    """Pairs in one epoch: as the trainer counted them; else, for the final model of a run that
+    trained whole epochs (no max_steps, no early stop), the pairs it saw over them."""
+    if facts.train_pairs is not None:
+        return facts.train_pairs
+    whole_epochs = not (cfg.train.max_steps or cfg.train.early_stopping_patience or facts.origin)
+    if whole_epochs and os.path.normpath(path) == os.path.normpath(os.path.join(cfg.output_dir, FINAL_MODEL)):
+        return dataset_size(facts.examples_seen, cfg.train.epochs)
+    return None
 
 
 def _export_failure(output_dir: str, path: str, error: Exception | None) -> str:
@@ -112,7 +144,7 @@ def _export_failure(output_dir: str, path: str, error: Exception | None) -> str:
     found = complete_checkpoints(output_dir)
     if found:
         where = (f"the last checkpoint, {found[-1]}, is still there: free space (if that was it) and run again with "
-                 "--resume_from_checkpoint latest to export from it")
+                 f"--resume_from_checkpoint latest to export from it, or `embedtune export {found[-1]} OUT`")
     else:
         where = "no checkpoint was saved (checkpoint.every_n_steps), so the run must be trained again"
     kept = "the earlier final_model is untouched" if os.path.isdir(path) else "no partial folder was left"

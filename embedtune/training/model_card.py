@@ -1,8 +1,11 @@
 """The model card: ``README.md`` in the exported model folder, for people and for the Hugging Face Hub.
 
-It says what the model is and how to call it, which data it was trained on (with a fingerprint
-that changes when any byte of that data does), the held-out metrics before and after training,
-the settings and the full config, and where the logs are.
+Its front matter is ``huggingface_hub``'s ``ModelCardData``, filled in as sentence-transformers fills
+in its own cards, so the Hub files the model the same way: tags, base model, Hub datasets, and the
+held-out metrics as ``model-index`` results. The text says what the model is and how to call it,
+which data it was trained on (with a fingerprint that changes when any byte of that data does),
+the held-out metrics before and after training, the settings and the full config, and where the
+logs are.
 
 Secrets never reach the card: nothing is read from the environment into it, config values under
 secret-looking keys are replaced, and, as a last guard, credentials in URLs and the values of
@@ -13,11 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
+from dataclasses import dataclass
 from typing import IO, Any
 
 import yaml
+from huggingface_hub import EvalResult, ModelCardData
 
 from embedtune import __version__
 from embedtune.data.records import PACKAGE_PREFIX, resolve_files
@@ -29,9 +35,19 @@ from embedtune.secrets import scrub_config, scrub_text
 CARD = "README.md"
 FINAL_MODEL = "final_model"  # the exported model's folder in output_dir
 CHUNK = 1 << 20  # bytes read at a time when hashing: data files can be larger than memory
-TAGS = ["sentence-transformers", "sentence-similarity", "embedtune"]
 # A Hub repository id: owner/name, letters, digits and - _ . only.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+# The front matter as sentence-transformers writes its own (sentence_transformers/base/model_card.py):
+# its tags for a dense model, its order of keys, and the names its InformationRetrievalEvaluator
+# gives results in model-index.
+TAGS = ["sentence-transformers", "sentence-similarity", "feature-extraction", "dense", "embedtune"]
+FRONT_ORDER = ["language", "license", "library_name", "tags", "datasets", "metrics", "pipeline_tag", "base_model"]
+TASK_TYPE, TASK_NAME = "information-retrieval", "Information Retrieval"
+HELD_OUT = "held-out"  # the model-index dataset of the held-out questions; a source's is held-out-SOURCE
+SIMILARITY = "cosine"  # evaluation ranks by cosine similarity, whatever the model's own function
+BASE = "base_model_"  # the base model's figures have types of their own: nothing reads them as this model's
+# A Hub dataset among the training files: a hub:[OWNER/]NAME entry or an hf://datasets/OWNER/NAME/... URL.
+HUB_DATASET = re.compile(r"^(?:hub:|hf://datasets/)((?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*)")
 
 
 # --- data fingerprint ------------------------------------------------------------------------
@@ -78,6 +94,12 @@ def data_fingerprint(files: list[str]) -> dict[str, Any]:
             if note:
                 entry["note"] = note
             entries.append(entry)
+    return fingerprint_of(entries)
+
+
+def fingerprint_of(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fingerprint of files (name, size, sha256 each, in order): the combined sha256 covers
+    their sizes and hashes, and is None when one has no hash."""
     combined: str | None = None
     if all(e["sha256"] for e in entries):
         digest = hashlib.sha256()
@@ -107,6 +129,68 @@ def _get(config: dict[str, Any], dotted: str, default: Any = None) -> Any:
             return default
         node = node[part]
     return node
+
+
+@dataclass
+class CheckpointOrigin:
+    """Where a model exported from a checkpoint (``embedtune export``) comes from, for its card."""
+
+    name: str  # step-NNNNNNNN
+    step: int
+    run_step: int | None = None  # the step the run had reached when it ended, if it did
+    completed: bool | None = None  # whether that run finished (None: its training_progress.json is gone)
+    score: float | None = None  # checkpoint.best_metric's held-out value at this step
+    best: bool = False  # the best of the run's scored checkpoints
+    scored: int = 0  # how many checkpoints the run scored
+
+
+def dataset_size(examples_seen: int | None, epochs: int | None) -> int | None:
+    """Training pairs in one epoch (sentence-transformers' ``dataset_size``: the training set's
+    size), from a count over ``epochs`` whole epochs; None when there is no such count."""
+    return examples_seen // epochs if examples_seen and epochs and epochs > 0 else None
+
+
+def hub_datasets(files: list[str]) -> list[str]:
+    """The Hub datasets among the training files, once each, in order."""
+    return list(dict.fromkeys(m.group(1) for entry in files if isinstance(entry, str)
+                              and (m := HUB_DATASET.match(entry))))
+
+
+def eval_results(before: dict[str, float] | None, after: dict[str, float] | None) -> list[EvalResult]:
+    """The held-out figures as model-index results, named as sentence-transformers names those of its
+    retrieval evaluator (task information-retrieval, metric cosine_ndcg@10, "Cosine Ndcg@10"). A
+    source's figures (``source/metric``) make a dataset of their own; the base model's have types
+    of their own (base_model_cosine_ndcg@10)."""
+    results = []
+    for prefix, metrics in (("", after), (BASE, before)):
+        for key, value in (metrics or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            source, _, name = key.rpartition("/")
+            dataset = f"{HELD_OUT}-{source}" if source else HELD_OUT
+            metric = f"{prefix}{SIMILARITY}_{name}"
+            results.append(EvalResult(
+                task_type=TASK_TYPE, task_name=TASK_NAME, dataset_type=dataset,
+                dataset_name=dataset.replace("_", " ").replace("-", " "), metric_type=metric,
+                metric_name=metric.replace("_", " ").title(), metric_value=float(value)))
+    return results
+
+
+def card_metadata(config: dict[str, Any], *, title: str, base_model: str | None, eval_before: dict[str, float] | None,
+                  eval_after: dict[str, float] | None, size: int | None) -> ModelCardData:
+    """The front matter. ``export.language`` and ``export.license`` are read when the config has them."""
+    loss = _get(config, "loss.name")
+    tags = (TAGS + ([f"dataset_size:{size}"] if size else [])
+            + (["loss:MatryoshkaLoss"] if _get(config, "loss.matryoshka_dims") else [])
+            + ([f"loss:{loss}"] if loss else []))
+    results = eval_results(eval_before, eval_after)
+    metrics = [r.metric_type for r in results if r.dataset_type == HELD_OUT and not r.metric_type.startswith(BASE)]
+    return ModelCardData(
+        language=_get(config, "export.language") or None, license=_get(config, "export.license") or None,
+        library_name="sentence-transformers", tags=tags,
+        datasets=hub_datasets(_get(config, "data.train_files") or []) or None, metrics=metrics or None,
+        pipeline_tag="sentence-similarity", base_model=base_model, eval_results=results or None,
+        model_name=title if results else None)
 
 
 def folder_facts(model_dir: str) -> dict[str, Any]:
@@ -175,6 +259,8 @@ def _data_section(config: dict[str, Any], fingerprint: dict[str, Any], num_examp
         lines.append(f"| {_cell(entry.get('name'))} | {_size(entry.get('size'))} | `{sha}` |")
     combined = fingerprint.get("sha256")
     lines.append("")
+    if fingerprint.get("note"):
+        lines += [fingerprint["note"], ""]
     lines.append(f"Fingerprint of all training data (sha256 over the files' bytes, in order): `{combined}`"
                  if combined else "No combined fingerprint: a file could not be read to hash it.")
     eval_files = _get(config, "data.eval_files") or []
@@ -245,6 +331,23 @@ def _logs_section(config: dict[str, Any], wandb_url: str | None) -> str:
             "folder (`wandb sync` uploads it).")
 
 
+def _origin_line(origin: CheckpointOrigin, best_metric: str | None) -> str:
+    """What the card says of a model exported from a checkpoint."""
+    line = (f"- **From a checkpoint:** the weights of step {origin.step:,}, exported from `{origin.name}` with "
+            "`embedtune export`")
+    if origin.completed and origin.run_step is not None:
+        line += f"; the run went on to step {origin.run_step:,} and finished" if origin.run_step > origin.step \
+            else "; its last step (the run finished there)"
+    elif origin.completed is False:
+        line += "; the run had not finished at export"
+    if best_metric and origin.score is not None:
+        line += f"; held-out {best_metric} {origin.score:.4f} at this step"
+        if origin.best:
+            line += (f", the best of the {origin.scored} checkpoints the run scored (chosen on the held-out set whose "
+                     "metrics are shown below, so they lean optimistic)")
+    return line
+
+
 def _merge_line(merge: dict[str, Any]) -> str:
     """What export.merge_with_base did, for the card's model facts."""
     line = (f"- **Merged with the base model:** {merge['share']:g} of the fine-tuned weights, "
@@ -259,14 +362,18 @@ def _merge_line(merge: dict[str, Any]) -> str:
 
 
 def _evaluation(config: dict[str, Any], before: dict[str, float] | None, after: dict[str, float] | None,
-                change: dict[str, float] | None) -> str:
+                change: dict[str, float] | None, origin: CheckpointOrigin | None = None) -> str:
     """The card's evaluation section: the before / after table and nDCG's paired change."""
     if not (after or before):
         return "No held-out evaluation was run."
     k = _get(config, "eval.k", 10)
+    compared = "Before is the base model, after the fine-tuned one, on the same questions."
+    if origin is not None:
+        compared = (f"Before is the base model, after this checkpoint's weights as the run evaluated them at step "
+                    f"{origin.step:,}, on the same questions." if after else "Before is the base model; the run "
+                    f"logged no held-out evaluation at step {origin.step:,}, so there is no after.")
     text = ("Retrieval on the held-out questions: each one ranks the corpus of all held-out answers, and "
-            f"a metric@k looks at the top k (eval.k = {k}). Before is the base model, after the "
-            "fine-tuned one, on the same questions.\n\n" + eval_table(before, after))
+            f"a metric@k looks at the top k (eval.k = {k}). {compared}\n\n" + eval_table(before, after))
     if change:
         text += "\n\n" + describe_change(f"nDCG@{k}", change) + (
             ". The interval is a paired bootstrap over the held-out questions: where it excludes 0, the "
@@ -279,14 +386,11 @@ def render_card(model_dir: str, *, base_model: str, config: dict[str, Any], fing
                 wandb_url: str | None, num_examples: int | None, steps: int | None,
                 duration_s: float | None, embedding_dim: int | None = None, precision: str | None = None,
                 final_step: int | None = None, eval_change: dict[str, float] | None = None,
-                merge: dict[str, Any] | None = None) -> str:
+                merge: dict[str, Any] | None = None, train_pairs: int | None = None,
+                origin: CheckpointOrigin | None = None) -> str:
     """The card's text (see ``write_model_card``)."""
     config = scrub_config(config)
     hub = hub_name(base_model)
-    front: dict[str, Any] = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
-                             "tags": list(TAGS)}
-    if hub:
-        front["base_model"] = hub
     facts = folder_facts(model_dir)
     pooling = facts.get("pooling") or _get(config, "model.pooling") or "?"
     normalize = facts.get("normalize")
@@ -299,6 +403,8 @@ def render_card(model_dir: str, *, base_model: str, config: dict[str, Any], fing
                                                  _get(config, "data.document_max_length") or 0) or None
     title = _get(config, "tracking.run_name") or os.path.basename(
         os.path.normpath(_get(config, "output_dir") or model_dir)) or "embedtune model"
+    if origin is not None:
+        title += f" (step {origin.step:,})"
     base_shown = f"[{hub}](https://huggingface.co/{hub})" if hub else f"`{base_model}` (a local folder)"
 
     model_lines = [f"- **Base model:** {base_shown}", f"- **Pooling:** {pooling}",
@@ -320,6 +426,8 @@ def render_card(model_dir: str, *, base_model: str, config: dict[str, Any], fing
         model_lines.append(f"- **Checkpoint:** the best by held-out {best_metric}, step {final_step:,}"
                            + (f" of {steps:,}" if steps else "") + " (chosen on the held-out set whose metrics "
                            "are shown below, so they lean optimistic)")
+    if origin is not None:
+        model_lines.append(_origin_line(origin, best_metric))
     if merge:
         model_lines.append(_merge_line(merge))
     lora = _get(config, "model.lora")
@@ -332,7 +440,7 @@ def render_card(model_dir: str, *, base_model: str, config: dict[str, Any], fing
     if any(prompts.values()):
         model_lines.append("- **Prompts:** " + ", ".join(f"{k} {json.dumps(v)}" for k, v in prompts.items()))
 
-    evaluation = _evaluation(config, eval_before, eval_after, eval_change)
+    evaluation = _evaluation(config, eval_before, eval_after, eval_change, origin)
 
     body = f"""# {title}
 
@@ -369,8 +477,9 @@ embedtune {__version__}, for finding the answer to a question (semantic search, 
 
 {_logs_section(config, wandb_url)}
 """
-    front_text = yaml.safe_dump(front, sort_keys=False, allow_unicode=True)
-    return scrub_text(f"---\n{front_text}---\n\n{body}")
+    front = card_metadata(config, title=title, base_model=hub, eval_before=eval_before, eval_after=eval_after,
+                          size=train_pairs)
+    return scrub_text(f"---\n{front.to_yaml(original_order=FRONT_ORDER)}\n---\n\n{body}")
 
 
 def write_model_card(model_dir: str, *, base_model: str, config: dict[str, Any], fingerprint: dict[str, Any],
@@ -378,20 +487,22 @@ def write_model_card(model_dir: str, *, base_model: str, config: dict[str, Any],
                      wandb_url: str | None, num_examples: int | None, steps: int | None,
                      duration_s: float | None, embedding_dim: int | None = None,
                      precision: str | None = None, final_step: int | None = None,
-                     eval_change: dict[str, float] | None = None, merge: dict[str, Any] | None = None) -> str:
+                     eval_change: dict[str, float] | None = None, merge: dict[str, Any] | None = None,
+                     train_pairs: int | None = None, origin: CheckpointOrigin | None = None) -> str:
     """Write ``model_dir/README.md`` and return its path.
 
     Call it after the model is saved: sentence-transformers writes its own generic README.md
     on save, and this one replaces it. ``config`` is ``Config.to_dict()``; values under
     secret-looking keys are replaced before anything is written. ``embedding_dim`` and
     ``precision`` (what the run really used, e.g. ``accelerator.mixed_precision``) default to
-    what the model folder and the config say.
+    what the model folder and the config say. ``train_pairs`` (pairs in one epoch) becomes the
+    ``dataset_size`` tag; ``origin``: the model is a checkpoint's (``embedtune export``).
     """
     text = render_card(model_dir, base_model=base_model, config=config, fingerprint=fingerprint,
                        eval_before=eval_before, eval_after=eval_after, wandb_url=wandb_url,
                        num_examples=num_examples, steps=steps, duration_s=duration_s, embedding_dim=embedding_dim,
                        precision=precision, final_step=final_step, eval_change=eval_change,
-                       merge=merge)
+                       merge=merge, train_pairs=train_pairs, origin=origin)
     path = os.path.join(model_dir, CARD)
     write_atomic(path, text)
     return path
@@ -415,4 +526,13 @@ def write_run_card(output_dir: str, model_dir: str | None = None) -> str:
         wandb_url=wandb.get("url"), num_examples=progress.get("examples_seen"), steps=progress.get("step"),
         duration_s=progress.get("duration_s"), final_step=progress.get("final_step")
         if _get(config, "checkpoint.best_metric") else None, eval_change=progress.get("eval_change"),
-        merge=progress.get("merge"))
+        merge=progress.get("merge"), train_pairs=progress_pairs(progress, config))
+
+
+def progress_pairs(progress: dict[str, Any], config: dict[str, Any]) -> int | None:
+    """Training pairs in one epoch, as a run's training_progress.json tells: its ``train_pairs``, or
+    the pairs seen over the whole epochs of a finished run that trained by epochs."""
+    if isinstance(progress.get("train_pairs"), int):
+        return progress["train_pairs"]
+    whole = progress.get("completed") and not progress.get("stopped_early") and not _get(config, "train.max_steps")
+    return dataset_size(progress.get("examples_seen"), progress.get("epochs_completed")) if whole else None
