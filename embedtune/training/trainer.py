@@ -103,6 +103,7 @@ class Trainer:
         self.mined: MinedNegatives | None = None  # train.hard_negatives' latest round
         self.restart_stream = False  # a round just ran: the stream starts again at the position reached
         self.hub: HubPush | None = None  # export.push_to_hub, set up with the trackers
+        self.train_pairs: int | None = None  # training pairs in one epoch, when counted
 
     # --- setup --------------------------------------------------------------------------------
 
@@ -312,6 +313,7 @@ class Trainer:
         # max_steps stops by steps; otherwise the epochs decide (the count is then exact but only
         # shapes the schedule and the progress bar).
         self.total_steps = cfg.train.planned_steps(plan.train_pairs, data.drop_last)
+        self.train_pairs = plan.train_pairs  # for the card's dataset_size (None: not counted)
         self.dataset = PairBatches(data, cfg.train.batch_size, cfg.train.gradient_accumulation_steps, cfg.train.seed,
                                    self.collate, accelerator.num_processes, accelerator.process_index,
                                    all_ids=cfg.tracking.log_batch_ids, require_negatives=self.require_negatives,
@@ -692,7 +694,7 @@ class Trainer:
         """What the model card (and a push's commit message) says of the model of this step."""
         state, wandb = self.state, self.run_log.wandb_run
         return RunFacts(state.eval_before, after, None if wandb is None or wandb.offline else wandb.url,
-                        state.examples_seen, state.step, final_step, change, merge)
+                        state.examples_seen, state.step, final_step, change, merge, self.train_pairs)
 
     def finish(self, completed: bool) -> dict[str, Any]:
         """End the run: on completion a last checkpoint, the held-out metrics after training and the
