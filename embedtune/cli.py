@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("embedtune.commands.eval:main",
              "retrieval metrics of a model on Q&A pairs or queries/corpus/qrels files"),
     "mine": ("embedtune.commands.mine:main", "add hard negatives to a Q&A file, mined with a model"),
+    "score": ("embedtune.commands.score:main",
+              "add a teacher's scores (a cross-encoder or an embedding model) to Q&A records, for distillation"),
     "validate": ("embedtune.commands.validate:main",
                  "check the environment, data, config and disk before a run (same options as train)"),
     "export": ("embedtune.commands.export:main",

@@ -112,6 +112,9 @@ class DataConfig(_Section):
     positive_field: str = "answer"
     negatives_field: str | None = Field(None, description="A list of strings or one string per record.")
     label_field: str | None = Field(None, description="A number per record, for losses on labelled pairs.")
+    scores_field: str | None = Field(
+        None, description="A teacher's scores per record, for distillation: a list, the positive's score first, then "
+        "one per hard negative in data.negatives_field, in order (what `embedtune score` writes).")
     source_field: str | None = Field("source", description="Where a record says its source; eval metrics "
                                      "are also reported per source.")
     max_negatives: int = Field(8, ge=0, description="Hard negatives kept per record (the first ones).")
