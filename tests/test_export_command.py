@@ -8,7 +8,6 @@ import json
 import shutil
 import signal
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -242,32 +241,36 @@ def test_an_out_folder_that_holds_something_is_refused(finished: Path, tmp_path:
     assert main([str(step_dir(finished, 3)), str(out)]) == 0 and (out / "modules.json").exists()
 
 
-def test_onnx_calls_the_exporter_on_the_folder_before_it_is_in_place(finished: Path, tmp_path: Path, capsys,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_onnx_is_exported_into_the_folder_before_it_is_in_place(finished: Path, tmp_path: Path, capsys,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from embedtune.model.onnx import OnnxEncoder
+
     out = tmp_path / "model"
-    monkeypatch.setitem(sys.modules, "embedtune.model.onnx", None)  # not there
+    # Without onnxruntime: one line naming the extra, before any work.
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
     assert main([str(step_dir(finished, 3)), str(out), "--onnx"]) == 1
-    assert capsys.readouterr().err == "error: --onnx: this embedtune has no ONNX export (embedtune.model.onnx)\n"
+    assert capsys.readouterr().err == ("error: ONNX export and inference need onnx and onnxruntime (onnxruntime is "
+                                       'not installed): pip install "embedtune[onnx]"\n')
     assert not out.exists()
+    monkeypatch.delitem(sys.modules, "onnxruntime")
 
-    calls = []
-
-    def export_onnx(folder: str, quantize: str | None) -> dict:
-        calls.append((folder, quantize))
-        assert Path(folder, "modules.json").exists()  # the model is written; the folder is not renamed yet
-        Path(folder, "onnx").mkdir()
-        Path(folder, "onnx", "model_qint8.onnx").write_bytes(b"onnx")
-        return {"file": str(Path(folder, "onnx", "model_qint8.onnx"))}
-
-    monkeypatch.setitem(sys.modules, "embedtune.model.onnx", types.SimpleNamespace(export_onnx=export_onnx))
+    # The real export, int8 included: ONNX Runtime gives the model's embeddings.
     assert main([str(step_dir(finished, 3)), str(out), "--quantize", "int8"]) == 0
-    assert calls == [(f"{out}.tmp", "int8")] and (out / "onnx" / "model_qint8.onnx").exists()
-    assert f"ONNX: file {out / 'onnx' / 'model_qint8.onnx'}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"int8 {out / 'onnx' / 'model_qint8_avx512_vnni.onnx'}" in printed and ".tmp" not in printed
+    texts = [p["question"] for p in make_pairs(6, seed=4)]
+    reference = SentenceTransformer(str(out), device="cpu").encode_query(texts, convert_to_tensor=True)
+    for int8, floor in ((False, 0.999), (True, 0.9)):
+        got = OnnxEncoder.from_folder(str(out), int8=int8).encode_query(texts)
+        assert torch.nn.functional.cosine_similarity(got, reference).min().item() > floor
 
-    def broken(folder: str, quantize: str | None) -> dict:
+    # An exporter that fails leaves nothing behind.
+    def broken(folder: str, quantize: str | None, trust_remote_code: bool = False) -> dict:
         raise RuntimeError("the exporter failed")
 
-    monkeypatch.setitem(sys.modules, "embedtune.model.onnx", types.SimpleNamespace(export_onnx=broken))
+    monkeypatch.setattr("embedtune.commands.export.export_onnx", broken)
     again = tmp_path / "again"
     assert main([str(step_dir(finished, 3)), str(again), "--onnx"]) == 1
     assert f"error: could not write {again}: RuntimeError: the exporter failed" in capsys.readouterr().err

@@ -19,10 +19,9 @@ from embedtune.config import ConfigError
 from embedtune.data.records import DataError
 from embedtune.logs import log_to_console, scrub_console
 from embedtune.model.folder import ModelLoadError
+from embedtune.model.onnx import export_onnx, runtime
 from embedtune.training.checkpoint import CheckpointError
 from embedtune.training.from_checkpoint import export_checkpoint, open_checkpoint
-
-ONNX_MODULE = "embedtune.model.onnx"
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -48,16 +47,11 @@ def out_problem(out: str) -> str | None:
     return None
 
 
-def onnx_exporter(quantize: str | None) -> Callable[[str], Any]:
-    """``export_onnx`` for the folder written, imported now so a missing piece is told before any
-    work (ImportError, its message one line)."""
-    try:
-        from embedtune.model.onnx import export_onnx
-    except ImportError as exc:
-        if exc.name == ONNX_MODULE or exc.name is None:
-            raise ImportError(f"--onnx: this embedtune has no ONNX export ({ONNX_MODULE})") from None
-        raise ImportError(f"--onnx needs the package {exc.name}, which is not installed") from None
-    return lambda folder: export_onnx(folder, quantize)
+def onnx_exporter(quantize: str | None, trust_remote_code: bool) -> Callable[[str], Any]:
+    """``export_onnx`` for the folder written; its packages are checked now, so a missing one is
+    told before any work (ImportError, its message one line naming the extra)."""
+    runtime()
+    return lambda folder: export_onnx(folder, quantize, trust_remote_code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     then = None
     if args.onnx or args.quantize:
         try:
-            then = onnx_exporter(args.quantize)
+            then = onnx_exporter(args.quantize, args.trust_remote_code)
         except ImportError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
