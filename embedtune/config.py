@@ -28,8 +28,9 @@ CHECKPOINT_NAME = re.compile(r"^step-\d{8}$")
 # The losses a config may name (sentence-transformers' names); embedtune.losses builds each.
 LOSS_NAMES = ("MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss",
               "CachedMultipleNegativesRankingLoss", "ContrastiveLoss", "OnlineContrastiveLoss",
-              "CosineSimilarityLoss", "CoSENTLoss", "TripletLoss")
+              "CosineSimilarityLoss", "CoSENTLoss", "TripletLoss", "MarginMSELoss", "DistillKLDivLoss")
 IN_BATCH_LOSSES = LOSS_NAMES[:3]  # the losses that rank each query against the batch's documents
+DISTILL_LOSSES = LOSS_NAMES[-2:]  # the losses that learn a teacher's scores (data.scores_field)
 # train.hard_negatives when a config does not give it (and the loss trains on in-batch negatives): one
 # round with the base model before step 1, its negatives trained as in-batch ones at no cost per step.
 DEFAULT_MINING = {"in_batch": True}
@@ -304,12 +305,30 @@ class LossConfig(_Section):
     gather_across_processes: bool = Field(
         True, description="Score each query against the documents of every process (false: local only)."
     )
+    distill: Literal[DISTILL_LOSSES] | None = Field(  # type: ignore[valid-type]
+        None, description="Add a distillation term on the teacher's scores (data.scores_field) to an in-batch ranking "
+        "loss: MarginMSELoss or DistillKLDivLoss, weighted by distill_weight.")
+    distill_weight: float = Field(1.0, gt=0, description="The weight of the distillation term (loss.distill).")
+    temperature: float = Field(1.0, gt=0, description="DistillKLDivLoss: the temperature of the student's and the "
+                               "teacher's softmax.")
 
     @model_validator(mode="after")
     def _matryoshka(self) -> LossConfig:
         if self.matryoshka_weights and len(self.matryoshka_weights) != len(self.matryoshka_dims or []):
             raise ValueError("loss.matryoshka_weights needs one weight per entry of loss.matryoshka_dims")
         return self
+
+    @model_validator(mode="after")
+    def _distill(self) -> LossConfig:
+        if self.distill and self.name not in IN_BATCH_LOSSES:
+            raise ValueError(f"loss.distill adds its term to an in-batch ranking loss, and loss.name is {self.name}: "
+                             f"choose {', '.join(IN_BATCH_LOSSES)}, or set loss.name={self.distill} to train on the "
+                             "teacher's scores alone")
+        return self
+
+    def distills(self) -> str | None:
+        """The distillation loss trained (alone, or added to the ranking loss), or None."""
+        return self.name if self.name in DISTILL_LOSSES else self.distill
 
     def ranks_both_ways(self) -> bool:
         """The ranking loss's symmetric form: loss.symmetric, or the loss named for it."""

@@ -24,8 +24,8 @@ from pydantic import ValidationError
 
 from embedtune.commands.train import main
 from embedtune.config import DataConfig
-from embedtune.data.records import DataError, Pair, Reject, read_pairs, token_estimate
-from embedtune.data.split import eval_pairs, is_held_out, plan_data, preflight
+from embedtune.data.records import DataError, Pair, Reject, is_held_out, read_pairs, token_estimate
+from embedtune.data.split import eval_pairs, plan_data, preflight
 from embedtune.data.stream import PairBatches, make_loader, ordered_pairs
 
 no_tokenize = untokenized

@@ -20,8 +20,7 @@ from conftest import ROOT, make_pairs, write_jsonl
 from embedtune.cli import main as cli
 from embedtune.commands.search import main as search
 from embedtune.commands.train import main as train
-from embedtune.data.records import Pair
-from embedtune.data.split import is_held_out
+from embedtune.data.records import Pair, is_held_out
 from embedtune.examples import batch_search, qa_retrieval, semantic_search, similarity, vector_db
 
 QUERY, DOCUMENT = "query: ", "passage: "  # the prefixes the run trains with, saved as the model's prompts

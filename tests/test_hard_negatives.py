@@ -14,8 +14,7 @@ from test_resume import args_for, assert_same_run, batches, finish, kill_when, l
 
 from embedtune.commands.train import main
 from embedtune.config import ConfigError, parse_args
-from embedtune.data.records import Pair, read_pairs, text_key
-from embedtune.data.split import is_held_out
+from embedtune.data.records import Pair, is_held_out, read_pairs, text_key
 from embedtune.data.stream import make_loader
 from embedtune.mining.refresh import MinedNegatives, pair_key
 from embedtune.training.trainer import Trainer

@@ -35,8 +35,8 @@ from test_resume import args_for, batches, finish, start
 from embedtune.config import Config, DataConfig, parse_args
 from embedtune.data import index as index_module
 from embedtune.data.index import EpochOrder, build_index
-from embedtune.data.records import DataError, Pair, Reject, read_pairs, text_key
-from embedtune.data.split import trains_on, weighted_total
+from embedtune.data.records import DataError, Pair, Reject, read_pairs, text_key, trains_on
+from embedtune.data.split import weighted_total
 from embedtune.data.stream import PairBatches, make_loader
 
 

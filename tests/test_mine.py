@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_pairs, write_jsonl
+from test_score import alone, cross_encoder, new_console  # noqa: F401 (fixtures)
 
 from embedtune.commands.mine import main
 from embedtune.data.records import text_key
@@ -269,8 +270,7 @@ def test_random_texts_round_trip(tiny_model: Path, tmp_path: Path) -> None:
 
 
 def test_held_out_records_get_no_negatives_and_lend_none(tiny_model: Path, tmp_path: Path) -> None:
-    from embedtune.data.records import Pair
-    from embedtune.data.split import is_held_out
+    from embedtune.data.records import Pair, is_held_out
 
     records = make_pairs(60, seed=4)
     source = write_jsonl(tmp_path / "qa.jsonl", records)
@@ -283,3 +283,111 @@ def test_held_out_records_get_no_negatives_and_lend_none(tiny_model: Path, tmp_p
     for row, h in zip(out, held):
         assert (row["negatives"] == []) if h else (len(row["negatives"]) == 3)
         assert not held_answers & set(row["negatives"])
+
+
+# --- with a teacher --------------------------------------------------------------------------
+
+
+def test_a_teacher_scores_the_mined_negatives_and_changes_none_of_them(
+        tiny_model: Path, cross_encoder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: F811
+    from embedtune.data.records import Pair, is_held_out
+
+    records = make_pairs(30, seed=6)
+    held = [is_held_out(Pair("", r["question"], r["answer"]), 0.3) for r in records]
+    kept_at, held_at = held.index(False), held.index(True)
+    records[kept_at]["scores"] = [0.5]  # stale scores: replaced in place
+    records[kept_at]["after"] = 1
+    records[held_at]["scores"] = [0.5, 0.4]  # they scored negatives the held-out record no longer has
+    qa = write_jsonl(tmp_path / "qa.jsonl", records)
+    common = ["--num-negatives", "3", "--held-out", "0.3", "--backend", "torch", "--chunk-size", "7"]
+    assert run(tiny_model, qa, tmp_path / "plain.jsonl", *common) == 0
+    capsys.readouterr()
+    assert run(tiny_model, qa, tmp_path / "scored.jsonl", *common, "--teacher", str(cross_encoder)) == 0
+    printed = capsys.readouterr().out
+
+    plain, scored = read_jsonl(tmp_path / "plain.jsonl"), read_jsonl(tmp_path / "scored.jsonl")
+    assert [r["negatives"] for r in scored] == [r["negatives"] for r in plain]  # no ratio: the same negatives
+    for record, h in zip(scored, held):
+        if h:
+            assert record["negatives"] == [] and "scores" not in record
+        else:
+            assert len(record["negatives"]) == 3
+            texts = [record["answer"], *record["negatives"]]
+            assert record["scores"] == pytest.approx(alone(cross_encoder, record["question"], texts), rel=1e-5,
+                                                     abs=1e-6)
+    assert list(scored[kept_at]) == list(records[kept_at]) + ["negatives"]  # the scores stay where they were
+    negatives = [s for r in scored if "scores" in r for s in r["scores"][1:]]
+    positives = [r["scores"][0] for r in scored if "scores" in r]
+    assert (f"mean teacher score: {sum(positives) / len(positives):.4f} for the positives, "
+            f"{sum(negatives) / len(negatives):.4f} for the {len(negatives)} negatives") in printed
+    assert "the teacher dropped" not in printed
+
+
+@pytest.mark.parametrize("teacher", ["cross-encoder", "embedding"])
+def test_a_teacher_max_ratio_drops_exactly_the_candidates_above_it(
+        tiny_model: Path, cross_encoder: Path, tmp_path: Path, capsys: pytest.CaptureFixture,  # noqa: F811
+        teacher: str) -> None:
+    records = make_pairs(24, seed=7)
+    qa = write_jsonl(tmp_path / "qa.jsonl", records)
+    # Copy-like documents: the first questions themselves, which the embedding teacher scores at 1.
+    copies = [r["question"] for r in records[:6]]
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": text} for text in copies])
+    model = cross_encoder if teacher == "cross-encoder" else tiny_model
+    common = ["--corpus", str(docs), "--backend", "torch", "--dtype", "float32", "--teacher", str(model)]
+
+    # Every candidate in the miner's order, with the teacher's score of each.
+    assert run(tiny_model, qa, tmp_path / "all.jsonl", *common, "--num-negatives", "1000") == 0
+    ranked = read_jsonl(tmp_path / "all.jsonl")
+    if teacher == "embedding":
+        ratio = 1.0  # above the positive: the copies, and whatever else the teacher puts above the answer
+    else:  # the middle of the widest gap among the middle ratios: float rounding cannot move a candidate across
+        ratios = sorted(s / r["scores"][0] for r in ranked for s in r["scores"][1:])
+        third = len(ratios) // 3
+        ratio = max((b - a, (a + b) / 2) for a, b in zip(ratios[third:2 * third], ratios[third + 1:]))[1]
+    capsys.readouterr()
+    assert run(tiny_model, qa, tmp_path / "vetted.jsonl", *common, "--num-negatives", "3",
+               "--teacher-max-ratio", repr(ratio)) == 0
+    printed = capsys.readouterr().out
+
+    dropped, deeper = 0, 0
+    vetted = read_jsonl(tmp_path / "vetted.jsonl")
+    for full, mined in zip(ranked, vetted):
+        positive = full["scores"][0]
+        # The first pool holds twice the negatives asked: a record that loses more needs a deeper search.
+        deeper += sum(s > ratio * positive for s in full["scores"][1:7]) > 3
+        kept = []
+        for text, score in zip(full["negatives"], full["scores"][1:]):
+            if score > ratio * positive:
+                dropped += 1
+            else:
+                kept.append((text, score))
+                if len(kept) == 3:
+                    break
+        assert mined["negatives"] == [text for text, _ in kept]
+        assert mined["scores"] == pytest.approx([positive] + [score for _, score in kept], rel=1e-5, abs=1e-6)
+    assert dropped > 0 and (deeper > 0 or teacher == "embedding")
+    assert f"the teacher dropped {dropped} candidates scored above {ratio:g} x the positive's score" in printed
+    if teacher == "embedding":
+        # A question's copy was the miner's first candidate for it; the teacher dropped it there.
+        for full, mined, question in zip(ranked, vetted, copies):
+            assert full["negatives"][0] == question and question not in mined["negatives"]
+
+
+def test_teacher_options_and_records_are_checked(tiny_model: Path, cross_encoder: Path, qa_file: Path,  # noqa: F811
+                                                 tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "mined.jsonl"
+    assert run(tiny_model, qa_file, out, "--teacher-max-ratio", "0.95") == 2  # no teacher
+    assert run(tiny_model, qa_file, out, "--teacher", str(cross_encoder), "--teacher-max-ratio", "0") == 2
+    capsys.readouterr()
+    pairs = make_pairs(3)
+    clash = write_jsonl(tmp_path / "clash.jsonl", [pairs[0], pairs[1], {**pairs[2], "scores": 0.9}])
+    cases = [
+        (["--teacher", str(tmp_path / "nowhere")], qa_file, "not a model folder here"),
+        (["--teacher", str(cross_encoder), "--scores-field", "negatives"], qa_file, "--scores-field 'negatives'"),
+        (["--teacher", str(cross_encoder)], clash, f"bad record: {clash}, line 3: 'scores' is a field of this"),
+    ]
+    for extra, source, expected in cases:
+        assert run(tiny_model, source, out, *extra) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and expected in errors[0], (expected, errors)
+        assert not out.exists()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import embedtune.losses.pairs as pair_losses
-from embedtune.config import LOSS_NAMES, LossConfig
+from embedtune.config import DISTILL_LOSSES, LOSS_NAMES, LossConfig
 from embedtune.losses import LOSSES, build_loss, required_data
 from embedtune.losses.base import Embedded
 from embedtune.losses.pairs import (
@@ -331,4 +331,4 @@ def test_every_loss_a_config_can_name_is_built_under_its_own_name_and_declares_i
         if name in PAIR_LOSSES:
             assert type(loss) is PAIR_LOSSES[name]
         assert required_data(loss) == ("triplets" if name == "TripletLoss" else "labelled" if name in PAIR_LOSSES
-                                       else "pairs")
+                                       else "scored" if name in DISTILL_LOSSES else "pairs")

@@ -15,8 +15,8 @@ from embedtune.commands.validate.checks import FAIL, OK, WARN
 from embedtune.commands.validate.environment import precision_check
 from embedtune.commands.validate.plan import checkpoint_bytes, disk_check, planned_saves
 from embedtune.config import parse_args
-from embedtune.data.records import DataError, Pair
-from embedtune.data.split import count_train_pairs, is_held_out
+from embedtune.data.records import DataError, Pair, is_held_out
+from embedtune.data.split import count_train_pairs
 from embedtune.training.trainer import Trainer
 
 # Single WordPiece tokens of the MiniLM vocabulary: n of them make n + 2 tokens with [CLS] and [SEP].

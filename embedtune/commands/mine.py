@@ -10,6 +10,7 @@ from embedtune.logs import log_to_console, scrub_console
 from embedtune.mining import MineError
 from embedtune.mining.negatives import Selection
 from embedtune.mining.run import DEFAULT_MODEL, SCORE_BUDGET, MineOptions, mine
+from embedtune.mining.teacher import KINDS
 from embedtune.model.folder import ModelLoadError
 
 
@@ -49,6 +50,16 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--negatives-field", default="negatives", help="the field written (replaced if present)")
     parser.add_argument("--backend", choices=["auto", "faiss", "torch"], default="auto",
                         help="auto: faiss when installed and no GPU is used, else torch")
+    teacher = parser.add_argument_group("teacher scores, for distillation (see embedtune score)")
+    teacher.add_argument("--teacher", metavar="MODEL", help="a CrossEncoder or an embedding model (folder or Hub "
+                         "name) that scores each record's answer and mined negatives, written to --scores-field")
+    teacher.add_argument("--teacher-kind", choices=KINDS, default="auto",
+                         help="auto: told apart by the folder (a CrossEncoder's, else an embedding model's)")
+    teacher.add_argument("--teacher-max-ratio", type=float, metavar="R",
+                         help="drop candidates the teacher scores above R x the answer's score (e.g. 0.95) as "
+                         "likely false negatives; the next candidates take their place")
+    teacher.add_argument("--scores-field", default="scores",
+                         help="the field the teacher's scores are written to: the answer's, then one per negative")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the code that comes with the model")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                         help="how the corpus embeddings are held (scores are computed in float32)")
@@ -67,6 +78,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--margin must be 0 or more, got {args.margin}")
     if args.relative_margin is not None and not 0 <= args.relative_margin < 1:
         parser.error(f"--relative-margin must be in [0, 1), got {args.relative_margin}")
+    if args.teacher_max_ratio is not None and not args.teacher_max_ratio > 0:
+        parser.error(f"--teacher-max-ratio must be above 0, got {args.teacher_max_ratio}")
+    if args.teacher_max_ratio is not None and not args.teacher:
+        parser.error("--teacher-max-ratio needs --teacher: the model whose scores it compares")
 
 
 def options_from(args: argparse.Namespace) -> MineOptions:
@@ -79,7 +94,8 @@ def options_from(args: argparse.Namespace) -> MineOptions:
         document_max_length=args.document_max_length, query_prefix=args.query_prefix,
         document_prefix=args.document_prefix, query_field=args.query_field, positive_field=args.positive_field,
         negatives_field=args.negatives_field, backend=args.backend, dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, teacher=args.teacher, teacher_kind=args.teacher_kind,
+        teacher_max_ratio=args.teacher_max_ratio, scores_field=args.scores_field,
     )
 
 
@@ -97,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, MineError, ModelLoadError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print("\n".join(summary.lines(args.num_negatives, args.output)))
+    print("\n".join(summary.lines(args.num_negatives, args.output, args.teacher_max_ratio)))
     return 0
 
 

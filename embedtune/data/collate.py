@@ -43,6 +43,7 @@ class TrainBatch:
     # Counted in the worker, so the loop needs no device sync to report them.
     real_tokens: int
     computed_tokens: int  # what the encoder computes in the layouts it takes (padding included)
+    scores: torch.Tensor | None = None  # (documents,): the teacher's score of each document for its query
     ids: list[str] = field(default_factory=list)  # this process's pairs
     global_size: int = 0  # pairs in the micro-batch across processes
     step_size: int = 0  # pairs in the global batch (all micro-batches, all processes); 0: no pairs
@@ -55,7 +56,8 @@ class TrainBatch:
         tensors = {name: getattr(self, name).pin_memory()
                    for name in ("query", "document", "negative_owner", "query_keys", "document_keys")}
         labels = self.labels.pin_memory() if self.labels is not None else None
-        return replace(self, **tensors, labels=labels)
+        scores = self.scores.pin_memory() if self.scores is not None else None
+        return replace(self, **tensors, labels=labels, scores=scores)
 
 
 def query_prefix(data: DataConfig, folder: ModelFolder | None) -> str:
@@ -157,4 +159,14 @@ class PairCollator:
             if pairs and pairs[0].label is not None else None,
             real_tokens=sum(int(n.sum()) for n in sides),
             computed_tokens=sum(self.layouts.computed_tokens(n) for n in sides),
+            scores=document_scores(pairs),
         )
+
+
+def document_scores(pairs: list[Pair]) -> torch.Tensor | None:
+    """The teacher's scores in the documents' order (positives, then every pair's negatives), or
+    None when the pairs carry none."""
+    if not pairs or any(p.scores is None for p in pairs):
+        return None
+    values = [p.scores[0] for p in pairs] + [s for p in pairs for s in p.scores[1:]]
+    return torch.tensor(values, dtype=torch.float)

@@ -60,8 +60,8 @@ from embedtune.data.records import (
     pair_key,
     parse_record,
     text_key,
+    trains_on,
 )
-from embedtune.data.split import trains_on
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +251,8 @@ def settings_key(cfg: DataConfig, require_negatives: bool, keys: bool = False) -
     # Held-out pairs are carved off only when there are no eval files.
     settings["eval_fraction"] = 0.0 if cfg.eval_files else cfg.eval_fraction
     settings["require_negatives"] = require_negatives
+    if cfg.scores_field:  # (only then: the indexes of runs without teacher scores keep their keys)
+        settings["scores_field"] = cfg.scores_field
     return settings
 
 

@@ -115,6 +115,8 @@ class Pair:
     label: float | None = None
     source: str | None = None  # for metrics per source
     prompt: str | None = None  # the record's own query instruction (data.prompt_field), used instead of the prefix
+    # A teacher's scores (data.scores_field): the positive's, then one per negative kept; None: none given.
+    scores: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -547,6 +549,7 @@ def parse_record(path: str, line: int, raw: Any, cfg: DataConfig, require_negati
         if _text(record[name]) is None:
             return bad(f"'{name}' must be a non-empty string, got {record[name]!r:.60}")
     negatives: tuple[str, ...] = ()
+    listed_negatives = 0  # before data.max_negatives keeps the first ones
     if cfg.negatives_field and record.get(cfg.negatives_field) is not None:
         value = record[cfg.negatives_field]
         items = [value] if isinstance(value, str) else value
@@ -556,7 +559,7 @@ def parse_record(path: str, line: int, raw: Any, cfg: DataConfig, require_negati
             return bad(f"'{cfg.negatives_field}' lists {len(items):,} hard negatives, more than "
                        f"data.max_negatives_per_record ({cfg.max_negatives_per_record:,}); keep the best ones, "
                        "or raise the limit")
-        negatives = tuple(items[: cfg.max_negatives])
+        negatives, listed_negatives = tuple(items[: cfg.max_negatives]), len(items)
     if require_negatives and not negatives:
         return bad(f"the loss trains on triplets and this record has no hard negative in "
                    f"'{cfg.negatives_field}'; add one or choose a loss that trains on pairs")
@@ -566,6 +569,9 @@ def parse_record(path: str, line: int, raw: Any, cfg: DataConfig, require_negati
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return bad(f"'{cfg.label_field}' must be a finite number (the pair's label or score), got {value!r:.60}")
         label = float(value)
+    scores = _teacher_scores(record, cfg, listed_negatives, len(negatives))
+    if isinstance(scores, str):
+        return bad(scores)
     prompt = record.get(cfg.prompt_field) if cfg.prompt_field else None
     if cfg.prompt_field and not isinstance(prompt, str):
         return bad(_prompt_problem(record, cfg.prompt_field))
@@ -575,13 +581,35 @@ def parse_record(path: str, line: int, raw: Any, cfg: DataConfig, require_negati
             return bad(f"a text holds {surrogate}, half of a UTF-16 surrogate pair, which is no character; "
                        "write the character itself or its complete pair")
     source = record.get(cfg.source_field) if cfg.source_field else None
-    return Pair(f"{path}:{line}", query, positive, negatives, label, None if source is None else str(source), prompt)
+    pair = Pair(f"{path}:{line}", query, positive, negatives, label, None if source is None else str(source), prompt,
+                scores)
+    if cfg.scores_field and scores is None and trains_on(pair, cfg):
+        # Held-out records need none (embedtune score leaves them as they are).
+        return bad(f"no '{cfg.scores_field}' field with the teacher's scores (data.scores_field); add them with "
+                   "`embedtune score`, or unset data.scores_field")
+    return pair
+
+
+def _teacher_scores(record: dict[str, Any], cfg: DataConfig, listed: int, kept: int) -> tuple[float, ...] | str | None:
+    """The record's teacher scores (data.scores_field) for its positive and the ``kept`` negatives of
+    the ``listed`` ones; what is wrong with them; or None when it gives none."""
+    if not cfg.scores_field or record.get(cfg.scores_field) is None:
+        return None
+    value = record[cfg.scores_field]
+    if (not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                           or not math.isfinite(v) for v in value)):
+        return f"'{cfg.scores_field}' (the teacher's scores) must be a list of finite numbers, got {value!r:.60}"
+    if len(value) != 1 + listed:
+        return (f"'{cfg.scores_field}' lists {len(value)} teacher score(s) for the positive and {listed} hard "
+                "negative(s); give the positive's score, then one per negative in order (embedtune score writes "
+                "them)")
+    return tuple(float(v) for v in value[: 1 + kept])
 
 
 def _read_fields(cfg: DataConfig) -> set[str]:
     """The fields of a record that a run reads, as configured."""
     return {name for name in (cfg.query_field, cfg.positive_field, cfg.negatives_field, cfg.label_field,
-                              cfg.prompt_field, cfg.source_field) if name}
+                              cfg.prompt_field, cfg.source_field, cfg.scores_field) if name}
 
 
 def _prompt_problem(record: dict[str, Any], name: str) -> str:
@@ -607,6 +635,23 @@ def read_records(files: list[str], cfg: DataConfig, require_negatives: bool = Fa
 def read_pairs(files: list[str], cfg: DataConfig, require_negatives: bool = False) -> Iterator[Pair | Reject]:
     for item, _ in read_records(files, cfg, require_negatives):
         yield item
+
+
+# --- the held-out split ------------------------------------------------------------------------
+
+
+def is_held_out(pair: Pair, fraction: float) -> bool:
+    """Stable per query text: duplicates of a question land on the same side, on any machine."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha1(normalize_text(pair.query).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def trains_on(pair: Pair, cfg: DataConfig) -> bool:
+    """Whether training uses ``pair``: always when the held-out pairs come from eval files, else
+    unless its question is carved off."""
+    return bool(cfg.eval_files) or not is_held_out(pair, cfg.eval_fraction)
 
 
 # --- text keys and lengths ---------------------------------------------------------------------

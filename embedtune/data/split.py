@@ -8,7 +8,6 @@ all split through ``is_held_out`` and choose evaluation questions through ``Held
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -18,10 +17,10 @@ from embedtune.data.records import (
     Pair,
     Reject,
     format_stream_reject,
-    normalize_text,
     read_pairs,
     resolve_files,
     text_key,
+    trains_on,
 )
 
 logger = logging.getLogger(__name__)
@@ -62,20 +61,6 @@ def source_problems(sizes: dict[str | None, int], cfg: DataConfig, batch_size: i
 PREFLIGHT_RECORDS = 1000
 MAX_REJECTS_SHOWN = 5
 POSITIVE_LABEL = 0.5  # labelled pairs at or above this count as question and answer for evaluation
-
-
-def is_held_out(pair: Pair, fraction: float) -> bool:
-    """Stable per query text: duplicates of a question land on the same side, on any machine."""
-    if fraction <= 0:
-        return False
-    digest = hashlib.sha1(normalize_text(pair.query).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
-def trains_on(pair: Pair, cfg: DataConfig) -> bool:
-    """Whether training uses ``pair``: always when the held-out pairs come from eval files, else
-    unless its question is carved off."""
-    return bool(cfg.eval_files) or not is_held_out(pair, cfg.eval_fraction)
 
 
 class HeldOutQuestions:
@@ -132,7 +117,9 @@ def plan_data(cfg: DataConfig, count: bool, held_out: bool = True, require_negat
 
 def _eval_file_pairs(cfg: DataConfig, require_negatives: bool) -> list[Pair]:
     questions, pairs = HeldOutQuestions(), []
-    for item in read_pairs(resolve_files(cfg.eval_files), cfg, require_negatives):
+    # Evaluation reads no teacher scores: held-out files need none.
+    reading = cfg.model_copy(update={"scores_field": None})
+    for item in read_pairs(resolve_files(cfg.eval_files), reading, require_negatives):
         if isinstance(item, Reject):
             if cfg.on_bad_record == "error":
                 raise DataError(format_stream_reject(item))

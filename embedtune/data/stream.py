@@ -45,8 +45,17 @@ from embedtune.data.index import (
     partition,
     window_records,
 )
-from embedtune.data.records import DataError, Pair, Reject, document_tokens, read_pairs, resolve_files, text_key
-from embedtune.data.split import plan_data, trains_on
+from embedtune.data.records import (
+    DataError,
+    Pair,
+    Reject,
+    document_tokens,
+    read_pairs,
+    resolve_files,
+    text_key,
+    trains_on,
+)
+from embedtune.data.split import plan_data
 from embedtune.distributed import cores_per_process
 
 logger = logging.getLogger(__name__)

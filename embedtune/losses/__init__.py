@@ -1,7 +1,8 @@
 """The losses, under sentence-transformers' names: a registry, and what each needs from the data.
 
 One module per family: ``ranking`` (in-batch negatives), ``pairs`` (labelled pairs and
-triplets), ``matryoshka`` (a wrapper for truncated embeddings); ``base`` holds what they share.
+triplets), ``distill`` (a teacher's scores), ``matryoshka`` (a wrapper for truncated embeddings);
+``base`` holds what they share.
 The names a config may give are ``embedtune.config.LOSS_NAMES``; each has a builder here.
 """
 
@@ -13,6 +14,7 @@ from torch import nn
 
 from embedtune.config import ConfigError, DataConfig, LossConfig
 from embedtune.losses.base import DataShape, requires_negatives
+from embedtune.losses.distill import DistillKLDivLoss, MarginMSELoss, RankingWithDistillation
 from embedtune.losses.matryoshka import MatryoshkaLoss
 from embedtune.losses.pairs import ContrastiveLoss, CoSENTLoss, CosineSimilarityLoss, OnlineContrastiveLoss, TripletLoss
 from embedtune.losses.ranking import MultipleNegativesRankingLoss
@@ -53,12 +55,16 @@ LOSSES: dict[str, Callable[[LossConfig], nn.Module]] = {
     "CosineSimilarityLoss": _cosine_similarity,
     "CoSENTLoss": _cosent,
     "TripletLoss": lambda cfg: TripletLoss(**_margin(cfg)),
+    "MarginMSELoss": lambda cfg: MarginMSELoss(),
+    "DistillKLDivLoss": lambda cfg: DistillKLDivLoss(cfg.temperature),
 }
 
 
 def build_loss(cfg: LossConfig) -> nn.Module:
     """The loss module a config names, wrapped in Matryoshka when dimensions are given."""
     loss = LOSSES[cfg.name](cfg)
+    if cfg.distill:  # the ranking loss plus a distillation term
+        loss = RankingWithDistillation(loss, LOSSES[cfg.distill](cfg), cfg.distill_weight)
     if cfg.matryoshka_dims:
         loss = MatryoshkaLoss(loss, cfg.matryoshka_dims, cfg.matryoshka_weights)
     return loss
@@ -75,6 +81,9 @@ def check_loss_data(needs: DataShape, data: DataConfig, name: str) -> None:
         raise ConfigError(f"{name} trains on pairs with a label or score: set data.label_field to the field that "
                           "holds it (1/0 for similar/dissimilar with ContrastiveLoss and OnlineContrastiveLoss, "
                           "a similarity score for CosineSimilarityLoss and CoSENTLoss)")
+    if needs == "scored" and not data.scores_field:
+        raise ConfigError(f"{name} learns a teacher's scores: set data.scores_field to the field that holds them (a "
+                          "list: the positive's score, then one per hard negative; `embedtune score` writes it)")
     if requires_negatives(needs) and (not data.negatives_field or data.max_negatives < 1):
         raise ConfigError(f"{name} trains on (anchor, positive, negative) triplets: set data.negatives_field to "
                           "the field with each record's negative (and keep data.max_negatives at 1 or more)")

@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 
 # What a loss needs from each record: a query and a positive ("pairs"), plus a float label or
-# score ("labelled"), or plus at least one hard negative ("triplets").
-DataShape = Literal["pairs", "labelled", "triplets"]
+# score ("labelled"), plus at least one hard negative ("triplets"), or plus hard negatives and a
+# teacher's score for the positive and each of them ("scored").
+DataShape = Literal["pairs", "labelled", "triplets", "scored"]
 
 
 def requires_negatives(needs: DataShape | None) -> bool:
     """Whether a record without a hard negative is a bad record for a loss that needs this."""
-    return needs == "triplets"
+    return needs in ("triplets", "scored")
 
 
 @dataclass
@@ -36,13 +37,16 @@ class Embedded:
     query_keys: torch.Tensor | None = None  # (n,): int64 hash of the normalized query text
     positive_keys: torch.Tensor | None = None  # (n,)
     negative_keys: torch.Tensor | None = None  # (m,)
+    positive_scores: torch.Tensor | None = None  # (n,): the teacher's score of each positive (distillation)
+    negative_scores: torch.Tensor | None = None  # (m,): and of each hard negative
 
     def truncated(self, dim: int) -> Embedded:
         """The first ``dim`` dimensions of every embedding (Matryoshka)."""
         cut = {name: getattr(self, name)[:, :dim] if getattr(self, name) is not None else None
                for name in ("queries", "positives", "negatives")}
         return Embedded(**cut, negative_owner=self.negative_owner, labels=self.labels, query_keys=self.query_keys,
-                        positive_keys=self.positive_keys, negative_keys=self.negative_keys)
+                        positive_keys=self.positive_keys, negative_keys=self.negative_keys,
+                        positive_scores=self.positive_scores, negative_scores=self.negative_scores)
 
 
 def mean_cross_entropy(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,9 @@ scored clearly below the answer. Candidates are taken in rank order (ties by cor
 FAISS and torch searches pick the same negatives up to ties in score.
 
 ``negatives`` searches and chooses, ``corpus`` reads and embeds the documents, ``run`` holds a
-whole run together.
+whole run together, ``refresh`` mines during training. A teacher's scores for distillation:
+``teacher`` loads a cross-encoder or an embedding model and scores with it (and filters mined
+candidates it scores too close to the positive), ``scores`` is ``embedtune score``.
 """
 
 

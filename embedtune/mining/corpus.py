@@ -24,13 +24,13 @@ from embedtune.data.records import (
     Reject,
     decode_json,
     file_format,
+    is_held_out,
     line_problem,
     read_file,
     read_records,
     repeated_keys,
     text_key,
 )
-from embedtune.data.split import is_held_out
 from embedtune.model.encoder import EmbeddingModel
 from embedtune.model.packing import Ragged
 from embedtune.retrieval import embed_rows, length_order

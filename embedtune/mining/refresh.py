@@ -23,8 +23,7 @@ from accelerate.utils import gather_object
 
 from embedtune.config import Config
 from embedtune.data.collate import PairCollator
-from embedtune.data.records import Pair, pair_key, read_pairs, resolve_files, text_key
-from embedtune.data.split import trains_on
+from embedtune.data.records import Pair, pair_key, read_pairs, resolve_files, text_key, trains_on
 from embedtune.data.stream import process_slice
 from embedtune.mining.negatives import Selection, choose_negatives
 from embedtune.retrieval import RetrievalSet, set_encoder

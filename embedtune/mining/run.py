@@ -9,7 +9,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 import torch
@@ -19,13 +20,14 @@ from embedtune.config import DataConfig
 from embedtune.data.collate import PairCollator
 from embedtune.data.records import (
     Pair,
+    is_held_out,
     resolve_files,
     text_key,
 )
-from embedtune.data.split import is_held_out
 from embedtune.mining import MineError
 from embedtune.mining.corpus import Corpus, embed_corpus, encode, gather_corpus, read_input
 from embedtune.mining.negatives import Selection, choose_backend, choose_negatives
+from embedtune.mining.teacher import Teacher, TeacherStats, scores_clash, vet_negatives
 from embedtune.model.encoder import EmbeddingModel
 
 if sys.platform != "win32":
@@ -68,6 +70,10 @@ class MineOptions:
     backend: str = "auto"  # auto, faiss or torch
     dtype: str = "float16"  # how the corpus embeddings are held: float16 or float32
     trust_remote_code: bool = False  # run the code that comes with the model
+    teacher: str | None = None  # a cross-encoder or embedding model that scores the negatives
+    teacher_kind: str = "auto"  # auto, cross-encoder or embedding
+    teacher_max_ratio: float | None = None  # drop candidates the teacher scores above this x the positive's score
+    scores_field: str = "scores"  # with a teacher: written, replaced where present
 
     @property
     def data(self) -> DataConfig:
@@ -102,26 +108,42 @@ class Summary:
     replaced: int = 0  # records whose negatives field was there already
     held_out: int = 0  # records passed through without negatives (--held-out)
     seconds: float = 0.0
+    teacher: TeacherStats = field(default_factory=TeacherStats)  # a teacher's scores (none without one)
+    short_teacher: int = 0  # fewer than asked: the teacher dropped candidates and no more were found
+    teacher_dropped: int = 0  # candidates the teacher scored above max_ratio x the positive's score
+    teacher_unsigned: int = 0  # records whose positive the teacher scores at 0 or below: a ratio says little
 
-    def count(self, got: int, asked: int, available: int) -> None:
-        """One record's negatives; ``available``: the documents that could have been its negatives."""
+    def count(self, got: int, asked: int, available: int, dropped: int = 0) -> None:
+        """One record's negatives; ``available``: the documents that could have been its negatives;
+        ``dropped``: the candidates the teacher dropped."""
         self.negatives += got
         if got < asked:
-            if available < asked and got == max(available, 0):
+            if dropped:
+                self.short_teacher += 1
+            elif available < asked and got == max(available, 0):
                 self.short_corpus += 1
             else:
                 self.short_margin += 1
 
-    def lines(self, asked: int, output: str) -> list[str]:
+    def lines(self, asked: int, output: str, ratio: float | None = None) -> list[str]:
         mean = self.negatives / max(self.records, 1)
         rate = self.records / max(self.seconds, 1e-9)
         lines = [f"mined {self.records} records against {self.corpus} documents ({self.answers} answers, "
                  f"{self.corpus - self.answers} extra) in {self.seconds:.1f} s ({rate:.1f} records/s)",
                  f"negatives per record: {mean:.2f} on average ({asked} asked)"]
-        short = self.short_margin + self.short_corpus
+        short = self.short_margin + self.short_corpus + self.short_teacher
         if short:
+            teacher = f"{self.short_teacher} because the teacher dropped candidates, " if self.short_teacher else ""
             lines.append(f"{short} records got fewer than {asked}: {self.short_margin} because of the margin, "
-                         f"{self.short_corpus} because the corpus has too few other documents")
+                         f"{teacher}{self.short_corpus} because the corpus has too few other documents")
+        if self.teacher.positives:
+            lines.append(self.teacher.line())
+        if ratio is not None:
+            lines.append(f"the teacher dropped {self.teacher_dropped} candidates scored above {ratio:g} x the "
+                         "positive's score")
+            if self.teacher_unsigned:
+                lines.append(f"{self.teacher_unsigned} records: the teacher scores the positive at 0 or below, "
+                             "where a ratio of scores means little (a teacher whose scores are logits)")
         if self.held_out:
             lines.append(f"{self.held_out} held-out records passed through without negatives")
         if self.replaced:
@@ -130,7 +152,7 @@ class Summary:
         return lines
 
 
-def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+def chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
     chunk = []
     for item in items:
         chunk.append(item)
@@ -145,7 +167,7 @@ def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
 LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
-def _json_line(record: dict[str, Any]) -> bytes:
+def json_line(record: dict[str, Any]) -> bytes:
     text = json.dumps(record, ensure_ascii=False, default=str).translate(LINE_BREAKS)
     try:
         return text.encode("utf-8") + b"\n"
@@ -153,7 +175,7 @@ def _json_line(record: dict[str, Any]) -> bytes:
         return json.dumps(record, default=str).encode("ascii") + b"\n"
 
 
-def _same_file(a: str, b: str) -> bool:
+def same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -166,10 +188,16 @@ def check_options(options: MineOptions) -> tuple[list[str], list[str]]:
     inputs = resolve_files([options.input])
     extra = resolve_files(list(options.corpus))
     for path in inputs + extra:
-        if "://" not in path and _same_file(path, options.output):
+        if "://" not in path and same_file(path, options.output):
             raise MineError(f"--output {options.output} is an input file; write the mined records elsewhere")
     if options.negatives_field in (options.query_field, options.positive_field):
         raise MineError(f"--negatives-field {options.negatives_field!r} would overwrite the question or the answer")
+    if options.teacher and options.scores_field in (options.query_field, options.positive_field,
+                                                     options.negatives_field):
+        raise MineError(f"--scores-field {options.scores_field!r} would overwrite the question, the answer or the "
+                        "negatives")
+    if options.teacher_max_ratio is not None and not options.teacher:
+        raise MineError("--teacher-max-ratio needs --teacher: the model whose scores it compares")
     return inputs, extra
 
 
@@ -213,57 +241,84 @@ def prepare_corpus(inputs: list[str], extra: list[str], spool: IO[bytes], option
 
 
 def mine_chunk(chunk: list[tuple[dict[str, Any], Pair]], corpus: Corpus, embeddings: torch.Tensor, setup: Setup,
-               options: MineOptions, summary: Summary) -> None:
-    """Give every record of ``chunk`` its negatives, in place, and count them in ``summary``."""
+               options: MineOptions, summary: Summary, teacher: Teacher | None = None) -> None:
+    """Give every record of ``chunk`` its negatives (and, with a teacher, their scores), in
+    place, and count them in ``summary``."""
     field_name, selection = options.negatives_field, options.selection
     kept = []
     for record, pair in chunk:
+        if teacher is not None and (clash := scores_clash(record, options.scores_field, pair.id)):
+            raise clash
         summary.replaced += field_name in record
         if is_held_out(pair, options.held_out):
             # Held-out records pass through without negatives: evaluation never sees mining.
             record[field_name] = []
+            if teacher is not None:
+                record.pop(options.scores_field, None)  # they scored negatives the record no longer has
             summary.held_out += 1
         else:
             kept.append((record, pair))
+    if not kept:
+        return
     pairs = [pair for _, pair in kept]
-    chosen: list[list[int]] = []
-    excluded: list[frozenset[int]] = []
-    if pairs:
-        queries = encode(setup.model, setup.collate.queries, [p.query for p in pairs], options.batch_size,
-                         setup.device)
-        positive_rows = corpus.rows([text_key(p.positive) for p in pairs])
-        excluded = [corpus.excluded(text_key(p.query), row) for p, row in zip(pairs, positive_rows)]
-        chosen, _ = choose_negatives(queries.to(setup.store), embeddings, positive_rows, excluded, selection,
-                                     options.corpus_chunk, setup.backend)
+    queries = encode(setup.model, setup.collate.queries, [p.query for p in pairs], options.batch_size,
+                     setup.device).to(setup.store)
+    positive_rows = corpus.rows([text_key(p.positive) for p in pairs])
+    excluded = [corpus.excluded(text_key(p.query), row) for p, row in zip(pairs, positive_rows)]
+
+    def candidates(index: list[int], depth: int) -> list[list[int]]:
+        """The first ``depth`` candidates of these questions, in the embedding model's order."""
+        return choose_negatives(queries[index], embeddings, [positive_rows[i] for i in index],
+                                [excluded[i] for i in index], replace(selection, num_negatives=depth),
+                                options.corpus_chunk, setup.backend)[0]
+
+    everyone = list(range(len(pairs)))
+    if teacher is None:
+        chosen, dropped, scores = candidates(everyone, selection.num_negatives), [0] * len(pairs), []
+    else:
+        vetted = vet_negatives(teacher, [p.query for p in pairs], [p.positive for p in pairs], candidates,
+                               corpus.texts, selection.num_negatives, options.teacher_max_ratio,
+                               max(selection.max_candidates, selection.num_negatives))
+        chosen, dropped, scores = vetted.chosen, vetted.dropped, vetted.scores
     texts = corpus.texts([row for rows in chosen for row in rows])
-    for (record, _), rows, skip in zip(kept, chosen, excluded):
+    for i, ((record, _), rows, skip) in enumerate(zip(kept, chosen, excluded)):
         record[field_name] = [texts[row] for row in rows]
-        summary.count(len(rows), selection.num_negatives, len(corpus) - len(skip) - selection.skip_top)
+        if teacher is not None:
+            record[options.scores_field] = scores[i]
+            summary.teacher.add(scores[i])
+            summary.teacher_unsigned += options.teacher_max_ratio is not None and scores[i][0] <= 0
+        summary.teacher_dropped += dropped[i]
+        summary.count(len(rows), selection.num_negatives, len(corpus) - len(skip) - selection.skip_top, dropped[i])
     summary.records += len(kept)
 
 
-def write_mined(inputs: list[str], corpus: Corpus, embeddings: torch.Tensor, setup: Setup, options: MineOptions,
-                summary: Summary) -> None:
-    """The second pass: the input in chunks, each record written out with its negatives, in order.
-
-    Written beside the output and renamed over it at the end: a failed run leaves no half file.
-    """
-    folder = os.path.dirname(os.path.abspath(options.output))
-    temp = os.path.join(folder, f".{os.path.basename(options.output)}.{os.getpid()}.tmp")
+@contextmanager
+def atomic_output(path: str) -> Iterator[IO[bytes]]:
+    """A file written beside ``path`` and renamed over it once complete: a failed run leaves no
+    half file, and whatever ``path`` held stays as it was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    temp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
-        with open(temp, "wb") as out, tqdm(total=corpus.records, desc="mine", unit=" records") as bar:
-            for chunk in _chunks(read_input(inputs, options.data), options.chunk_size):
-                mine_chunk(chunk, corpus, embeddings, setup, options, summary)
-                for record, _ in chunk:
-                    out.write(_json_line(record))
-                bar.update(len(chunk))
+        with open(temp, "wb") as out:
+            yield out
             out.flush()
             os.fsync(out.fileno())
-        os.replace(temp, options.output)
+        os.replace(temp, path)
     except BaseException:
         if os.path.exists(temp):
             os.remove(temp)
         raise
+
+
+def write_mined(inputs: list[str], corpus: Corpus, embeddings: torch.Tensor, setup: Setup, options: MineOptions,
+                summary: Summary, teacher: Teacher | None = None) -> None:
+    """The second pass: the input in chunks, each record written out with its negatives, in order."""
+    with atomic_output(options.output) as out, tqdm(total=corpus.records, desc="mine", unit=" records") as bar:
+        for chunk in chunks(read_input(inputs, options.data), options.chunk_size):
+            mine_chunk(chunk, corpus, embeddings, setup, options, summary, teacher)
+            for record, _ in chunk:
+                out.write(json_line(record))
+            bar.update(len(chunk))
 
 
 def log_peak_memory(device: torch.device) -> None:
@@ -277,6 +332,10 @@ def mine(options: MineOptions) -> Summary:
     """Mine negatives for every record of ``options.input`` and write them to ``options.output``."""
     started = time.perf_counter()
     inputs, extra = check_options(options)
+    teacher = None
+    if options.teacher:  # loaded first: a teacher that does not load stops the run before any work
+        teacher = Teacher.load(options.teacher, options.teacher_kind, options.batch_size,
+                               trust_remote_code=options.trust_remote_code)
     setup = load_model(options)
     folder = os.path.dirname(os.path.abspath(options.output))
     os.makedirs(folder, exist_ok=True)
@@ -285,7 +344,7 @@ def mine(options: MineOptions) -> Summary:
         corpus, embeddings = prepare_corpus(inputs, extra, spool, options, setup, started)
         summary.corpus, summary.answers = len(corpus), corpus.answers
         phase = time.perf_counter()
-        write_mined(inputs, corpus, embeddings, setup, options, summary)
+        write_mined(inputs, corpus, embeddings, setup, options, summary, teacher)
     summary.seconds = time.perf_counter() - started
     logger.info("questions encoded, searched and written in %.1f s", time.perf_counter() - phase)
     log_peak_memory(setup.device)

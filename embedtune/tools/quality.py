@@ -51,8 +51,9 @@ from embedtune.data.records import (
     read_pairs,
     resolve_files,
     text_key,
+    trains_on,
 )
-from embedtune.data.split import eval_pairs, trains_on
+from embedtune.data.split import eval_pairs
 from embedtune.distributed import cpu_processes
 from embedtune.files import read_json, write_json
 from embedtune.mining.corpus import read_documents
@@ -93,6 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-qrels", help="BEIR-style qrels TSV or JSONL (with --eval-queries)")
     parser.add_argument("--eval-distractors", nargs="+", default=[], metavar="FILE",
                         help="documents (JSONL with 'text', optional 'title') added to the held-out corpus")
+    parser.add_argument("--negatives-field", metavar="FIELD", help="hard negatives in --data's records: embedtune "
+                        "trains them (data.negatives_field; --set data.negatives_field=null leaves them out); "
+                        "SentenceTransformerTrainer trains on the pairs")
+    parser.add_argument("--scores-field", metavar="FIELD", help="a teacher's scores in --data's records (the "
+                        "positive's, then one per negative), for embedtune's distillation (data.scores_field)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128, help="tokens per query and per document")
@@ -117,7 +123,9 @@ def load_split(args: argparse.Namespace) -> Split:
     if any(beir) and not all(beir):
         raise DataError("--eval-queries, --eval-corpus and --eval-qrels go together")
     fraction = args.eval_fraction if args.eval_fraction is not None else (0.0 if all(beir) else 0.1)
-    cfg = DataConfig(train_files=args.data, eval_fraction=fraction, max_eval_queries=args.max_eval_queries)
+    cfg = DataConfig(train_files=args.data, eval_fraction=fraction, max_eval_queries=args.max_eval_queries,
+                     negatives_field=getattr(args, "negatives_field", None),
+                     scores_field=getattr(args, "scores_field", None))
     train = []
     for item in read_pairs(resolve_files(cfg.train_files), cfg):
         if isinstance(item, Reject):
@@ -169,9 +177,13 @@ def write_train_file(pairs: Sequence[Pair], path: str) -> list[str]:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for pair in pairs:
-            record = {"question": pair.query, "answer": pair.positive}
+            record: dict[str, Any] = {"question": pair.query, "answer": pair.positive}
             if pair.source is not None:  # for embedtune's source-aware settings
                 record["source"] = pair.source
+            if pair.negatives:  # --negatives-field, for embedtune
+                record["negatives"] = list(pair.negatives)
+            if pair.scores is not None:  # --scores-field
+                record["scores"] = list(pair.scores)
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return [item.id for item in read_pairs([path], DataConfig(train_files=[path], eval_fraction=0.0))
             if isinstance(item, Pair)]
@@ -202,7 +214,10 @@ def train_embedtune(model_dir: str, train_file: str, args: argparse.Namespace, s
             "--max_seq_length", str(args.max_length), f"train.learning_rate={yaml_float(args.learning_rate)}",
             f"train.warmup_ratio={yaml_float(args.warmup_ratio)}", f"train.seed={seed}", "train.mixed_precision=no",
             "data.eval_fraction=0", "eval.before=false", "checkpoint.every_n_steps=null",
-            "tracking.report_to=none", "tracking.log_batch_ids=true", *getattr(args, "overrides", [])]
+            "tracking.report_to=none", "tracking.log_batch_ids=true",
+            *(["data.negatives_field=negatives"] if getattr(args, "negatives_field", None) else []),
+            *(["data.scores_field=scores"] if getattr(args, "scores_field", None) else []),
+            *getattr(args, "overrides", [])]
     cfg = parse_args(argv)
     shutil.rmtree(out, ignore_errors=True)  # a folder with an earlier run is refused
     started = time.perf_counter()

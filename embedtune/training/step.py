@@ -31,14 +31,18 @@ def embedded(batch: TrainBatch, queries: torch.Tensor, documents: torch.Tensor) 
         # (zero) gradient and the gathers run on every process.
         rows = torch.zeros(0, dtype=torch.long, device=device)
         labels = torch.zeros(0, device=device) if batch.labels is not None else None
+        scores = torch.zeros(0, device=device) if batch.scores is not None else None
         return Embedded(queries=queries[:0], positives=documents[:0], negatives=documents[:0],
-                        negative_owner=rows, labels=labels, query_keys=rows, positive_keys=rows, negative_keys=rows)
+                        negative_owner=rows, labels=labels, query_keys=rows, positive_keys=rows, negative_keys=rows,
+                        positive_scores=scores, negative_scores=scores)
     document_keys = batch.document_keys.to(device)
+    scores = batch.scores.to(device) if batch.scores is not None else None
     return Embedded(queries=queries, positives=documents[:n], negatives=documents[n:],
                     negative_owner=batch.negative_owner.to(device),
                     labels=batch.labels.to(device) if batch.labels is not None else None,
                     query_keys=batch.query_keys.to(device), positive_keys=document_keys[:n],
-                    negative_keys=document_keys[n:])
+                    negative_keys=document_keys[n:], positive_scores=None if scores is None else scores[:n],
+                    negative_scores=None if scores is None else scores[n:])
 
 
 def plain_step(model: nn.Module, batch: TrainBatch, loss_fn: nn.Module, share: float,

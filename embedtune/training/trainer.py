@@ -123,9 +123,15 @@ class Trainer:
     def _setup_loss(self) -> None:
         self.loss_fn = build_loss(self.cfg.loss)
         needs = required_data(self.loss_fn)
-        check_loss_data(needs, self.cfg.data, self.cfg.loss.name)
+        check_loss_data(needs, self.cfg.data, self.cfg.loss.distills() or self.cfg.loss.name)
         self.require_negatives = requires_negatives(needs)
-        if self.cfg.train.hard_negatives and needs != "pairs":
+        mining = self.cfg.train.hard_negatives
+        if mining and self.cfg.loss.distill and not mining.in_batch:
+            raise ConfigError("train.hard_negatives would put mined negatives in place of the records' own, whose "
+                              "teacher scores (data.scores_field) then score other texts: set train.hard_negatives="
+                              "{in_batch: true} (the records keep their negatives) or null, or mine and score with "
+                              "`embedtune mine --teacher` before training")
+        if mining and needs != "pairs" and not self.cfg.loss.distill:
             raise ConfigError(f"train.hard_negatives trains mined negatives with the in-batch ones, which "
                               f"{self.cfg.loss.name} does not use: choose MultipleNegativesRankingLoss (or its cached "
                               "or symmetric form), or mine once with `embedtune mine` for a triplet loss")

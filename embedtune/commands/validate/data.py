@@ -24,8 +24,17 @@ from embedtune.commands.validate.environment import LoadedModel
 from embedtune.config import Config, ConfigError, DataConfig
 from embedtune.data.collate import query_prefix
 from embedtune.data.index import build_index, index_place
-from embedtune.data.records import DataError, Pair, Reject, document_tokens, read_records, resolve_files, text_key
-from embedtune.data.split import MAX_REJECTS_SHOWN, HeldOutQuestions, source_problems, trains_on, weighted_total
+from embedtune.data.records import (
+    DataError,
+    Pair,
+    Reject,
+    document_tokens,
+    read_records,
+    resolve_files,
+    text_key,
+    trains_on,
+)
+from embedtune.data.split import MAX_REJECTS_SHOWN, HeldOutQuestions, source_problems, weighted_total
 from embedtune.distributed import cores_per_process
 from embedtune.files import human_bytes
 from embedtune.model.packing import padded_tokens
@@ -158,7 +167,9 @@ def scan_data(cfg: Config, sample_size: int, require_negatives: bool = False) ->
     """One pass over the eval files, then the training files, parsed as training parses them
     (``require_negatives``: the loss trains on triplets, so a record without a negative is bad)."""
     scan = DataScan(cfg, sample_size)
-    for item, raw in read_records(scan.stats.eval_files, cfg.data, require_negatives):
+    # Evaluation reads no teacher scores: held-out files need none.
+    for item, raw in read_records(scan.stats.eval_files, cfg.data.model_copy(update={"scores_field": None}),
+                                  require_negatives):
         scan.eval_record(item, raw)
     # The held-out questions of the eval files, for the overlap with training.
     scan.eval_file_questions = frozenset(scan.evaluated.seen)
