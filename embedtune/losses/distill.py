@@ -18,6 +18,11 @@ from torch import nn
 from embedtune.losses.base import DataShape, Embedded, no_pairs
 
 
+def _has_negatives(batch: Embedded) -> bool:
+    """Pairs with negatives to learn from (a process may have none in a small last batch)."""
+    return batch.queries.shape[0] > 0 and batch.negatives is not None and batch.negatives.shape[0] > 0
+
+
 def _scored(batch: Embedded, loss: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 student scores of (positives, negatives) and the teacher's, by the dot product."""
     if batch.positive_scores is None or batch.negative_scores is None:
@@ -43,11 +48,10 @@ class MarginMSELoss(nn.Module):
     needs: DataShape = "scored"
 
     def forward(self, batch: Embedded) -> torch.Tensor:
-        pairs = batch.queries.shape[0]
-        if pairs == 0 or batch.negatives is None or batch.negatives.shape[0] == 0:
+        if not _has_negatives(batch):
             return no_pairs(batch)
+        pairs, owner = batch.queries.shape[0], batch.negative_owner
         positive, negative, teacher_positive, teacher_negative = _scored(batch, type(self).__name__)
-        owner = batch.negative_owner
         errors = (positive[owner] - negative - (teacher_positive[owner] - teacher_negative)) ** 2
         return _per_pair_mean(errors, owner, pairs)
 
@@ -63,11 +67,10 @@ class DistillKLDivLoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, batch: Embedded) -> torch.Tensor:
-        pairs = batch.queries.shape[0]
-        if pairs == 0 or batch.negatives is None or batch.negatives.shape[0] == 0:
+        if not _has_negatives(batch):
             return no_pairs(batch)
+        pairs, owner = batch.queries.shape[0], batch.negative_owner
         positive, negative, teacher_positive, teacher_negative = _scored(batch, type(self).__name__)
-        owner = batch.negative_owner
         # Each pair's candidates in a row (the positive first), padded with -inf: negatives come
         # pair after pair, so a negative's column is its place among its own pair's.
         counts = torch.bincount(owner, minlength=pairs)
