@@ -71,3 +71,29 @@ def test_the_quality_bench_trains_both_trainers_on_the_same_pairs_and_scores_the
     pooled, per_seed = result["difference"]["pooled"]["ndcg@10"], result["difference"]["per_seed"]
     assert pooled["low"] <= pooled["mean"] <= pooled["high"] and [d["seed"] for d in per_seed] == list(SEEDS)
     assert os.path.isfile(train["file"])
+
+
+def test_negatives_and_scores_reach_the_training_file_embedtune_reads(tmp_path: Path) -> None:
+    """--negatives-field and --scores-field: the held-out split is the same, and the training side
+    keeps each record's negatives and the teacher's scores beside them."""
+    import argparse
+
+    from embedtune.tools.quality import load_split, write_train_file
+
+    records = make_pairs(60)
+    for i, record in enumerate(records):
+        record["negatives"] = [f"note {i}", f"other note {i}"][: 1 + i % 2]
+        record["scores"] = [0.9, *[0.1 * (k + 1) for k in range(len(record["negatives"]))]]
+    data = write_jsonl(tmp_path / "scored.jsonl", records)
+    args = argparse.Namespace(data=[str(data)], eval_queries=None, eval_corpus=None, eval_qrels=None,
+                              eval_fraction=0.2, max_eval_queries=1000, max_train_pairs=None, eval_distractors=[])
+    plain = load_split(args)
+    split = load_split(argparse.Namespace(**vars(args), negatives_field="negatives", scores_field="scores"))
+    assert [p.query for p in split.train] == [p.query for p in plain.train] and split.held_out == plain.held_out
+    write_train_file(split.train, str(tmp_path / "train.jsonl"))
+    by_question = {r["question"]: r for r in records}
+    written = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert len(written) == len(split.train) > 0
+    for row in written:
+        assert (row["negatives"], row["scores"]) == (by_question[row["question"]]["negatives"],
+                                                     by_question[row["question"]]["scores"])

@@ -330,8 +330,9 @@ def train_isolated(trainer: str, model_dir: str, train_file: str, args: argparse
     result = f"{out}.result.json"
     if os.path.exists(result):
         os.remove(result)
+    options = (*SHARED_OPTIONS, "overrides", "negatives_field", "scores_field")
     job = {"trainer": trainer, "model_dir": model_dir, "train_file": train_file, "seed": seed, "out": out,
-           "result": result, "options": {name: getattr(args, name) for name in (*SHARED_OPTIONS, "overrides")}}
+           "result": result, "options": {name: getattr(args, name, None) for name in options}}
     code = "import sys; from embedtune.tools.quality import run_job; run_job(sys.argv[1])"
     done = subprocess.run([sys.executable, "-c", code, json.dumps(job)])
     figures = read_json(result)
