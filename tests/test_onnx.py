@@ -158,7 +158,9 @@ def test_a_failed_export_leaves_the_folder_as_it_was(folders: dict[str, Path], e
         monkeypatch.setattr(onnx_export, "agreement", lambda model, path: 0.5)
         error, match = OnnxExportError, "the ONNX export of BertModel does not give the model's embeddings"
     elif failure == "quantize":
-        monkeypatch.setattr("onnxruntime.quantization.quantize_dynamic", refuse)
+        import onnxruntime.quantization
+
+        monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic", refuse)
         error, match = RuntimeError, "frobnicate"
     elif failure == "rename":  # the disk fills as the new onnx/ goes into place: the old one goes back
         real_replace = os.replace
