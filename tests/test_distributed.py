@@ -36,7 +36,6 @@ def tiny_model_no_dropout(tmp_path_factory: pytest.TempPathFactory, tokenizer_di
 
 def run_training(processes: int, args: list[str], out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("WANDB_SERVICE", None)  # its own W&B service, not one an earlier in-process test started
     if processes == 1:
         command = [sys.executable, str(ROOT / "train.py")]
     else:
@@ -184,7 +183,6 @@ def test_eval_command_on_two_processes_gives_the_metrics_of_one(tiny_model: Path
     """`accelerate launch -m embedtune eval` splits the encoding; the numbers stay the same."""
     data = write_jsonl(tmp_path / "qa.jsonl", make_pairs(45, seed=9))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("WANDB_SERVICE", None)  # its own W&B service, not one an earlier in-process test started
     metrics = {}
     for processes in (1, 2):
         out = tmp_path / f"m{processes}.json"

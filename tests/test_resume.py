@@ -41,10 +41,10 @@ def start(args: list[str], processes: int = 1, save_delay: float | None = None) 
                    str(ROOT / "launch" / "cpu_2proc.yaml"), "--num_processes", str(processes),
                    "--main_process_port", str(free_port()), *program]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    # Each run starts its own W&B service, as on a machine of its own: one this test process
-    # started (an earlier test's run) would be shared by the killed run and the resumed one, and
-    # still hold the killed run's id ("run ID ... is in use").
-    full_env.pop("WANDB_SERVICE", None)
+    # As when launched from a notebook that used W&B and has since stopped: the environment names a
+    # W&B service that is gone. The run starts a service of its own (otherwise it could not log, and
+    # a service that lives on would still hold a killed run's id when the run is resumed).
+    full_env["WANDB_SERVICE"] = "3-1-unix-/nonexistent/wandb-service/socket"
     # Its own session, so a kill reaches the launcher and every training process, as when a
     # machine is preempted.
     return subprocess.Popen(command + args, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from embedtune.config import ConfigError, parse_args
@@ -24,6 +25,10 @@ def main(argv: list[str] | None = None, prog: str = "embedtune train") -> int:
     """Train; the exit status: 0 when done or stopped by a signal with a checkpoint, 1 on an error
     the message explains, 2 on bad arguments, 130 when a second Ctrl-C stopped the run at once."""
     scrub_console()  # a password in a data URL never reaches the terminal
+    # The run starts a W&B service of its own. One the environment names was started by the process
+    # that launched this one (a notebook, a script that used wandb): it may be gone, and while it
+    # lives it holds the ids of the runs it served, so a killed run could not be resumed through it.
+    os.environ.pop("WANDB_SERVICE", None)
     stop_with_launcher()
     try:
         cfg = parse_args(argv, prog=prog)
