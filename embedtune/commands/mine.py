@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from embedtune.data.records import DataError
 from embedtune.logs import log_to_console, scrub_console
@@ -99,22 +100,30 @@ def options_from(args: argparse.Namespace) -> MineOptions:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    scrub_console()  # main also runs without the embedtune command (python -m embedtune.commands.mine)
-    parser = make_parser()
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None,
+                check: Callable[[argparse.ArgumentParser, argparse.Namespace], None],
+                work: Callable[[argparse.Namespace], list[str]]) -> int:
+    """A mining command (``mine``, ``score``): parse and check the arguments, run ``work``, print the
+    lines of its summary. The exit status: 0 done, 1 an error the message explains, 2 bad arguments."""
+    scrub_console()  # main also runs without the embedtune command (python -m embedtune.commands.NAME)
     try:
         args = parser.parse_args(argv)
-        check_args(parser, args)
+        check(parser, args)
     except SystemExit as exc:  # --help, or a usage error argparse has already explained
         return int(exc.code or 0)
     log_to_console(keep_existing=True)  # progress on stderr; a training run in this process keeps its own
     try:
-        summary = mine(options_from(args))
+        lines = work(args)
     except (DataError, MineError, ModelLoadError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print("\n".join(summary.lines(args.num_negatives, args.output, args.teacher_max_ratio)))
+    print("\n".join(lines))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(make_parser(), argv, check_args, lambda args: mine(options_from(args)).lines(
+        args.num_negatives, args.output, args.teacher_max_ratio))
 
 
 if __name__ == "__main__":

@@ -5,12 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from embedtune.data.records import DataError
-from embedtune.logs import log_to_console, scrub_console
-from embedtune.mining import MineError
+from embedtune.commands.mine import run_command
 from embedtune.mining.scores import ScoreOptions, score
 from embedtune.mining.teacher import KINDS
-from embedtune.model.folder import ModelLoadError
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -50,28 +47,18 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--held-out must be in [0, 1), got {args.held_out}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    scrub_console()  # main also runs without the embedtune command (python -m embedtune.commands.score)
-    parser = make_parser()
-    try:
-        args = parser.parse_args(argv)
-        check_args(parser, args)
-    except SystemExit as exc:  # --help, or a usage error argparse has already explained
-        return int(exc.code or 0)
-    log_to_console(keep_existing=True)
+def _score(args: argparse.Namespace) -> list[str]:
     options = ScoreOptions(
         teacher=args.teacher, input=args.input, output=args.output, kind=args.kind, field=args.field,
         batch_size=args.batch_size, max_length=args.max_length, chunk_size=args.chunk_size, held_out=args.held_out,
         query_field=args.query_field, positive_field=args.positive_field, negatives_field=args.negatives_field,
         trust_remote_code=args.trust_remote_code,
     )
-    try:
-        summary = score(options)
-    except (DataError, MineError, ModelLoadError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print("\n".join(summary.lines(args.teacher, args.output)))
-    return 0
+    return score(options).lines(args.teacher, args.output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(make_parser(), argv, check_args, _score)
 
 
 if __name__ == "__main__":
