@@ -20,14 +20,8 @@ from embedtune.commands.train import main as train_main
 from embedtune.commands.validate import main as validate_main
 from embedtune.config import ConfigError, build_config
 from embedtune.secrets import REDACTED
-from embedtune.training.tracking import (
-    RunLog,
-    accelerate_trackers,
-    flat_config,
-    mlflow_default_uri,
-    mlflow_name,
-    tracker_version,
-)
+from embedtune.training.trackers import accelerate_trackers, mlflow_default_uri, mlflow_name, tracker_version
+from embedtune.training.tracking import RunLog, flat_config
 
 SECRET = "hf_plantedTrackerToken5e7a9c1b3d"
 

@@ -20,7 +20,7 @@ import embedtune.training.trainer as program
 from embedtune.commands.report import collect_series, read_metrics
 from embedtune.commands.train import main as train_main
 
-PROBE = "from embedtune.training.tracking import wandb_mode; print(wandb_mode())"
+PROBE = "from embedtune.training.trackers import wandb_mode; print(wandb_mode())"
 
 
 KEY = "0123456789abcdef0123456789abcdef01234567"

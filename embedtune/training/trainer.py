@@ -58,7 +58,8 @@ from embedtune.training.optim import (
 )
 from embedtune.training.push import HubPush, push_problem
 from embedtune.training.step import Step, make_step
-from embedtune.training.tracking import RunLog, accelerate_trackers
+from embedtune.training.trackers import accelerate_trackers
+from embedtune.training.tracking import RunLog
 
 logger = logging.getLogger("embedtune")
 

@@ -21,7 +21,7 @@ from embedtune.files import human_bytes
 from embedtune.model.encoder import EmbeddingModel
 from embedtune.model.folder import EMBEDDED_MODELS, ModelFolder, resolve_model_path
 from embedtune.secrets import scrub_text
-from embedtune.training.tracking import (
+from embedtune.training.trackers import (
     install_line,
     mlflow_default_uri,
     tensorboard_dir,
