@@ -16,7 +16,7 @@ from conftest import make_pairs, write_jsonl
 from safetensors.torch import load_file
 
 from embedtune.commands.export import main
-from embedtune.training.model_card import data_fingerprint
+from embedtune.data.fingerprint import data_fingerprint
 
 TEXTS = ["what links apple and river number 3?", "the engine meets the violin in story 7.", "a tale of copper"]
 

@@ -13,14 +13,10 @@ import yaml
 from conftest import make_pairs, write_jsonl
 
 from embedtune.config import build_config, dump_yaml
+from embedtune.data.fingerprint import data_fingerprint
 from embedtune.secrets import REDACTED
-from embedtune.training.model_card import (
-    data_fingerprint,
-    hub_name,
-    progress_pairs,
-    write_model_card,
-    write_run_card,
-)
+from embedtune.training.card_metadata import hub_name
+from embedtune.training.model_card import progress_pairs, write_model_card, write_run_card
 
 BEFORE = {"ndcg@10": 0.41234, "mrr@10": 0.35, "recall@10": 0.7, "docs/ndcg@10": 0.5}
 AFTER = {"ndcg@10": 0.8125, "mrr@10": 0.7751, "recall@10": 0.95, "map@100": 0.66, "docs/ndcg@10": 0.9}

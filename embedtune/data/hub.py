@@ -213,6 +213,6 @@ def hub_file(path: str, cfg: Any) -> HubFile | None:
     return _lookup(path, entries) if entries else None
 
 
-def dataset_names(cfg: Any) -> list[str]:
-    """The Hub datasets the run's data comes from (for the model card's metadata)."""
-    return list(dict.fromkeys(parse(e).name for e in (*cfg.train_files, *cfg.eval_files) if is_hub_entry(e)))
+def dataset_names(entries: list[Any]) -> list[str]:
+    """The Hub datasets named by ``hub:`` entries among ``entries`` (data files), once each, in order."""
+    return list(dict.fromkeys(parse(e).name for e in entries if is_hub_entry(e)))

@@ -19,21 +19,16 @@ from accelerate import Accelerator
 
 from embedtune.config import Config
 from embedtune.data.collate import query_prefix
+from embedtune.data.fingerprint import data_fingerprint
 from embedtune.distributed import any_process
 from embedtune.files import free_bytes, fsync_tree, human_bytes, remove_path, replace_folder, write_atomic
 from embedtune.model.lora import merged, name_the_base
+from embedtune.training.card_metadata import dataset_size
 from embedtune.training.checkpoint import (
     CheckpointError,
     complete_checkpoints,
 )
-from embedtune.training.model_card import (
-    CARD,
-    FINAL_MODEL,
-    CheckpointOrigin,
-    data_fingerprint,
-    dataset_size,
-    render_card,
-)
+from embedtune.training.model_card import CARD, FINAL_MODEL, CheckpointOrigin, render_card
 
 logger = logging.getLogger("embedtune")
 
@@ -67,7 +62,7 @@ def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Conf
     folder is left."""
     path = os.path.join(cfg.output_dir, FINAL_MODEL)
     unwrapped = accelerator.unwrap_model(model)
-    _settle_adapters(unwrapped, cfg)
+    settle_adapters(unwrapped, cfg)
     accelerator.wait_for_everyone()
     # Collective: under FSDP or DeepSpeed the full weights are assembled on the main process.
     state = accelerator.get_state_dict(model)
@@ -76,7 +71,7 @@ def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Conf
         tmp = f"{path}.tmp"
         try:
             remove_path(tmp)  # the leftover of an export that was killed
-            _write(tmp, path, unwrapped, tokenizer, state, cfg, facts, duration, accelerator.mixed_precision)
+            write_model_folder(tmp, path, unwrapped, tokenizer, state, cfg, facts, duration, accelerator.mixed_precision)
             fsync_tree(tmp)
             replace_folder(tmp, path)
             logger.info("saved %s", path)
@@ -89,7 +84,7 @@ def export_model(accelerator: Accelerator, model: Any, tokenizer: Any, cfg: Conf
     return path
 
 
-def _settle_adapters(unwrapped: Any, cfg: Config) -> None:
+def settle_adapters(unwrapped: Any, cfg: Config) -> None:
     """LoRA adapters folded into the weights, for a plain sentence-transformers folder; or, with
     model.lora.export=adapter, kept apart in a folder that names its base model."""
     lora = cfg.model.lora
@@ -100,7 +95,7 @@ def _settle_adapters(unwrapped: Any, cfg: Config) -> None:
         unwrapped.encoder = merged(unwrapped.encoder)
 
 
-def _write(tmp: str, path: str, unwrapped: Any, tokenizer: Any, state: Any, cfg: Config, facts: RunFacts,
+def write_model_folder(tmp: str, path: str, unwrapped: Any, tokenizer: Any, state: Any, cfg: Config, facts: RunFacts,
            duration: Callable[[], float], precision: str | None, fingerprint: dict[str, Any] | None = None) -> None:
     """The sentence-transformers folder and its card, in ``tmp``; the card names ``path``, where it will be.
     ``fingerprint``: the training data's (``data_fingerprint``), when the files are not to be read."""

@@ -23,12 +23,14 @@ from typing import Any
 from safetensors.torch import load_file as load_weights
 
 from embedtune.config import Config, ConfigError, build_config, load_file
+from embedtune.data.fingerprint import data_fingerprint, fingerprint_of
 from embedtune.data.identity import WHOLE_BYTES
 from embedtune.data.records import PACKAGE_PREFIX, DataError, resolve_files
 from embedtune.files import free_bytes, fsync_tree, hash_file, human_bytes, remove_path, replace_folder
 from embedtune.model.encoder import EmbeddingModel, position_limit
 from embedtune.model.lora import add_adapters, trainable_names
 from embedtune.secrets import scrub_text
+from embedtune.training.card_metadata import dataset_size
 from embedtune.training.checkpoint import (
     HEX,
     NAME,
@@ -40,14 +42,8 @@ from embedtune.training.checkpoint import (
     complete_checkpoints,
     verify,
 )
-from embedtune.training.export import ExportError, RunFacts, _settle_adapters, _write
-from embedtune.training.model_card import (
-    CheckpointOrigin,
-    data_fingerprint,
-    dataset_size,
-    fingerprint_of,
-    progress_pairs,
-)
+from embedtune.training.export import ExportError, RunFacts, settle_adapters, write_model_folder
+from embedtune.training.model_card import CheckpointOrigin, progress_pairs
 from embedtune.training.tracking import METRICS
 
 logger = logging.getLogger("embedtune")
@@ -326,12 +322,12 @@ def export_checkpoint(run: CheckpointRun, out: str, trust_remote_code: bool = Fa
     before the rename (e.g. an ONNX export into it), and its result is returned."""
     out = os.path.normpath(out)
     model, tokenizer = load_checkpoint_model(run, trust_remote_code)
-    _settle_adapters(model, run.cfg)
+    settle_adapters(model, run.cfg)
     facts, fingerprint = checkpoint_facts(run), recorded_fingerprint(run)
     tmp = f"{out}.tmp"
     remove_path(tmp)  # the leftover of an export that was killed
     try:
-        _write(tmp, out, model, tokenizer, None, run.cfg, facts, lambda: run.state.duration_s, None,
+        write_model_folder(tmp, out, model, tokenizer, None, run.cfg, facts, lambda: run.state.duration_s, None,
                fingerprint=fingerprint)
         result = then(tmp) if then is not None else None
         fsync_tree(tmp)

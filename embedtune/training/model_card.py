@@ -14,121 +14,26 @@ secret-looking environment variables are blanked out of the finished text.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
-import re
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 import yaml
-from huggingface_hub import EvalResult, ModelCardData
 
 from embedtune import __version__
-from embedtune.data.records import PACKAGE_PREFIX, resolve_files
+from embedtune.data.fingerprint import data_fingerprint
 from embedtune.files import human_bytes, read_json, write_atomic
-from embedtune.model.folder import EMBEDDED_MODELS, read_model_folder
+from embedtune.model.folder import read_model_folder
 from embedtune.retrieval import describe_change
 from embedtune.secrets import scrub_config, scrub_text
+from embedtune.training.card_metadata import FRONT_ORDER, card_metadata, dataset_size, hub_name, setting
 
 CARD = "README.md"
 FINAL_MODEL = "final_model"  # the exported model's folder in output_dir
-CHUNK = 1 << 20  # bytes read at a time when hashing: data files can be larger than memory
-# A Hub repository id: owner/name, letters, digits and - _ . only.
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-# The front matter as sentence-transformers writes its own (sentence_transformers/base/model_card.py):
-# its tags for a dense model, its order of keys, and the names its InformationRetrievalEvaluator
-# gives results in model-index.
-TAGS = ["sentence-transformers", "sentence-similarity", "feature-extraction", "dense", "embedtune"]
-FRONT_ORDER = ["language", "license", "library_name", "tags", "datasets", "metrics", "pipeline_tag", "base_model"]
-TASK_TYPE, TASK_NAME = "information-retrieval", "Information Retrieval"
-HELD_OUT = "held-out"  # the model-index dataset of the held-out questions; a source's is held-out-SOURCE
-SIMILARITY = "cosine"  # evaluation ranks by cosine similarity, whatever the model's own function
-BASE = "base_model_"  # the base model's figures have types of their own: nothing reads them as this model's
-# A Hub dataset among the training files: a hub:[OWNER/]NAME entry or an hf://datasets/OWNER/NAME/... URL.
-HUB_DATASET = re.compile(r"^(?:hub:|hf://datasets/)((?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*)")
-
-
-# --- data fingerprint ------------------------------------------------------------------------
-
-
-def _hash_stream(stream: IO[bytes]) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
-    while chunk := stream.read(CHUNK):
-        digest.update(chunk)
-        size += len(chunk)
-    return size, digest.hexdigest()
-
-
-def _hash_file(path: str) -> tuple[int | None, str | None, str | None]:
-    """(size, sha256, why not) of a local file or a URL (read through fsspec, as training did)."""
-    if "://" not in path:
-        with open(path, "rb") as f:
-            size, sha = _hash_stream(f)
-        return size, sha, None
-    try:
-        import fsspec
-
-        with fsspec.open(path, "rb") as f:
-            size, sha = _hash_stream(f)
-        return size, sha, None
-    except Exception as exc:  # any filesystem's own error: the card is still written
-        return None, None, f"not hashed: {type(exc).__name__}"
-
-
-def data_fingerprint(files: list[str]) -> dict[str, Any]:
-    """Name, size and sha256 of every training file, and one sha256 over all of them.
-
-    ``files`` are the config's ``data.train_files``: globs are expanded and ``embedtune:`` paths
-    resolved as for training. The combined hash covers the files' bytes in order (not their
-    paths), so the same data moved elsewhere keeps its fingerprint and any changed, added or
-    removed byte changes it. It is None when a remote file could not be read.
-    """
-    entries: list[dict[str, Any]] = []
-    for pattern in files:
-        for path in resolve_files([pattern]):
-            size, sha, note = _hash_file(path)
-            entry: dict[str, Any] = {"name": pattern if pattern.startswith(PACKAGE_PREFIX) else scrub_text(path),
-                                     "size": size, "sha256": sha}
-            if note:
-                entry["note"] = note
-            entries.append(entry)
-    return fingerprint_of(entries)
-
-
-def fingerprint_of(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The fingerprint of files (name, size, sha256 each, in order): the combined sha256 covers
-    their sizes and hashes, and is None when one has no hash."""
-    combined: str | None = None
-    if all(e["sha256"] for e in entries):
-        digest = hashlib.sha256()
-        for e in entries:
-            digest.update(f"{e['size']} {e['sha256']}\n".encode())
-        combined = digest.hexdigest()
-    return {"files": entries, "num_files": len(entries),
-            "size": sum(e["size"] or 0 for e in entries), "sha256": combined}
 
 
 # --- the card --------------------------------------------------------------------------------
-
-
-def hub_name(base_model: str) -> str | None:
-    """The Hub id of the base model, or None for a local folder (which means nothing on the Hub)."""
-    if base_model in EMBEDDED_MODELS:
-        return "sentence-transformers/all-MiniLM-L6-v2"  # served from a package, but this Hub model
-    if os.path.exists(base_model) or not HUB_ID.match(base_model) or ".." in base_model or "--" in base_model:
-        return None
-    return base_model
-
-
-def _get(config: dict[str, Any], dotted: str, default: Any = None) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
 
 
 @dataclass
@@ -142,55 +47,6 @@ class CheckpointOrigin:
     score: float | None = None  # checkpoint.best_metric's held-out value at this step
     best: bool = False  # the best of the run's scored checkpoints
     scored: int = 0  # how many checkpoints the run scored
-
-
-def dataset_size(examples_seen: int | None, epochs: int | None) -> int | None:
-    """Training pairs in one epoch (sentence-transformers' ``dataset_size``: the training set's
-    size), from a count over ``epochs`` whole epochs; None when there is no such count."""
-    return examples_seen // epochs if examples_seen and epochs and epochs > 0 else None
-
-
-def hub_datasets(files: list[str]) -> list[str]:
-    """The Hub datasets among the training files, once each, in order."""
-    return list(dict.fromkeys(m.group(1) for entry in files if isinstance(entry, str)
-                              and (m := HUB_DATASET.match(entry))))
-
-
-def eval_results(before: dict[str, float] | None, after: dict[str, float] | None) -> list[EvalResult]:
-    """The held-out figures as model-index results, named as sentence-transformers names those of its
-    retrieval evaluator (task information-retrieval, metric cosine_ndcg@10, "Cosine Ndcg@10"). A
-    source's figures (``source/metric``) make a dataset of their own; the base model's have types
-    of their own (base_model_cosine_ndcg@10)."""
-    results = []
-    for prefix, metrics in (("", after), (BASE, before)):
-        for key, value in (metrics or {}).items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                continue
-            source, _, name = key.rpartition("/")
-            dataset = f"{HELD_OUT}-{source}" if source else HELD_OUT
-            metric = f"{prefix}{SIMILARITY}_{name}"
-            results.append(EvalResult(
-                task_type=TASK_TYPE, task_name=TASK_NAME, dataset_type=dataset,
-                dataset_name=dataset.replace("_", " ").replace("-", " "), metric_type=metric,
-                metric_name=metric.replace("_", " ").title(), metric_value=float(value)))
-    return results
-
-
-def card_metadata(config: dict[str, Any], *, title: str, base_model: str | None, eval_before: dict[str, float] | None,
-                  eval_after: dict[str, float] | None, size: int | None) -> ModelCardData:
-    """The front matter. ``export.language`` and ``export.license`` are read when the config has them."""
-    loss = _get(config, "loss.name")
-    tags = (TAGS + ([f"dataset_size:{size}"] if size else [])
-            + (["loss:MatryoshkaLoss"] if _get(config, "loss.matryoshka_dims") else [])
-            + ([f"loss:{loss}"] if loss else []))
-    results = eval_results(eval_before, eval_after)
-    metrics = [r.metric_type for r in results if r.dataset_type == HELD_OUT and not r.metric_type.startswith(BASE)]
-    return ModelCardData(
-        language=_get(config, "export.language") or None, license=_get(config, "export.license") or None,
-        library_name="sentence-transformers", tags=tags,
-        datasets=hub_datasets(_get(config, "data.train_files") or []) or None, metrics=metrics or None,
-        pipeline_tag="sentence-similarity", base_model=base_model, eval_results=results or None,
-        model_name=title if results else None)
 
 
 def folder_facts(model_dir: str) -> dict[str, Any]:
@@ -263,20 +119,20 @@ def _data_section(config: dict[str, Any], fingerprint: dict[str, Any], num_examp
         lines += [fingerprint["note"], ""]
     lines.append(f"Fingerprint of all training data (sha256 over the files' bytes, in order): `{combined}`"
                  if combined else "No combined fingerprint: a file could not be read to hash it.")
-    eval_files = _get(config, "data.eval_files") or []
+    eval_files = setting(config, "data.eval_files") or []
     if eval_files:
         held = f"Held-out records: {', '.join(_cell(f) for f in eval_files)}."
     else:
-        fraction = _get(config, "data.eval_fraction")
+        fraction = setting(config, "data.eval_fraction")
         held = (f"Held-out records: a {fraction:g} share of the training records, chosen by a hash of the question "
                 "text and never trained on." if fraction else "No records were held out.")
-    if eval_files or _get(config, "data.eval_fraction"):
-        held += f" At most {_get(config, 'data.max_eval_queries', 1000):,} distinct questions are evaluated."
-    fields = (f"Fields: query `{_get(config, 'data.query_field', 'question')}`, "
-              f"positive `{_get(config, 'data.positive_field', 'answer')}`")
+    if eval_files or setting(config, "data.eval_fraction"):
+        held += f" At most {setting(config, 'data.max_eval_queries', 1000):,} distinct questions are evaluated."
+    fields = (f"Fields: query `{setting(config, 'data.query_field', 'question')}`, "
+              f"positive `{setting(config, 'data.positive_field', 'answer')}`")
     for key, what in (("negatives_field", "hard negatives"), ("label_field", "label")):
-        if _get(config, f"data.{key}"):
-            fields += f", {what} `{_get(config, f'data.{key}')}`"
+        if setting(config, f"data.{key}"):
+            fields += f", {what} `{setting(config, f'data.{key}')}`"
     lines += ["", f"- {fields}.", f"- {held}"]
     if num_examples is not None:
         lines.append(f"- Training pairs seen (all epochs): {num_examples:,}.")
@@ -285,33 +141,33 @@ def _data_section(config: dict[str, Any], fingerprint: dict[str, Any], num_examp
 
 def _settings_table(config: dict[str, Any], steps: int | None, duration_s: float | None,
                     precision: str | None) -> str:
-    loss = _get(config, "loss.name", "?")
+    loss = setting(config, "loss.name", "?")
     details = []
-    if _get(config, "loss.name", "").startswith(("MultipleNegatives", "CachedMultipleNegatives")):
-        details.append(f"scale {_get(config, 'loss.scale')}")
-        if _get(config, "loss.symmetric"):
+    if setting(config, "loss.name", "").startswith(("MultipleNegatives", "CachedMultipleNegatives")):
+        details.append(f"scale {setting(config, 'loss.scale')}")
+        if setting(config, "loss.symmetric"):
             details.append("symmetric")
-    if _get(config, "loss.margin") is not None:
-        details.append(f"margin {_get(config, 'loss.margin')}")
-    if _get(config, "loss.matryoshka_dims"):
-        details.append(f"Matryoshka dims {_get(config, 'loss.matryoshka_dims')}")
-    accumulation = _get(config, "train.gradient_accumulation_steps", 1)
-    max_steps = _get(config, "train.max_steps")
-    precision = precision or _get(config, "train.mixed_precision")
+    if setting(config, "loss.margin") is not None:
+        details.append(f"margin {setting(config, 'loss.margin')}")
+    if setting(config, "loss.matryoshka_dims"):
+        details.append(f"Matryoshka dims {setting(config, 'loss.matryoshka_dims')}")
+    accumulation = setting(config, "train.gradient_accumulation_steps", 1)
+    max_steps = setting(config, "train.max_steps")
+    precision = precision or setting(config, "train.mixed_precision")
     rows = [
         ("loss", f"{loss}" + (f" ({', '.join(details)})" if details else "")),
-        ("batch size", f"{_get(config, 'train.batch_size')} pairs per step"
+        ("batch size", f"{setting(config, 'train.batch_size')} pairs per step"
                        + (f" ({accumulation} accumulation steps)" if accumulation and accumulation > 1 else "")),
-        ("learning rate", f"{_get(config, 'train.learning_rate')}, {_get(config, 'train.scheduler')} schedule, "
-                          f"warmup ratio {_get(config, 'train.warmup_ratio')}, weight decay "
-                          f"{_get(config, 'train.weight_decay')}"),
-        ("epochs / steps", f"max_steps {max_steps}" if max_steps else f"{_get(config, 'train.epochs')} epoch(s)"),
+        ("learning rate", f"{setting(config, 'train.learning_rate')}, {setting(config, 'train.scheduler')} schedule, "
+                          f"warmup ratio {setting(config, 'train.warmup_ratio')}, weight decay "
+                          f"{setting(config, 'train.weight_decay')}"),
+        ("epochs / steps", f"max_steps {max_steps}" if max_steps else f"{setting(config, 'train.epochs')} epoch(s)"),
         ("steps trained", "" if steps is None else f"{steps:,}"),
-        ("max tokens", f"query {_get(config, 'data.query_max_length')}, "
-                       f"document {_get(config, 'data.document_max_length')}"),
+        ("max tokens", f"query {setting(config, 'data.query_max_length')}, "
+                       f"document {setting(config, 'data.document_max_length')}"),
         ("mixed precision", precision or "as set by accelerate launch (none by default)"),
-        ("gradient clipping", _get(config, "train.max_grad_norm") or "off"),
-        ("seed", _get(config, "train.seed")),
+        ("gradient clipping", setting(config, "train.max_grad_norm") or "off"),
+        ("seed", setting(config, "train.seed")),
         ("duration", "" if duration_s is None else _duration(duration_s)),
     ]
     lines = ["| setting | value |", "|---|---|"]
@@ -320,7 +176,7 @@ def _settings_table(config: dict[str, Any], steps: int | None, duration_s: float
 
 
 def _logs_section(config: dict[str, Any], wandb_url: str | None) -> str:
-    output_dir = _get(config, "output_dir")
+    output_dir = setting(config, "output_dir")
     where = f" `{output_dir}`" if output_dir else ""
     local = (f"The run's output folder{where} holds `training_metrics.jsonl` (every logged step), "
              "`training_progress.json`, `config.yaml` and `logs/train.log`; `embedtune report "
@@ -366,7 +222,7 @@ def _evaluation(config: dict[str, Any], before: dict[str, float] | None, after: 
     """The card's evaluation section: the before / after table and nDCG's paired change."""
     if not (after or before):
         return "No held-out evaluation was run."
-    k = _get(config, "eval.k", 10)
+    k = setting(config, "eval.k", 10)
     compared = "Before is the base model, after the fine-tuned one, on the same questions."
     if origin is not None:
         compared = (f"Before is the base model, after this checkpoint's weights as the run evaluated them at step "
@@ -392,17 +248,17 @@ def render_card(model_dir: str, *, base_model: str, config: dict[str, Any], fing
     config = scrub_config(config)
     hub = hub_name(base_model)
     facts = folder_facts(model_dir)
-    pooling = facts.get("pooling") or _get(config, "model.pooling") or "?"
+    pooling = facts.get("pooling") or setting(config, "model.pooling") or "?"
     normalize = facts.get("normalize")
     if normalize is None:
-        normalize = _get(config, "model.normalize")
+        normalize = setting(config, "model.normalize")
     dim = embedding_dim or facts.get("dim")
-    prompts = facts.get("prompts") or {k: v for k, v in (("query", _get(config, "data.query_prefix")),
-                                                       ("document", _get(config, "data.document_prefix"))) if v}
-    max_seq = facts.get("max_seq_length") or max(_get(config, "data.query_max_length") or 0,
-                                                 _get(config, "data.document_max_length") or 0) or None
-    title = _get(config, "tracking.run_name") or os.path.basename(
-        os.path.normpath(_get(config, "output_dir") or model_dir)) or "embedtune model"
+    prompts = facts.get("prompts") or {k: v for k, v in (("query", setting(config, "data.query_prefix")),
+                                                       ("document", setting(config, "data.document_prefix"))) if v}
+    max_seq = facts.get("max_seq_length") or max(setting(config, "data.query_max_length") or 0,
+                                                 setting(config, "data.document_max_length") or 0) or None
+    title = setting(config, "tracking.run_name") or os.path.basename(
+        os.path.normpath(setting(config, "output_dir") or model_dir)) or "embedtune model"
     if origin is not None:
         title += f" (step {origin.step:,})"
     base_shown = f"[{hub}](https://huggingface.co/{hub})" if hub else f"`{base_model}` (a local folder)"
@@ -417,11 +273,11 @@ def render_card(model_dir: str, *, base_model: str, config: dict[str, Any], fing
     model_lines.append(f"- **Similarity:** {facts.get('similarity', 'cosine')}")
     if facts.get("modules"):
         model_lines.append(f"- **Modules:** {' -> '.join(facts['modules'])}")
-    remote_code = bool(_get(config, "model.trust_remote_code"))
+    remote_code = bool(setting(config, "model.trust_remote_code"))
     if remote_code:
         model_lines.append("- **Remote code:** the base model's own code runs when it loads "
                            "(trained with `model.trust_remote_code=true`; load it with `trust_remote_code=True`)")
-    best_metric = _get(config, "checkpoint.best_metric")
+    best_metric = setting(config, "checkpoint.best_metric")
     if best_metric and final_step is not None:
         model_lines.append(f"- **Checkpoint:** the best by held-out {best_metric}, step {final_step:,}"
                            + (f" of {steps:,}" if steps else "") + " (chosen on the held-out set whose metrics "
@@ -430,7 +286,7 @@ def render_card(model_dir: str, *, base_model: str, config: dict[str, Any], fing
         model_lines.append(_origin_line(origin, best_metric))
     if merge:
         model_lines.append(_merge_line(merge))
-    lora = _get(config, "model.lora")
+    lora = setting(config, "model.lora")
     if isinstance(lora, dict):
         kept = ("kept apart: this folder holds only the adapters and names the base model, which loading reads "
                 "again (needs `peft`)" if lora.get("export") == "adapter"
@@ -520,12 +376,12 @@ def write_run_card(output_dir: str, model_dir: str | None = None) -> str:
     wandb = progress.get("wandb") or {}
     return write_model_card(
         model_dir or progress.get("final_model") or os.path.join(output_dir, FINAL_MODEL),
-        base_model=_get(config, "model.base_model", ""), config=config,
-        fingerprint=data_fingerprint(_get(config, "data.train_files") or []),
+        base_model=setting(config, "model.base_model", ""), config=config,
+        fingerprint=data_fingerprint(setting(config, "data.train_files") or []),
         eval_before=progress.get("eval_before"), eval_after=progress.get("eval_after"),
         wandb_url=wandb.get("url"), num_examples=progress.get("examples_seen"), steps=progress.get("step"),
         duration_s=progress.get("duration_s"), final_step=progress.get("final_step")
-        if _get(config, "checkpoint.best_metric") else None, eval_change=progress.get("eval_change"),
+        if setting(config, "checkpoint.best_metric") else None, eval_change=progress.get("eval_change"),
         merge=progress.get("merge"), train_pairs=progress_pairs(progress, config))
 
 
@@ -534,5 +390,5 @@ def progress_pairs(progress: dict[str, Any], config: dict[str, Any]) -> int | No
     the pairs seen over the whole epochs of a finished run that trained by epochs."""
     if isinstance(progress.get("train_pairs"), int):
         return progress["train_pairs"]
-    whole = progress.get("completed") and not progress.get("stopped_early") and not _get(config, "train.max_steps")
+    whole = progress.get("completed") and not progress.get("stopped_early") and not setting(config, "train.max_steps")
     return dataset_size(progress.get("examples_seen"), progress.get("epochs_completed")) if whole else None

@@ -29,7 +29,7 @@ from embedtune.files import remove_path
 from embedtune.model.folder import hub_offline, one_line
 from embedtune.model.lora import name_the_base
 from embedtune.secrets import REDACTED, scrub_text
-from embedtune.training.export import RunFacts, _write
+from embedtune.training.export import RunFacts, write_model_folder
 
 logger = logging.getLogger("embedtune")
 
@@ -224,7 +224,7 @@ class HubPush:
             if self.cfg.model.lora and unwrapped.folder is not None:  # adapters: their config names the base
                 name_the_base(unwrapped.encoder, unwrapped.folder)
             # The card's usage example names the repository, where this copy is going.
-            _write(folder, self.hub.repo_id, unwrapped, tokenizer, state, self.cfg, facts, duration,
+            write_model_folder(folder, self.hub.repo_id, unwrapped, tokenizer, state, self.cfg, facts, duration,
                    accelerator.mixed_precision)
         except Exception as exc:  # a full disk, say: the checkpoint itself is saved, training goes on
             remove_path(folder)
