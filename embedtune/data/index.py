@@ -57,6 +57,7 @@ from embedtune.data.records import (
     decoded_line,
     document_tokens,
     file_format,
+    file_origin,
     pair_key,
     parse_record,
     text_key,
@@ -381,11 +382,12 @@ def index_file(path: str, cfg: DataConfig, require_negatives: bool = False, keys
         return item if item is not None and trains_on(item, cfg) else None
 
     bits = _Bits(keys, ranged=fmt == "json")
+    origin = file_origin(path, cfg)
     if fmt == "json":
         whole = bool(_compression_suffix(path))
         start, first, end = 0, 1, 0  # the block's first byte and line; the end of the last line read
         for number, line, stop in _read_lines(path, cfg.max_record_bytes):
-            bits.add(judge(parse_record(path, number, line, cfg, require_negatives)), end - start, stop - end)
+            bits.add(judge(parse_record(path, number, line, cfg, require_negatives, origin)), end - start, stop - end)
             end = stop
             if not whole and bits.lines == cfg.block_records:
                 bits.cut(start, end, first, end - start)
@@ -397,7 +399,7 @@ def index_file(path: str, cfg: DataConfig, require_negatives: bool = False, keys
         for group, rows in enumerate(_row_groups(path)):
             for row in rows:
                 number += 1
-                bits.add(judge(parse_record(path, number, row, cfg, require_negatives)))
+                bits.add(judge(parse_record(path, number, row, cfg, require_negatives, origin)))
             bits.cut(group, -1, number - bits.lines + 1)
     else:
         raise DataError(f"{path}: data.order=indexed reads JSONL and Parquet files, and this one is {fmt}; convert "
@@ -937,6 +939,7 @@ class BlockReader:
         self.bytes_read = 0  # JSONL bytes read (decompressed), from the files or the machine's cache
         self.blocks_read = 0
         self._parquet: OrderedDict[int, Any] = OrderedDict()
+        self._origins: dict[str, Any] = {}  # each file's file_origin, looked up once
 
     def read(self, order: EpochOrder, wanted: dict[int, list[int]]) -> dict[tuple[int, int], Raw]:
         """The records at (block, ordinal) for each block's wanted ordinals, still unparsed (``parse``
@@ -966,7 +969,9 @@ class BlockReader:
         """The training pair a record ``read`` gave is."""
         path, line, raw = record
         self.parsed += 1
-        item = parse_record(path, line, raw, self.cfg, self.require_negatives)
+        if path not in self._origins:
+            self._origins[path] = file_origin(path, self.cfg)
+        item = parse_record(path, line, raw, self.cfg, self.require_negatives, self._origins[path])
         if not isinstance(item, Pair) or not trains_on(item, self.cfg):
             raise DataError(self._changed(path, line))
         return item

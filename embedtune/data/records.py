@@ -489,10 +489,19 @@ def line_problem(raw: Any) -> str | None:
     return None
 
 
-def parse_record(path: str, line: int, raw: Any, cfg: DataConfig, require_negatives: bool = False
-                 ) -> Pair | Reject | None:
+_LOOK_UP: Any = object()  # parse_record's from_hub when the caller has not looked the file up
+
+
+def file_origin(path: str, cfg: DataConfig) -> hub.HubFile | None:
+    """The Hub dataset a data file belongs to, or None: worked out once per file, for parse_record."""
+    return hub.hub_file(path, cfg) if cfg.train_files or cfg.eval_files else None
+
+
+def parse_record(path: str, line: int, raw: Any, cfg: DataConfig, require_negatives: bool = False,
+                 from_hub: hub.HubFile | None = _LOOK_UP) -> Pair | Reject | None:
     """A Pair, a Reject saying what to fix, or None for a blank JSONL line. ``require_negatives``:
-    the loss trains on triplets, so a record without a hard negative is bad."""
+    the loss trains on triplets, so a record without a hard negative is bad. ``from_hub``: the
+    file's ``file_origin``, when the caller reads many records of one file."""
 
     def shown() -> str:
         return raw[:SHOWN] if isinstance(raw, str) else json.dumps(raw, default=str, ensure_ascii=False)[:SHOWN]
@@ -501,7 +510,8 @@ def parse_record(path: str, line: int, raw: Any, cfg: DataConfig, require_negati
         return Reject(named, line, reason, shown())
 
     # A Hub dataset's file: reports name the dataset, split and file; its columns are renamed.
-    from_hub = hub.hub_file(path, cfg) if cfg.train_files or cfg.eval_files else None
+    if from_hub is _LOOK_UP:
+        from_hub = file_origin(path, cfg)
     named = from_hub.shown() if from_hub else path
 
     if isinstance(raw, str):
@@ -625,9 +635,9 @@ def read_records(files: list[str], cfg: DataConfig, require_negatives: bool = Fa
                  ) -> Iterator[tuple[Pair | Reject, Any]]:
     """Every record of ``files`` in order, parsed, with the raw line or row it came from."""
     for path in files:
-        fmt = file_format(path, cfg.format)
+        fmt, origin = file_format(path, cfg.format), file_origin(path, cfg)
         for line, raw in read_file(path, fmt, cfg.max_record_bytes):
-            item = parse_record(path, line, raw, cfg, require_negatives)
+            item = parse_record(path, line, raw, cfg, require_negatives, origin)
             if item is not None:
                 yield item, raw
 
