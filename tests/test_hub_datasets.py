@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from conftest import ROOT, make_pairs
 from test_resume import assert_same_run, finish, kill_when, logged_steps, start
 
@@ -188,6 +189,16 @@ def test_what_cannot_be_read_is_one_line_before_training(hub_cache: Path, tiny_m
         assert "hf download acme/other --repo-type dataset" in err
 
 
-def test_the_readme_shows_a_hub_dataset() -> None:
+def test_the_readmes_hub_entries_are_valid_and_the_same_run() -> None:
+    """What a user copies from the README works: the YAML entries are accepted, and the one-line
+    form it gives for the command line is the one config.yaml records for the training entry."""
     readme = (ROOT / "README.md").read_text()
-    assert "hub:sentence-transformers/natural-questions" in readme
+    section = readme.split("### Datasets on the Hugging Face Hub", 1)[1]
+    block = section.split("```yaml", 1)[1].split("```", 1)[0]
+    line = section.split("On the command line the same entry is one string:", 1)[1].split("`")[1]
+    from_yaml = build_config(yaml.safe_load(block))
+    key, _, value = line.partition("=")
+    from_line = build_config({}, [line])
+    assert key == "data.train_files"
+    assert from_yaml.data.train_files == from_line.data.train_files == [value]
+    assert parse(from_yaml.data.eval_files[0]).split == "test"
