@@ -301,7 +301,9 @@ def test_a_teacher_scores_the_mined_negatives_and_changes_none_of_them(
     qa = write_jsonl(tmp_path / "qa.jsonl", records)
     common = ["--num-negatives", "3", "--held-out", "0.3", "--backend", "torch", "--chunk-size", "7"]
     assert run(tiny_model, qa, tmp_path / "plain.jsonl", *common) == 0
-    capsys.readouterr()
+    # Without a teacher, scores of the negatives being replaced would train as the new ones': left out.
+    assert not any("scores" in r for r in read_jsonl(tmp_path / "plain.jsonl"))
+    assert "2 records had teacher scores in 'scores', which scored the negatives replaced" in capsys.readouterr().out
     assert run(tiny_model, qa, tmp_path / "scored.jsonl", *common, "--teacher", str(cross_encoder)) == 0
     printed = capsys.readouterr().out
 

@@ -60,7 +60,8 @@ def make_parser() -> argparse.ArgumentParser:
                          help="drop candidates the teacher scores above R x the answer's score (e.g. 0.95) as "
                          "likely false negatives; the next candidates take their place")
     teacher.add_argument("--scores-field", default="scores",
-                         help="the field the teacher's scores are written to: the answer's, then one per negative")
+                         help="the field the teacher's scores are written to: the answer's, then one per negative; "
+                         "without --teacher, a list of scores there is left out (it scored the old negatives)")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the code that comes with the model")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                         help="how the corpus embeddings are held (scores are computed in float32)")
@@ -123,7 +124,7 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None,
 
 def main(argv: list[str] | None = None) -> int:
     return run_command(make_parser(), argv, check_args, lambda args: mine(options_from(args)).lines(
-        args.num_negatives, args.output, args.teacher_max_ratio))
+        args.num_negatives, args.output, args.teacher_max_ratio, args.scores_field))
 
 
 if __name__ == "__main__":

@@ -112,6 +112,7 @@ class Summary:
     short_teacher: int = 0  # fewer than asked: the teacher dropped candidates and no more were found
     teacher_dropped: int = 0  # candidates the teacher scored above max_ratio x the positive's score
     teacher_unsigned: int = 0  # records whose positive the teacher scores at 0 or below: a ratio says little
+    stale_scores: int = 0  # records whose scores (of the negatives replaced) were left out, without a teacher
 
     def count(self, got: int, asked: int, available: int, dropped: int = 0) -> None:
         """One record's negatives; ``available``: the documents that could have been its negatives;
@@ -125,7 +126,7 @@ class Summary:
             else:
                 self.short_margin += 1
 
-    def lines(self, asked: int, output: str, ratio: float | None = None) -> list[str]:
+    def lines(self, asked: int, output: str, ratio: float | None = None, scores_field: str = "scores") -> list[str]:
         mean = self.negatives / max(self.records, 1)
         rate = self.records / max(self.seconds, 1e-9)
         lines = [f"mined {self.records} records against {self.corpus} documents ({self.answers} answers, "
@@ -148,6 +149,10 @@ class Summary:
             lines.append(f"{self.held_out} held-out records passed through without negatives")
         if self.replaced:
             lines.append(f"{self.replaced} records had negatives already; they were replaced")
+        if self.stale_scores:
+            lines.append(f"{self.stale_scores} records had teacher scores in '{scores_field}', which scored the "
+                         "negatives replaced: left out of the output (add new ones with embedtune score, or mine "
+                         "with --teacher)")
         lines.append(f"wrote {output}")
         return lines
 
@@ -250,6 +255,11 @@ def mine_chunk(chunk: list[tuple[dict[str, Any], Pair]], corpus: Corpus, embeddi
         if teacher is not None and (clash := scores_clash(record, options.scores_field, pair.id)):
             raise clash
         summary.replaced += field_name in record
+        if teacher is None and isinstance(record.get(options.scores_field), list):
+            # A teacher's scores of the negatives about to be replaced would pair with the new
+            # ones by position and train as theirs: they go (the input keeps them).
+            del record[options.scores_field]
+            summary.stale_scores += 1
         if is_held_out(pair, options.held_out):
             # Held-out records pass through without negatives: evaluation never sees mining.
             record[field_name] = []
