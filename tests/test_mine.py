@@ -380,6 +380,9 @@ def test_teacher_options_and_records_are_checked(tiny_model: Path, cross_encoder
     out = tmp_path / "mined.jsonl"
     assert run(tiny_model, qa_file, out, "--teacher-max-ratio", "0.95") == 2  # no teacher
     assert run(tiny_model, qa_file, out, "--teacher", str(cross_encoder), "--teacher-max-ratio", "0") == 2
+    assert run(tiny_model, qa_file, out, "--teacher-logits") == 2  # no teacher
+    assert run(tiny_model, qa_file, out, "--teacher", str(cross_encoder), "--teacher-logits",
+               "--teacher-max-ratio", "0.95") == 2  # a ratio of logits
     capsys.readouterr()
     pairs = make_pairs(3)
     clash = write_jsonl(tmp_path / "clash.jsonl", [pairs[0], pairs[1], {**pairs[2], "scores": 0.9}])

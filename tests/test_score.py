@@ -131,6 +131,29 @@ def test_cross_encoder_scores_line_up_with_their_texts(cross_encoder: Path, tmp_
     assert f"mean teacher score: {sum(positives) / 9:.4f} for the positives" in printed
 
 
+def test_logits_are_the_cross_encoders_scores_before_its_activation(cross_encoder: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """--logits: what CrossEncoder.predict gives without an activation; the default scores are their
+    sigmoid (the activation sentence-transformers gives a one-label model)."""
+    import torch
+
+    records = make_pairs(5, seed=4)
+    for i, record in enumerate(records):
+        record["negatives"] = [records[(i + 1) % 5]["answer"], records[(i + 2) % 5]["answer"]]
+    qa = write_jsonl(tmp_path / "qa.jsonl", records)
+    assert main([str(qa), str(tmp_path / "logits.jsonl"), "--teacher", str(cross_encoder), "--logits"]) == 0
+    assert main([str(qa), str(tmp_path / "scores.jsonl"), "--teacher", str(cross_encoder)]) == 0
+    capsys.readouterr()
+    model = reference(cross_encoder)
+    for record, logits, scores in zip(records, read_jsonl(tmp_path / "logits.jsonl"),
+                                      read_jsonl(tmp_path / "scores.jsonl")):
+        pairs = [(record["question"], text) for text in [record["answer"], *record["negatives"]]]
+        expected = model.predict(pairs, activation_fn=torch.nn.Identity()).tolist()
+        assert logits["scores"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        assert scores["scores"] == pytest.approx(torch.sigmoid(torch.tensor(expected)).tolist(), rel=1e-5, abs=1e-6)
+    assert any(abs(s) > 1.5 for r in read_jsonl(tmp_path / "logits.jsonl") for s in r["scores"])  # not sigmoids
+
+
 def test_held_out_records_are_written_byte_for_byte(cross_encoder: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     records = make_pairs(40, seed=5)
@@ -229,7 +252,7 @@ def test_a_failure_mid_way_leaves_no_partial_output(cross_encoder: Path, tmp_pat
     assert len(read_jsonl(out)) == 8 and [p.name for p in folder.iterdir()] == ["scored.jsonl"]
 
 
-def test_bad_input_gives_one_line(cross_encoder: Path, tokenizer_dir: Path, tmp_path: Path,
+def test_bad_input_gives_one_line(cross_encoder: Path, tiny_model: Path, tokenizer_dir: Path, tmp_path: Path,
                                   capsys: pytest.CaptureFixture) -> None:
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -253,6 +276,7 @@ def test_bad_input_gives_one_line(cross_encoder: Path, tokenizer_dir: Path, tmp_
          f"bad record: {clash}, line 2: 'scores' is a field of this record already and not a list"),
         ([str(qa), str(out), "--teacher", str(cross_encoder), "--field", "question"], "would overwrite the question"),
         ([str(qa), str(qa), "--teacher", str(cross_encoder)], "is an input file"),
+        ([str(qa), str(out), "--teacher", str(tiny_model), "--logits"], "an embedding model's scores are similarities"),
     ]
     for argv, expected in cases:
         assert main(argv) == 1, expected

@@ -59,6 +59,9 @@ def make_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--teacher-max-ratio", type=float, metavar="R",
                          help="drop candidates the teacher scores above R x the answer's score (e.g. 0.95) as "
                          "likely false negatives; the next candidates take their place")
+    teacher.add_argument("--teacher-logits", action="store_true",
+                         help="a cross-encoder teacher's raw logits, without its activation (see embedtune score "
+                         "--logits); a ratio of logits means little, so not with --teacher-max-ratio")
     teacher.add_argument("--scores-field", default="scores",
                          help="the field the teacher's scores are written to: the answer's, then one per negative; "
                          "without --teacher, a list of scores there is left out (it scored the old negatives)")
@@ -84,6 +87,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--teacher-max-ratio must be above 0, got {args.teacher_max_ratio}")
     if args.teacher_max_ratio is not None and not args.teacher:
         parser.error("--teacher-max-ratio needs --teacher: the model whose scores it compares")
+    if args.teacher_logits and not args.teacher:
+        parser.error("--teacher-logits needs --teacher: the cross-encoder whose logits are written")
+    if args.teacher_logits and args.teacher_max_ratio is not None:
+        parser.error("--teacher-max-ratio compares scores as a fraction of the answer's, which logits (of either "
+                     "sign) do not allow; filter with the model's own scores, leaving out --teacher-logits")
 
 
 def options_from(args: argparse.Namespace) -> MineOptions:
@@ -97,6 +105,7 @@ def options_from(args: argparse.Namespace) -> MineOptions:
         document_prefix=args.document_prefix, query_field=args.query_field, positive_field=args.positive_field,
         negatives_field=args.negatives_field, backend=args.backend, dtype=args.dtype,
         trust_remote_code=args.trust_remote_code, teacher=args.teacher, teacher_kind=args.teacher_kind,
+        teacher_logits=args.teacher_logits,
         teacher_max_ratio=args.teacher_max_ratio, scores_field=args.scores_field,
     )
 

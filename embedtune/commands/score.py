@@ -24,6 +24,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kind", choices=KINDS, default="auto",
                         help="auto (default): a CrossEncoder folder is scored as one (predict), any other model by "
                         "the similarity of its query and document embeddings, with its prompts")
+    parser.add_argument("--logits", action="store_true",
+                        help="a cross-encoder's raw logits, without its activation (the usual scores for "
+                        "MarginMSELoss: a sigmoid squeezes the margins of pairs the teacher is sure of)")
     parser.add_argument("--field", default="scores", help="the field written (replaced where it holds a list)")
     parser.add_argument("--batch-size", type=int, default=32, help="pairs (or texts) per forward pass (default 32)")
     parser.add_argument("--max-length", type=int, help="tokens per input (default: the teacher's own)")
@@ -52,7 +55,7 @@ def _score(args: argparse.Namespace) -> list[str]:
         teacher=args.teacher, input=args.input, output=args.output, kind=args.kind, field=args.field,
         batch_size=args.batch_size, max_length=args.max_length, chunk_size=args.chunk_size, held_out=args.held_out,
         query_field=args.query_field, positive_field=args.positive_field, negatives_field=args.negatives_field,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, logits=args.logits,
     )
     return score(options).lines(args.teacher, args.output)
 

@@ -72,6 +72,7 @@ class MineOptions:
     trust_remote_code: bool = False  # run the code that comes with the model
     teacher: str | None = None  # a cross-encoder or embedding model that scores the negatives
     teacher_kind: str = "auto"  # auto, cross-encoder or embedding
+    teacher_logits: bool = False  # a cross-encoder teacher's raw logits, without its activation
     teacher_max_ratio: float | None = None  # drop candidates the teacher scores above this x the positive's score
     scores_field: str = "scores"  # with a teacher: written, replaced where present
 
@@ -345,7 +346,7 @@ def mine(options: MineOptions) -> Summary:
     teacher = None
     if options.teacher:  # loaded first: a teacher that does not load stops the run before any work
         teacher = Teacher.load(options.teacher, options.teacher_kind, options.batch_size,
-                               trust_remote_code=options.trust_remote_code)
+                               trust_remote_code=options.trust_remote_code, logits=options.teacher_logits)
     setup = load_model(options)
     folder = os.path.dirname(os.path.abspath(options.output))
     os.makedirs(folder, exist_ok=True)

@@ -45,6 +45,7 @@ class ScoreOptions:
     positive_field: str = "answer"
     negatives_field: str = "negatives"
     trust_remote_code: bool = False
+    logits: bool = False  # a cross-encoder's raw logits, without its activation
 
     @property
     def data(self) -> DataConfig:
@@ -136,7 +137,7 @@ def score(options: ScoreOptions) -> ScoreSummary:
     started = time.perf_counter()
     inputs = check_options(options)
     teacher = Teacher.load(options.teacher, options.kind, options.batch_size, options.max_length,
-                           options.trust_remote_code)
+                           options.trust_remote_code, options.logits)
     os.makedirs(os.path.dirname(os.path.abspath(options.output)), exist_ok=True)
     summary = ScoreSummary(kind=teacher.kind)
     with atomic_output(options.output) as out, tqdm(desc="score", unit=" records") as bar:

@@ -1,7 +1,7 @@
 """A teacher for distillation: a model that scores (question, document) pairs.
 
 Either a sentence-transformers ``CrossEncoder`` (a reranker with one output: the score is what
-``predict`` returns, with the model's own activation), or an embedding model (the score is the
+``predict`` returns, with the model's own activation, or its raw logit when asked), or an embedding model (the score is the
 model's similarity of the question's embedding, with its query prompt, and the document's, with
 its document prompt: ``encode_query`` / ``encode_document``). ``embedtune score`` writes these
 scores beside a record's hard negatives; ``embedtune mine --teacher`` scores the negatives it
@@ -73,11 +73,14 @@ class Teacher:
     kind: str  # cross-encoder or embedding
     model: Any  # sentence_transformers.CrossEncoder or SentenceTransformer
     batch_size: int = 32
+    logits: bool = False  # a cross-encoder's raw logit, without its activation (a sigmoid for one label)
 
     @classmethod
     def load(cls, name: str, kind: str = "auto", batch_size: int = 32, max_length: int | None = None,
-             trust_remote_code: bool = False) -> Teacher:
-        """Load ``name`` (a folder or a Hub name) on the GPU when there is one."""
+             trust_remote_code: bool = False, logits: bool = False) -> Teacher:
+        """Load ``name`` (a folder or a Hub name) on the GPU when there is one. ``logits``: a
+        cross-encoder scores with its raw logit (the usual margins for MarginMSE: a sigmoid squeezes
+        the margins between pairs it is sure of towards 0)."""
         if kind not in KINDS:
             raise ModelLoadError(f"--kind {kind!r}: one of {', '.join(KINDS)}")
         path = teacher_folder(name)
@@ -86,6 +89,9 @@ class Teacher:
             kind = found
         elif kind != found:
             logger.warning("--teacher %s looks like a %s teacher; loading it as --kind %s says", name, found, kind)
+        if logits and kind != "cross-encoder":
+            raise ModelLoadError(f"--teacher {name}: an embedding model's scores are similarities, not logits; "
+                                 "logits are a cross-encoder teacher's (leave out the logits option)")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
             if kind == "cross-encoder":
@@ -110,7 +116,7 @@ class Teacher:
                                  f"{one_line(exc)}") from exc
         model.eval()
         logger.info("teacher %s: %s on %s", name, kind, device)
-        return cls(name, kind, model, batch_size)
+        return cls(name, kind, model, batch_size, logits)
 
     def score(self, queries: Sequence[str], documents: Sequence[Sequence[str]]) -> list[list[float]]:
         """For each question, the teacher's score of each of its documents, in the order given."""
@@ -129,8 +135,9 @@ class Teacher:
         return out
 
     def _cross(self, pairs: list[tuple[str, str]]) -> list[float]:
+        raw = {"activation_fn": torch.nn.Identity()} if self.logits else {}
         scores = self.model.predict(pairs, batch_size=self.batch_size, show_progress_bar=False,
-                                    convert_to_numpy=True)
+                                    convert_to_numpy=True, **raw)
         return [_stored(s) for s in scores.reshape(len(pairs)).tolist()]
 
     def _embedding(self, pairs: list[tuple[str, str]]) -> list[float]:
