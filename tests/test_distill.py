@@ -96,6 +96,29 @@ def test_pairs_with_other_numbers_of_negatives_each_weigh_one_pair(name: str) ->
     assert got.item() == pytest.approx(sum(v.item() for v in per_pair) / 2, rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["MarginMSELoss", "DistillKLDivLoss"])
+def test_a_pair_without_negatives_trains_the_ranking_term_only(name: str) -> None:
+    """With loss.distill, a record without hard negatives is not a bad record: it adds nothing to the
+    distillation term, which stays a mean over all the pairs (so that it is exact over processes)."""
+    from embedtune.losses import requires_negatives
+    from embedtune.losses.distill import RankingWithDistillation
+
+    torch.manual_seed(1)
+    q, p, n = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)
+    owner = [0, 0, 2]  # the second pair has none
+    teacher_positive, teacher_negative = torch.tensor([3.0, 2.0, 1.0]), torch.tensor([1.0, -1.0, 0.5])
+    distill = MarginMSELoss() if name == "MarginMSELoss" else DistillKLDivLoss()
+    ranking = MultipleNegativesRankingLoss(scale=20.0)
+    combined = RankingWithDistillation(ranking, distill, weight=0.5)
+    assert not requires_negatives(combined.needs) and requires_negatives(distill.needs)
+    batch = embedded_of(q, p, list(n), owner, teacher_positive, teacher_negative)
+    # The pairs with negatives, alone: each one's own loss, then the mean over all 3 pairs.
+    first = distill(embedded_of(q[:1], p[:1], list(n[:2]), [0, 0], teacher_positive[:1], teacher_negative[:2]))
+    third = distill(embedded_of(q[2:], p[2:], list(n[2:]), [0], teacher_positive[2:], teacher_negative[2:]))
+    assert distill(batch).item() == pytest.approx((first.item() + third.item()) / 3, rel=1e-5)
+    assert combined(batch).item() == pytest.approx(ranking(batch).item() + 0.5 * distill(batch).item(), rel=1e-6)
+
+
 def test_gradcache_gives_the_distillation_gradients_of_the_plain_step(tokenizer_dir: Path, tmp_path: Path,
                                                                        accelerator) -> None:  # noqa: F811
     from embedtune.losses.distill import RankingWithDistillation
@@ -186,7 +209,12 @@ def distill_args(model: Path, data: Path, *extra: str) -> list[str]:
 
 
 def test_two_processes_distill_as_one(tiny_model_no_dropout: Path, tmp_path: Path) -> None:  # noqa: F811
-    data = write_jsonl(tmp_path / "train.jsonl", scored_records(27))
+    """Some records have no hard negative (mining with a margin leaves some without): they train the
+    ranking term only, and the run is still the same on 2 processes with GradCache as on 1."""
+    records = scored_records(27)
+    for record in records[::4]:
+        record["negatives"], record["scores"] = [], record["scores"][:1]
+    data = write_jsonl(tmp_path / "train.jsonl", records)
     args = distill_args(tiny_model_no_dropout, data, "loss.distill=MarginMSELoss", "loss.distill_weight=0.5",
                         "train.hard_negatives=null")
     one = run_training(1, args + ["tracking.report_to=none"], tmp_path / "one")
@@ -222,6 +250,9 @@ def test_a_killed_distillation_run_resumes_into_the_same_run(models: dict[str, P
     (["loss.distill=MarginMSELoss", "data.scores_field=scores", "train.hard_negatives={in_batch: false}"],
      "whose teacher scores (data.scores_field) then score other texts"),
     (["--loss_function", "TripletLoss", "loss.distill=MarginMSELoss"], "loss.distill adds its term to an in-batch"),
+    (["loss.distill=MarginMSELoss", "data.scores_field=scores", "data.negatives_field=null"],
+     "loss.distill=MarginMSELoss learns the teacher's scores of each record's hard negatives: set "
+     "data.negatives_field"),
 ])
 def test_what_cannot_distill_is_one_line_before_training(tiny_model: Path, tmp_path: Path, capsys,
                                                          settings: list[str], says: str) -> None:

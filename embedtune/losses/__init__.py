@@ -81,9 +81,13 @@ def check_loss_data(needs: DataShape, data: DataConfig, name: str) -> None:
         raise ConfigError(f"{name} trains on pairs with a label or score: set data.label_field to the field that "
                           "holds it (1/0 for similar/dissimilar with ContrastiveLoss and OnlineContrastiveLoss, "
                           "a similarity score for CosineSimilarityLoss and CoSENTLoss)")
-    if needs == "scored" and not data.scores_field:
+    if needs in ("scored", "distilled") and not data.scores_field:
         raise ConfigError(f"{name} learns a teacher's scores: set data.scores_field to the field that holds them (a "
                           "list: the positive's score, then one per hard negative; `embedtune score` writes it)")
+    if needs == "distilled" and (not data.negatives_field or data.max_negatives < 1):
+        raise ConfigError(f"loss.distill={name} learns the teacher's scores of each record's hard negatives: set "
+                          "data.negatives_field to the field that lists them (and keep data.max_negatives at 1 or "
+                          "more)")
     if requires_negatives(needs) and (not data.negatives_field or data.max_negatives < 1):
         raise ConfigError(f"{name} trains on (anchor, positive, negative) triplets: set data.negatives_field to "
                           "the field with each record's negative (and keep data.max_negatives at 1 or more)")

@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 
 # What a loss needs from each record: a query and a positive ("pairs"), plus a float label or
-# score ("labelled"), plus at least one hard negative ("triplets"), or plus hard negatives and a
-# teacher's score for the positive and each of them ("scored").
-DataShape = Literal["pairs", "labelled", "triplets", "scored"]
+# score ("labelled"), plus at least one hard negative ("triplets"), plus hard negatives and a
+# teacher's score for the positive and each of them ("scored"), or a teacher's scores for the
+# positive and whatever hard negatives the record has, perhaps none ("distilled": an in-batch
+# ranking loss with a distillation term, which a record without negatives trains only the first).
+DataShape = Literal["pairs", "labelled", "triplets", "scored", "distilled"]
 
 
 def requires_negatives(needs: DataShape | None) -> bool:

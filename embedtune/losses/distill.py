@@ -90,9 +90,12 @@ class DistillKLDivLoss(nn.Module):
 
 
 class RankingWithDistillation(nn.Module):
-    """An in-batch ranking loss plus ``weight`` times a distillation loss (``loss.distill``)."""
+    """An in-batch ranking loss plus ``weight`` times a distillation loss (``loss.distill``). A pair
+    without hard negatives (mining with a margin can leave one with none) trains the ranking term
+    only; the distillation term is still a mean over all the pairs, so it stays exact over
+    processes and mini-batches."""
 
-    needs: DataShape = "scored"
+    needs: DataShape = "distilled"
 
     def __init__(self, ranking: nn.Module, distill: nn.Module, weight: float) -> None:
         super().__init__()

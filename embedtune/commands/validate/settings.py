@@ -54,7 +54,7 @@ def loss_check(cfg: Config) -> tuple[Check, DataShape | None]:
     try:
         loss = build_loss(cfg.loss)
         needs = required_data(loss)
-        check_loss_data(needs, cfg.data, cfg.loss.name)
+        check_loss_data(needs, cfg.data, cfg.loss.distills() or cfg.loss.name)
     except (ConfigError, ValueError) as exc:
         return Check("config", "loss", FAIL, str(exc), {"name": cfg.loss.name}), None
     extra = f", Matryoshka {cfg.loss.matryoshka_dims}" if cfg.loss.matryoshka_dims else ""
