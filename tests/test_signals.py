@@ -18,11 +18,21 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import accelerate
 import pytest
 from conftest import ROOT, free_port
+from packaging.version import Version
 from test_resume import args_for, assert_same_run, descendants, finish, logged_steps, start
 
 from embedtune.distributed import run_signals, stop_signals
+
+# A signalled `accelerate launch` exits with torchrun's SignalException: before accelerate 1.16 as
+# an uncaught exception (status 1, with its traceback), from 1.16 on as 128 + the signal, quietly.
+SIGNAL_STATUS = Version(accelerate.__version__) >= Version("1.16")
+
+
+def launcher_status(signum: int) -> int:
+    return 128 + signum if SIGNAL_STATUS else 1
 
 # --- the handler, in this process ------------------------------------------------------------
 
@@ -173,9 +183,10 @@ def test_sigterm_to_every_process_twice_saves_once_and_everything_exits_0(models
     assert_same_run(out, reference, atol=5e-5)
 
 
-def test_plain_accelerate_launch_saves_and_its_processes_exit_0_but_it_exits_1(models, data, tmp_path: Path) -> None:
-    """torchrun makes its own SIGTERM an exception and exits 1 whatever its processes did: that
-    traceback is the only one, and the processes saved once and stopped cleanly."""
+def test_plain_accelerate_launch_saves_and_its_processes_exit_0_but_it_does_not(models, data, tmp_path: Path) -> None:
+    """torchrun makes its own SIGTERM an exception, and the launcher fails with it whatever its
+    processes did (1, or 143 from accelerate 1.16); the processes saved once and stopped cleanly,
+    and no traceback is theirs."""
     out = tmp_path / "out"
     args = args_for(models["plain"], data, out, "tracking.report_to=none", "checkpoint.every_n_steps=1000")
     run = launch(args, out, save_delay=2)
@@ -183,10 +194,12 @@ def test_plain_accelerate_launch_saves_and_its_processes_exit_0_but_it_exits_1(m
     signal_all(run, signal.SIGTERM)  # torchrun passes its own on: each process gets two
     wait_for(run, out, lambda: saving(out))
     signal_all(run, signal.SIGTERM)
-    assert run.wait(timeout=120) == 1
+    assert run.wait(timeout=120) == launcher_status(signal.SIGTERM)
     err = stderr_of(out)
-    # Every traceback is the launcher's: none from a training process.
-    assert err.count("Traceback") == err.count("SignalException: Process") >= 1, err[-4000:]
+    # Every traceback is the launcher's (before accelerate 1.16): none from a training process.
+    tracebacks = err.count("Traceback")
+    assert tracebacks == err.count("SignalException: Process"), err[-4000:]
+    assert tracebacks == 0 if SIGNAL_STATUS else tracebacks >= 1, err[-4000:]
     assert err.count("stopped at step") == 2
     progress = json.loads((out / "training_progress.json").read_text())
     assert checkpoints(out) == [f"step-{progress['step']:08d}"]
@@ -204,7 +217,7 @@ def test_a_second_ctrl_c_at_the_launcher_stops_at_once(models, data, tmp_path: P
     wait_for(run, out, lambda: saving(out))
     os.killpg(run.pid, signal.SIGINT)
     pressed = time.time()
-    assert run.wait(timeout=60) == 1  # torchrun's, as after any signal of its own
+    assert run.wait(timeout=60) == launcher_status(signal.SIGINT)  # torchrun's, as after any signal of its own
     assert time.time() - pressed < 30
     err = stderr_of(out)
     assert err.count("SIGTERM received after Ctrl-C: stopping at once, without saving this step") == 2, err[-4000:]

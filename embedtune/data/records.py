@@ -510,8 +510,7 @@ def parse_record(path: str, line: int, raw: Any, cfg: DataConfig, require_negati
         return Reject(named, line, reason, shown())
 
     # A Hub dataset's file: reports name the dataset, split and file; its columns are renamed.
-    if from_hub is _LOOK_UP:
-        from_hub = file_origin(path, cfg)
+    from_hub = file_origin(path, cfg) if from_hub is _LOOK_UP else from_hub
     named = from_hub.shown() if from_hub else path
 
     if isinstance(raw, str):
