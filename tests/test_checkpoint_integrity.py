@@ -29,7 +29,9 @@ from test_untrusted import torch_pickle
 
 from embedtune.commands.train import main
 from embedtune.training import checkpoint
-from embedtune.training.checkpoint import MANIFEST, CheckpointError, TrainerState, complete_checkpoints
+from embedtune.training.checkpoint import complete_checkpoints
+from embedtune.training.integrity import MANIFEST, verify, write_manifest
+from embedtune.training.state import CheckpointError, TrainerState
 
 LEGACY = ROOT / "tests" / "fixtures" / "checkpoint_before_restructure"
 QUICK = ("tracking.report_to=none", "data.num_workers=0", "train.max_steps=8")
@@ -157,7 +159,7 @@ def test_latest_resumes_past_damaged_weights_into_a_finished_run(run, capsys: py
     assert "skipping checkpoint step-00000008: " in err and f"resumed from {step(out, 4)}: step 4" in err
     assert all(torch.isfinite(w).all() for w in load_file(out / "final_model" / "model.safetensors").values())
     # Steps 5 to 8 were trained again and saved over the damaged checkpoint, which now verifies.
-    checkpoint.verify(str(step(out, 8)))
+    verify(str(step(out, 8)))
     assert TrainerState.load(str(step(out, 12))).step == 12
 
 
@@ -186,7 +188,7 @@ def test_a_file_intact_by_the_manifest_but_not_plain_tensors_is_refused_as_code(
     out, _ = run
     marker = tmp_path / "code-ran"
     torch_pickle(step(out, 8) / "custom_checkpoint_0.pkl", marker)
-    checkpoint.write_manifest(str(step(out, 8)))
+    write_manifest(str(step(out, 8)))
     with pytest.raises(CheckpointError) as refused:
         checkpoint.find_checkpoint(str(out), "step-00000008")
     assert "custom_checkpoint_0.pkl: refused: it does not load as plain tensors and numbers" in str(refused.value)
@@ -208,7 +210,7 @@ def legacy(tmp_path: Path) -> Path:
 def test_an_older_checkpoint_is_taken_with_a_warning_and_reads_its_new_fields_as_unknown(
         legacy: Path, warnings: list[str]) -> None:
     path = legacy / "out" / "checkpoints" / "step-00000002"
-    checkpoint.verify(str(path))
+    verify(str(path))
     assert any("written before checkpoints had a manifest: its files cannot be verified" in w for w in warnings)
     state = TrainerState.load(str(path))
     assert state.data_files == {} and state.processes == 0
@@ -219,7 +221,7 @@ def test_a_truncated_pickle_of_an_older_checkpoint_is_damaged_not_code(legacy: P
     path = legacy / "out" / "checkpoints" / "step-00000002"
     truncate(path / name)
     with pytest.raises(CheckpointError) as damaged:
-        checkpoint.verify(str(path))
+        verify(str(path))
     assert f"{path / name}: damaged: it cannot be read" in str(damaged.value)
     assert "could run code" not in str(damaged.value)
 
@@ -310,7 +312,7 @@ def test_a_full_disk_during_a_save_leaves_nothing_and_says_how_much_space(run, c
     assert main(resume) == 0
     assert f"resumed from {step(out, 8)}: step 8" in capsys.readouterr().err
     assert leftovers(out) == []
-    checkpoint.verify(str(step(out, 16)))
+    verify(str(step(out, 16)))
 
 
 # --- export --------------------------------------------------------------------------------------

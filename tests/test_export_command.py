@@ -153,7 +153,8 @@ def test_a_checkpoint_in_the_middle_has_the_weights_and_metrics_of_its_step(fini
 
 
 def test_the_last_checkpoint_of_a_stopped_run(stopped: Path, tiny_model: Path, tmp_path: Path) -> None:
-    from embedtune.training.checkpoint import TrainerState, best_checkpoint, complete_checkpoints
+    from embedtune.training.checkpoint import best_checkpoint, complete_checkpoints
+    from embedtune.training.state import TrainerState
 
     assert not (stopped / "final_model").exists()
     assert not json.loads((stopped / "training_progress.json").read_text())["completed"]
@@ -278,8 +279,8 @@ def test_onnx_is_exported_into_the_folder_before_it_is_in_place(finished: Path, 
 
 
 def test_the_base_models_own_code_runs_only_when_the_command_allows_it(finished: Path, tmp_path: Path) -> None:
-    from embedtune.training.checkpoint import CheckpointError
     from embedtune.training.from_checkpoint import export_checkpoint, open_checkpoint
+    from embedtune.training.state import CheckpointError
 
     run = open_checkpoint(str(step_dir(finished, 3)))
     run.cfg.model.trust_remote_code = True  # as a checkpoint of such a run says

@@ -241,7 +241,8 @@ def test_a_change_that_breaks_resume_is_refused_and_a_safe_one_is_not(models, da
 
 def test_a_checkpoint_that_predates_a_key_resumes_only_with_its_default(tmp_path: Path) -> None:
     from embedtune.config import Config
-    from embedtune.training.checkpoint import CheckpointError, check_resume
+    from embedtune.training.resume_check import check_resume
+    from embedtune.training.state import CheckpointError
 
     def config(**data: object) -> Config:
         return Config.model_validate({"data": {"train_files": [str(tmp_path / "a.jsonl")], **data}})
@@ -297,14 +298,15 @@ def test_a_failed_save_never_harms_the_previous_checkpoint(models, data, tmp_pat
 
 
 def TrainerStateStep(path: Path) -> int:
-    from embedtune.training.checkpoint import TrainerState
+    from embedtune.training.state import TrainerState
 
     return TrainerState.load(str(path)).step
 
 
 def test_best_checkpoint_is_kept_beside_the_last_ones(models, data, tmp_path: Path) -> None:
     from embedtune.commands.train import main
-    from embedtune.training.checkpoint import TrainerState, complete_checkpoints
+    from embedtune.training.checkpoint import complete_checkpoints
+    from embedtune.training.state import TrainerState
 
     out = tmp_path / "out"
     args = args_for(models["plain"], data, out, "tracking.report_to=none", "data.num_workers=0",

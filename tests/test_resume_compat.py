@@ -45,7 +45,7 @@ def test_a_checkpoint_of_a_newer_indexed_order_is_refused_in_one_line(tmp_path: 
                                                                       capsys: pytest.CaptureFixture) -> None:
     from embedtune.commands.train import main
     from embedtune.data.index import INDEXED_ORDER
-    from embedtune.training.checkpoint import write_manifest
+    from embedtune.training.integrity import write_manifest
 
     run = tmp_path / "run"
     shutil.copytree(FIXTURES / "checkpoint_indexed_order_1", run)

@@ -25,8 +25,8 @@ from embedtune.config import ConfigError, DataConfig, build_config, parse_args
 from embedtune.data.records import DataError, Pair, Reject, read_pairs
 from embedtune.data.split import preflight
 from embedtune.data.stream import PairBatches, make_loader
-from embedtune.training import checkpoint
-from embedtune.training.checkpoint import CheckpointError, TrainerState
+from embedtune.training import checkpoint, integrity
+from embedtune.training.state import CheckpointError, TrainerState
 
 
 class Payload:
@@ -88,7 +88,7 @@ def test_a_checkpoint_with_a_malicious_pickle_is_refused_and_never_run(finished_
     marker = tmp_path / "code-ran"
     folder = out / "checkpoints" / "step-00000004"
     writer(folder / name, marker)
-    checkpoint.write_manifest(str(folder))  # whoever can write the folder can write its manifest too
+    integrity.write_manifest(str(folder))  # whoever can write the folder can write its manifest too
     assert main(args + ["--resume_from_checkpoint", "step-00000004"]) == 1
     err = capsys.readouterr().err
     assert f"{name}: refused: it does not load as plain tensors and numbers" in err

@@ -20,8 +20,8 @@ from embedtune.data.records import DataError
 from embedtune.logs import log_to_console, scrub_console
 from embedtune.model.folder import ModelLoadError
 from embedtune.model.onnx import export_onnx, runtime
-from embedtune.training.checkpoint import CheckpointError
 from embedtune.training.from_checkpoint import export_checkpoint, open_checkpoint
+from embedtune.training.state import CheckpointError
 
 
 def make_parser() -> argparse.ArgumentParser:

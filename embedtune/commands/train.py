@@ -11,7 +11,7 @@ from embedtune.data.records import DataError
 from embedtune.distributed import run_signals, stop_with_launcher
 from embedtune.logs import scrub_console
 from embedtune.model.folder import ModelLoadError
-from embedtune.training.checkpoint import CheckpointError
+from embedtune.training.state import CheckpointError
 from embedtune.training.trainer import TrainingStopped, run_training
 
 logger = logging.getLogger("embedtune")

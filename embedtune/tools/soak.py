@@ -55,8 +55,10 @@ from typing import Any
 from embedtune.config import parse_args
 from embedtune.data.records import Pair
 from embedtune.data.stream import ordered_pairs
-from embedtune.training.checkpoint import CheckpointError, TrainerState, complete_checkpoints, verify
+from embedtune.training.checkpoint import complete_checkpoints
+from embedtune.training.integrity import verify
 from embedtune.training.lock import LOCK_FILE
+from embedtune.training.state import CheckpointError, TrainerState
 
 BATCH_SIZE = 8
 EPOCHS = 2

@@ -24,11 +24,9 @@ from embedtune.distributed import any_process
 from embedtune.files import free_bytes, fsync_tree, human_bytes, remove_path, replace_folder, write_atomic
 from embedtune.model.lora import merged, name_the_base
 from embedtune.training.card_metadata import dataset_size
-from embedtune.training.checkpoint import (
-    CheckpointError,
-    complete_checkpoints,
-)
+from embedtune.training.checkpoint import complete_checkpoints
 from embedtune.training.model_card import CARD, FINAL_MODEL, CheckpointOrigin, render_card
+from embedtune.training.state import CheckpointError
 
 logger = logging.getLogger("embedtune")
 

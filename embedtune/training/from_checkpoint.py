@@ -31,25 +31,17 @@ from embedtune.model.encoder import EmbeddingModel, position_limit
 from embedtune.model.lora import add_adapters, trainable_names
 from embedtune.secrets import scrub_text
 from embedtune.training.card_metadata import dataset_size
-from embedtune.training.checkpoint import (
-    HEX,
-    NAME,
-    PARTIAL,
-    STATE_FILE,
-    CheckpointError,
-    TrainerState,
-    best_checkpoint,
-    complete_checkpoints,
-    verify,
-)
+from embedtune.training.checkpoint import PARTIAL, best_checkpoint, complete_checkpoints
 from embedtune.training.export import ExportError, RunFacts, settle_adapters, write_model_folder
+from embedtune.training.integrity import HEX, verify
 from embedtune.training.model_card import CheckpointOrigin, progress_pairs
+from embedtune.training.state import NAME, STATE_FILE, CheckpointError, TrainerState
 from embedtune.training.tracking import METRICS
 
 logger = logging.getLogger("embedtune")
 
 
-# How checkpoint.py's messages end: advice for a resume, which an export replaces with its own.
+# How the checkpoint modules' messages end: advice for a resume, which an export replaces with its own.
 RESUME_ADVICE = re.compile(r"[;:.]?\s*resume from (?:another|an earlier|a) checkpoint.*$", re.S)
 
 

@@ -43,7 +43,6 @@ from embedtune.retrieval import (
     set_encoder,
 )
 from embedtune.training import checkpoint
-from embedtune.training.checkpoint import CheckpointError, TrainerState
 from embedtune.training.devices import checkpoint_activations, default_precision
 from embedtune.training.export import RunFacts, export_model
 from embedtune.training.lock import OutputInUse, OutputLock
@@ -57,6 +56,7 @@ from embedtune.training.optim import (
     skips_on_device,
 )
 from embedtune.training.push import HubPush, push_problem
+from embedtune.training.state import CheckpointError, TrainerState
 from embedtune.training.step import Step, make_step
 from embedtune.training.trackers import accelerate_trackers
 from embedtune.training.tracking import RunLog

@@ -11,7 +11,8 @@ from embedtune.commands.validate.checks import FAIL, OK, WARN, Check, number
 from embedtune.commands.validate.environment import LoadedModel
 from embedtune.config import Config
 from embedtune.files import human_bytes
-from embedtune.training.checkpoint import CheckpointError, complete_checkpoints, earlier_run_problem, open_resume
+from embedtune.training.checkpoint import complete_checkpoints, earlier_run_problem, open_resume
+from embedtune.training.state import CheckpointError
 
 # Bytes per parameter: fp32 weights, and AdamW's two fp32 moments for the trained ones.
 WEIGHT_BYTES, ADAM_BYTES = 4, 8
