@@ -254,6 +254,28 @@ def test_a_checkpoint_that_predates_a_key_resumes_only_with_its_default(tmp_path
         check_resume(saved, config(group_by_length=4))
 
 
+def test_settings_that_decide_which_records_train_cannot_change_on_resume(tmp_path: Path) -> None:
+    """With bad records skipped, a record that turns bad (or good) moves every position after it:
+    a resume that changes what makes a record a training pair would continue another order."""
+    from embedtune.config import Config
+    from embedtune.data.index import PAIR_SETTINGS
+    from embedtune.training.resume_check import RESUME_KEYS, check_resume
+    from embedtune.training.state import CheckpointError
+
+    def config(**data: object) -> Config:
+        return Config.model_validate({"data": {"train_files": [str(tmp_path / "a.jsonl")], "on_bad_record": "skip",
+                                               **data}})
+
+    assert {f"data.{name}" for name in PAIR_SETTINGS} <= set(RESUME_KEYS)
+    saved = config(negatives_field="negatives").to_dict()
+    with pytest.raises(CheckpointError, match=r"data.scores_field: None -> 'scores'"):
+        check_resume(saved, config(negatives_field="negatives", scores_field="scores"))
+    with pytest.raises(CheckpointError, match=r"data.prompt_field: None -> 'instruction'"):
+        check_resume(saved, config(negatives_field="negatives", prompt_field="instruction"))
+    del saved["data"]["scores_field"]  # a checkpoint from before teacher scores ran without them
+    assert check_resume(saved, config(negatives_field="negatives")) == []
+
+
 def test_latest_without_checkpoints_is_explained(models, data, tmp_path: Path, capsys) -> None:
     from embedtune.commands.train import main
 

@@ -8,11 +8,13 @@ from embedtune.config import DEFAULT_MINING, IN_BATCH_LOSSES, Config, HardNegati
 from embedtune.secrets import scrub_config
 from embedtune.training.state import CheckpointError
 
-# Changing these makes the saved data position or weights mean something else.
+# Changing these makes the saved data position or weights mean something else: among them every
+# setting that decides which records are training pairs (a record that turns bad, or good, when
+# bad records are skipped moves every position after it).
 RESUME_KEYS = (
     "model.base_model", "model.pooling", "model.normalize", "model.lora",
     "data.train_files", "data.format", "data.query_field", "data.positive_field", "data.negatives_field",
-    "data.max_negatives", "data.shuffle", "data.shuffle_buffer", "data.group_by_length", "data.order",
+    "data.label_field", "data.prompt_field", "data.scores_field", "data.max_negatives", "data.shuffle", "data.shuffle_buffer", "data.group_by_length", "data.order",
     "data.block_records",
     "data.batch_by_source", "data.source_field", "data.source_weights", "data.eval_files",
     "data.eval_fraction", "data.drop_last", "data.max_record_bytes", "data.max_negatives_per_record",
