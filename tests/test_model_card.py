@@ -116,6 +116,22 @@ def test_front_matter_is_the_hubs_own_model_card_data(tmp_path: Path) -> None:
     assert named["base_model_cosine_ndcg@10"] == "Base Model Cosine Ndcg@10"
 
 
+def test_a_distilled_model_says_so(tmp_path: Path) -> None:
+    """The loss row, the fields and the Hub tags name the distillation term and its settings."""
+    config = config_dict(tmp_path, "data.negatives_field=negatives", "data.scores_field=teacher",
+                         "loss.distill=DistillKLDivLoss", "loss.distill_weight=400", "loss.temperature=0.05")
+    text = card(tmp_path, config)
+    rows = {cells[0]: cells[1:] for line in text.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    assert rows["loss"] == ["MultipleNegativesRankingLoss + 400 x DistillKLDivLoss (scale 20.0, temperature 0.05)"]
+    assert "hard negatives `negatives`, a teacher's scores `teacher`" in text
+    assert front_matter(text)["tags"][-2:] == ["loss:MultipleNegativesRankingLoss", "loss:DistillKLDivLoss"]
+
+    alone = card(tmp_path, config_dict(tmp_path, "data.negatives_field=negatives", "data.scores_field=teacher",
+                                       "loss.name=MarginMSELoss"))
+    assert "| loss | MarginMSELoss |" in alone and "temperature" not in alone.split("## Full config")[0]
+
+
 def test_dataset_size_is_one_epochs_pairs_where_the_run_tells_it() -> None:
     by_epochs = {"train": {"max_steps": None}}
     assert progress_pairs({"completed": True, "examples_seen": 300, "epochs_completed": 3}, by_epochs) == 100

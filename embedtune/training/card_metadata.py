@@ -87,7 +87,8 @@ def card_metadata(config: dict[str, Any], *, title: str, base_model: str | None,
     loss = setting(config, "loss.name")
     tags = (TAGS + ([f"dataset_size:{size}"] if size else [])
             + (["loss:MatryoshkaLoss"] if setting(config, "loss.matryoshka_dims") else [])
-            + ([f"loss:{loss}"] if loss else []))
+            + ([f"loss:{loss}"] if loss else [])
+            + ([f"loss:{distill}"] if (distill := setting(config, "loss.distill")) else []))
     results = eval_results(eval_before, eval_after)
     metrics = [r.metric_type for r in results if r.dataset_type == HELD_OUT and not r.metric_type.startswith(BASE)]
     return ModelCardData(

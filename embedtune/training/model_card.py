@@ -130,7 +130,8 @@ def _data_section(config: dict[str, Any], fingerprint: dict[str, Any], num_examp
         held += f" At most {setting(config, 'data.max_eval_queries', 1000):,} distinct questions are evaluated."
     fields = (f"Fields: query `{setting(config, 'data.query_field', 'question')}`, "
               f"positive `{setting(config, 'data.positive_field', 'answer')}`")
-    for key, what in (("negatives_field", "hard negatives"), ("label_field", "label")):
+    for key, what in (("negatives_field", "hard negatives"), ("label_field", "label"),
+                      ("scores_field", "a teacher's scores")):
         if setting(config, f"data.{key}"):
             fields += f", {what} `{setting(config, f'data.{key}')}`"
     lines += ["", f"- {fields}.", f"- {held}"]
@@ -151,6 +152,10 @@ def _settings_table(config: dict[str, Any], steps: int | None, duration_s: float
         details.append(f"margin {setting(config, 'loss.margin')}")
     if setting(config, "loss.matryoshka_dims"):
         details.append(f"Matryoshka dims {setting(config, 'loss.matryoshka_dims')}")
+    if distill := setting(config, "loss.distill"):  # the ranking loss + weight x a distillation term
+        loss = f"{loss} + {setting(config, 'loss.distill_weight', 1.0):g} x {distill}"
+    if "DistillKLDivLoss" in (distill, setting(config, "loss.name")):
+        details.append(f"temperature {setting(config, 'loss.temperature', 1.0):g}")
     accumulation = setting(config, "train.gradient_accumulation_steps", 1)
     max_steps = setting(config, "train.max_steps")
     precision = precision or setting(config, "train.mixed_precision")
