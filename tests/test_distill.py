@@ -244,6 +244,22 @@ def test_a_killed_distillation_run_resumes_into_the_same_run(models: dict[str, P
     assert all(math.isfinite(v) for v in losses)
 
 
+def test_each_term_is_logged_so_that_the_weight_can_be_chosen(tiny_model: Path, tmp_path: Path) -> None:
+    """The run logs the ranking term and the (unweighted) distillation term beside the loss, which is
+    their weighted sum: a user sees whether distill_weight makes the teacher's term matter."""
+    data = write_jsonl(tmp_path / "train.jsonl", scored_records(40))
+    out = tmp_path / "out"
+    assert main(distill_args(tiny_model, data, "--output_dir", str(out), "loss.distill=DistillKLDivLoss",
+                             "loss.temperature=0.5", "loss.distill_weight=3", "train.hard_negatives=null",
+                             "tracking.report_to=none")) == 0
+    rows = [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) >= 4  # about 32 training pairs, batch 8, logged every step
+    for row in steps:
+        assert row["distill_loss"] > 0 and row["ranking_loss"] > 0
+        assert row["loss"] == pytest.approx(row["ranking_loss"] + 3 * row["distill_loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("settings, says", [
     (["--loss_function", "MarginMSELoss"], "MarginMSELoss learns a teacher's scores: set data.scores_field"),
     (["loss.distill=DistillKLDivLoss"], "DistillKLDivLoss learns a teacher's scores: set data.scores_field"),

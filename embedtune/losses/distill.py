@@ -100,9 +100,28 @@ class RankingWithDistillation(nn.Module):
     def __init__(self, ranking: nn.Module, distill: nn.Module, weight: float) -> None:
         super().__init__()
         self.ranking, self.distill, self.weight = ranking, distill, weight
+        self._reset()
+
+    def _reset(self) -> None:
+        # Each term's sum over this process's loss calls (kept on the device: no sync per step), and
+        # how many calls had pairs (the ranking term) or pairs with negatives (the distillation term).
+        self.sums: list[torch.Tensor | float] = [0.0, 0.0]
+        self.calls = [0, 0]
 
     def forward(self, batch: Embedded) -> torch.Tensor:
-        return self.ranking(batch) + self.weight * self.distill(batch)
+        ranking, distill = self.ranking(batch), self.distill(batch)
+        for i, counts in enumerate((batch.queries.shape[0] > 0, _has_negatives(batch))):
+            if counts:
+                self.sums[i] = self.sums[i] + (ranking, distill)[i].detach().float()
+                self.calls[i] += 1
+        return ranking + self.weight * distill
 
     def pop_stats(self) -> dict[str, float]:
-        return self.ranking.pop_stats()
+        """The ranking loss's own figures, and each term's mean over this process's loss calls since
+        the last call (the distillation term unweighted: the loss is ranking + weight x distill)."""
+        stats = self.ranking.pop_stats()
+        for name, total, calls in zip(("ranking_loss", "distill_loss"), self.sums, self.calls, strict=True):
+            if calls:
+                stats[name] = float(total) / calls
+        self._reset()
+        return stats
