@@ -192,7 +192,6 @@ def _check_trainable(path: str, model: nn.Module) -> None:
                               "it was written with other model.lora settings: resume from a checkpoint of this run")
 
 
-
 def save(accelerator: Accelerator, output_dir: str, state: TrainerState, keep_last: int,
          best_metric: str | None = None, score: float | None = None) -> str:
     """Write a checkpoint atomically on every process (collective), then apply retention.

@@ -236,4 +236,3 @@ def custom_states_weights_only() -> Iterator[None]:
         yield
     finally:
         module.load_custom_state = original
-

@@ -14,15 +14,12 @@ from embedtune.training.state import CheckpointError
 RESUME_KEYS = (
     "model.base_model", "model.pooling", "model.normalize", "model.lora",
     "data.train_files", "data.format", "data.query_field", "data.positive_field", "data.negatives_field",
-    "data.label_field", "data.prompt_field", "data.scores_field", "data.max_negatives", "data.shuffle", "data.shuffle_buffer", "data.group_by_length", "data.order",
-    "data.block_records",
+    "data.label_field", "data.prompt_field", "data.scores_field", "data.max_negatives", "data.shuffle",
+    "data.shuffle_buffer", "data.group_by_length", "data.order", "data.block_records",
     "data.batch_by_source", "data.source_field", "data.source_weights", "data.eval_files",
     "data.eval_fraction", "data.drop_last", "data.max_record_bytes", "data.max_negatives_per_record",
     "train.batch_size", "train.gradient_accumulation_steps", "train.seed", "train.hard_negatives",
 )
-
-
-# Called on every process inside each save, once Accelerate's state is written to the temporary
 
 
 def _lookup(tree: dict[str, Any], dotted: str) -> Any:
